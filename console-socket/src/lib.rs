@@ -1,0 +1,2 @@
+//! Serial console drainer (skeleton; see issue 4).
+#![deny(missing_docs)]

@@ -1,0 +1,3 @@
+//! The `qemu-machine` command (skeleton; see issue 7).
+
+fn main() {}

@@ -1,0 +1,2 @@
+//! QEMU VM lifecycle (skeleton; see issue 6).
+#![deny(missing_docs)]

@@ -1,0 +1,73 @@
+//! `cargo xtask ci`: the one command that checks everything, with a summary at the end.
+
+use std::time::Instant;
+
+use crate::cargo;
+
+/// Runs every CI step, even after a failure, then prints a summary; Err if any step failed.
+pub fn run(args: &[String]) -> Result<(), String> {
+    if let Some(extra) = args.first() {
+        return Err(format!("unexpected argument `{extra}`"));
+    }
+    type Step = (&'static str, Box<dyn Fn() -> Result<(), String>>);
+    let steps: Vec<Step> = vec![
+        ("fmt", Box::new(|| cargo(&["fmt", "--all", "--check"], &[]))),
+        (
+            "clippy",
+            Box::new(|| {
+                cargo(
+                    &[
+                        "clippy",
+                        "--workspace",
+                        "--all-targets",
+                        "--all-features",
+                        "--",
+                        "-D",
+                        "warnings",
+                    ],
+                    &[],
+                )
+            }),
+        ),
+        (
+            "doc",
+            Box::new(|| {
+                cargo(
+                    &["doc", "--workspace", "--no-deps", "--all-features"],
+                    &[("RUSTDOCFLAGS", "-D warnings")],
+                )
+            }),
+        ),
+        (
+            "test",
+            Box::new(|| cargo(&["test", "--workspace", "--all-features"], &[])),
+        ),
+        ("e2e", Box::new(|| crate::e2e::run(&[]))),
+    ];
+    let mut results = Vec::new();
+    for (name, step) in &steps {
+        eprintln!("==> xtask ci: {name}");
+        let started = Instant::now();
+        let outcome = step();
+        if let Err(message) = &outcome {
+            eprintln!("==> xtask ci: {name} FAILED: {message}");
+        }
+        results.push((*name, outcome.is_ok(), started.elapsed()));
+    }
+    eprintln!("\nxtask ci summary:");
+    for (name, ok, elapsed) in &results {
+        let verdict = if *ok { "ok  " } else { "FAIL" };
+        eprintln!("  {verdict} {name:<8} {:>7.1} s", elapsed.as_secs_f64());
+    }
+    let failed: Vec<&str> = results
+        .iter()
+        .filter(|(_, ok, _)| !ok)
+        .map(|(name, _, _)| *name)
+        .collect();
+    if failed.is_empty() {
+        eprintln!("all {} steps passed", results.len());
+        Ok(())
+    } else {
+        Err(format!("failed steps: {}", failed.join(", ")))
+    }
+}

@@ -1,0 +1,8 @@
+//! End-to-end scenarios for the qtest area.
+
+use super::Scenario;
+
+/// The scenarios of this area.
+pub fn scenarios() -> Vec<Scenario> {
+    Vec::new()
+}

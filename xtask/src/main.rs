@@ -1,0 +1,67 @@
+//! `cargo xtask`: the developer entry points of the workspace.
+//!
+//! - `cargo xtask ci`: everything CI checks (format, lints, docs, tests, the real-QEMU suite).
+//! - `cargo xtask e2e [--accel tcg|kvm|both] [--filter TEXT]`: the real-QEMU end-to-end suite.
+//! - `cargo xtask bench`: every benchmark, each printing its figure beside a same-run baseline.
+//! - `cargo xtask fuzz --seconds N`: the cargo-fuzz targets, N seconds each.
+
+mod bench;
+mod ci;
+mod e2e;
+mod fuzz;
+mod qemu;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: cargo xtask <ci | e2e [--accel tcg|kvm|both] [--filter TEXT] | bench | fuzz [--seconds N]>";
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((task, rest)) = args.split_first() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let result = match task.as_str() {
+        "ci" => ci::run(rest),
+        "e2e" => e2e::run(rest),
+        "bench" => bench::run(rest),
+        "fuzz" => fuzz::run(rest),
+        "-h" | "--help" | "help" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => Err(format!("unknown task `{other}`\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("xtask {task}: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root (the parent of this crate's manifest directory).
+pub fn workspace_root() -> std::path::PathBuf {
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// Runs `cargo` with `args` in the workspace root, inheriting stdio; Ok when it exits 0.
+pub fn cargo(args: &[&str], envs: &[(&str, &str)]) -> Result<(), String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args(args).current_dir(workspace_root());
+    for (key, value) in envs {
+        cmd.env(key, value);
+    }
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot run cargo {}: {e}", args.join(" ")))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("cargo {} failed: {status}", args.join(" ")))
+    }
+}
