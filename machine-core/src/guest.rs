@@ -1,0 +1,1 @@
+//! The built-in tiny test guest (skeleton; see issue 5).

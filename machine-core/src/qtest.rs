@@ -1,0 +1,1 @@
+//! The qtest protocol and machine (skeleton; see issue 8).
