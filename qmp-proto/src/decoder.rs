@@ -1,0 +1,601 @@
+//! The streaming decoder: arbitrary chunks of bytes in, complete QMP messages out, in order.
+//!
+//! Framing is done by a small resumable scanner that follows JSON's structure (brackets,
+//! strings, escapes) one byte at a time and keeps its state between chunks, so every byte is
+//! looked at once however the input is split. Only a complete message is handed to
+//! `serde_json`, and only after the scanner has checked its nesting depth, so the parser's
+//! recursion is bounded and its recursion limit can be lifted to reach QEMU's 1024 levels.
+
+use std::collections::VecDeque;
+
+use serde::Deserialize as _;
+use serde_json::{Map, Value};
+
+use crate::error::{raw_copy, Error, Result};
+use crate::message::ServerMessage;
+
+/// Limits of a [`Decoder`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecoderConfig {
+    /// The largest message accepted, in bytes of JSON text (line ending excluded).
+    /// Default: [`DecoderConfig::DEFAULT_MAX_MESSAGE_SIZE`] (10 MiB, as libvirt and QEMU's
+    /// own test suite use).
+    pub max_message_size: usize,
+    /// The deepest nesting of arrays and objects accepted (the top-level object counts as 1).
+    /// Default and ceiling: [`DecoderConfig::MAX_DEPTH_CEILING`] (1024, QEMU's own limit);
+    /// larger values are lowered to it because parsing deeper needs more stack than a
+    /// 2 MiB thread is guaranteed to have. 0 is raised to 1.
+    pub max_depth: usize,
+}
+
+impl DecoderConfig {
+    /// The default maximum message size: 10 MiB.
+    pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 10 * 1024 * 1024;
+    /// The default, and largest, maximum depth: 1024 (QEMU's `MAX_NESTING`).
+    pub const MAX_DEPTH_CEILING: usize = 1024;
+
+    /// Sets the maximum message size in bytes.
+    pub fn with_max_message_size(mut self, bytes: usize) -> DecoderConfig {
+        self.max_message_size = bytes;
+        self
+    }
+
+    /// Sets the maximum nesting depth (clamped to `1..=1024`).
+    pub fn with_max_depth(mut self, depth: usize) -> DecoderConfig {
+        self.max_depth = depth;
+        self
+    }
+}
+
+impl Default for DecoderConfig {
+    fn default() -> DecoderConfig {
+        DecoderConfig {
+            max_message_size: DecoderConfig::DEFAULT_MAX_MESSAGE_SIZE,
+            max_depth: DecoderConfig::MAX_DEPTH_CEILING,
+        }
+    }
+}
+
+/// A streaming, sans-IO decoder of QMP server output (or, with [`Decoder::next_object`], of
+/// client commands).
+///
+/// # Framing
+///
+/// Messages are JSON objects. QEMU ends each with CRLF, but the decoder does not rely on line
+/// endings: a message ends where its outermost `}` closes, so LF, CRLF, no separator at all
+/// and multi-line pretty-printed objects (`-mon ...,pretty=on`) all decode the same.
+/// Whitespace between messages is skipped. Input that does not start with `{` or `[` (a bare
+/// scalar, garbage) is taken up to the end of its line.
+///
+/// # Errors and resynchronisation
+///
+/// A bad message yields one `Err` in its place in the sequence and decoding goes on after it:
+///
+/// - invalid JSON, a number out of range (`1e400`), a lone surrogate escape (`"\ud800"`),
+///   a raw control character in a string: [`Error::Malformed`];
+/// - bytes that are not UTF-8 (QEMU's `0xFF` resync byte): [`Error::InvalidUtf8`];
+/// - valid JSON that is not an object: [`Error::NotAnObject`];
+/// - a message longer than `max_message_size`: [`Error::MessageTooLarge`], reported as soon as
+///   the limit is crossed; the rest of that message is then discarded as it arrives, so memory
+///   never grows past the limit plus one fed chunk;
+/// - nesting deeper than `max_depth`: [`Error::TooDeep`], and the message is discarded.
+///
+/// A message is cut short, and reported as [`Error::Malformed`], when a string runs into a
+/// line feed (JSON strings cannot hold one raw, so the string was truncated), or when a line
+/// inside an unfinished message starts with `{` (the peer gave up on the message and started
+/// a new one: pretty-printed output always indents nested lines). Decoding resumes at that
+/// next line. Each error carries a bounded copy of the offending bytes.
+///
+/// # Values
+///
+/// - Duplicate keys: the last occurrence wins (QMP calls duplicates unpredictable; this
+///   decoder is deterministic).
+/// - Numbers: integers that fit `u64` or `i64` are exact; larger integers become the nearest
+///   `f64` (precision is lost); floats are `f64`; a number beyond `f64`'s range such as `1e400`
+///   is [`Error::Malformed`]; `-0` reads as the float `-0.0`, and `-0.0` stays `-0.0`.
+/// - `\u0000` escapes are accepted (they are valid JSON); raw control bytes are not.
+///
+/// # Cost
+///
+/// Each byte is scanned once whatever the chunking (amortised O(n)); the buffer is compacted
+/// once at least half of it has been consumed.
+///
+/// ```
+/// use qmp_proto::{Decoder, ServerMessage};
+///
+/// let mut decoder = Decoder::new();
+/// decoder.feed(b"{\"return\": {}, \"id\": 1}\r\n{\"event\": \"STOP\", \"timestamp\": ");
+/// assert!(matches!(decoder.next_message(), Some(Ok(ServerMessage::Return(_)))));
+/// assert!(decoder.next_message().is_none()); // the event is incomplete
+/// decoder.feed(b"{\"seconds\": 1, \"microseconds\": 2}}\r\n");
+/// assert!(matches!(decoder.next_message(), Some(Ok(ServerMessage::Event(_)))));
+/// ```
+#[derive(Debug)]
+pub struct Decoder {
+    config: DecoderConfig,
+    /// Bytes received and not yet released.
+    buf: Vec<u8>,
+    /// Everything before this offset has been handed out or skipped.
+    start: usize,
+    /// The scanner has looked at everything before this offset.
+    pos: usize,
+    /// Offset of the first byte of the message being scanned, if one has started.
+    msg_start: Option<usize>,
+    /// The message being scanned has already been reported as an error; its bytes are dropped.
+    discarding: bool,
+    scanner: Scanner,
+    /// Messages framed (or failed) and not yet handed out, oldest first.
+    frames: VecDeque<Frame>,
+}
+
+#[derive(Debug)]
+enum Frame {
+    /// `buf[start..end]` is a whole message; `complete` is false when it was cut short.
+    Message {
+        start: usize,
+        end: usize,
+        complete: bool,
+    },
+    /// An error detected while framing.
+    Failed(Error),
+}
+
+impl Default for Decoder {
+    fn default() -> Decoder {
+        Decoder::new()
+    }
+}
+
+impl Decoder {
+    /// A decoder with the default limits (10 MiB, depth 1024).
+    pub fn new() -> Decoder {
+        Decoder::with_config(DecoderConfig::default())
+    }
+
+    /// A decoder with the given limits (the depth is clamped to `1..=1024`).
+    pub fn with_config(config: DecoderConfig) -> Decoder {
+        let config = DecoderConfig {
+            max_message_size: config.max_message_size,
+            max_depth: config.max_depth.clamp(1, DecoderConfig::MAX_DEPTH_CEILING),
+        };
+        Decoder {
+            config,
+            buf: Vec::new(),
+            start: 0,
+            pos: 0,
+            msg_start: None,
+            discarding: false,
+            scanner: Scanner::new(config.max_depth),
+            frames: VecDeque::new(),
+        }
+    }
+
+    /// The limits in force.
+    pub fn config(&self) -> DecoderConfig {
+        self.config
+    }
+
+    /// Adds received bytes. Framing happens here; parsing waits for [`Decoder::next_message`].
+    pub fn feed(&mut self, mut chunk: &[u8]) {
+        if self.discarding {
+            // The rest of an oversized message is scanned straight from the chunk and never
+            // stored.
+            match self.skip_discarded(chunk) {
+                Some(resume) => chunk = &chunk[resume..],
+                None => return,
+            }
+        }
+        if chunk.is_empty() {
+            return;
+        }
+        self.compact();
+        self.buf.extend_from_slice(chunk);
+        self.frame();
+    }
+
+    /// The next message, classified; `None` when no complete message is buffered.
+    pub fn next_message(&mut self) -> Option<Result<ServerMessage>> {
+        self.next_object()
+            .map(|object| object.map(ServerMessage::from_object))
+    }
+
+    /// The next message as a plain JSON object, without classifying it (a server uses this
+    /// to read commands, see [`Command::from_object`](crate::Command::from_object)).
+    pub fn next_object(&mut self) -> Option<Result<Map<String, Value>>> {
+        match self.frames.pop_front()? {
+            Frame::Failed(error) => Some(Err(error)),
+            Frame::Message {
+                start,
+                end,
+                complete,
+            } => {
+                self.start = end;
+                Some(parse_object(&self.buf[start..end], complete))
+            }
+        }
+    }
+
+    /// Bytes received and not yet handed out: complete messages waiting in the queue plus the
+    /// part of an unfinished message received so far (0 when everything has been consumed).
+    pub fn buffered_len(&self) -> usize {
+        self.buf.len() - self.keep_from()
+    }
+
+    /// Bytes received so far of a message that has not ended yet (0 between messages).
+    /// At end of input this is the size of the truncated message.
+    pub fn partial_len(&self) -> usize {
+        self.msg_start.map_or(0, |start| self.buf.len() - start)
+    }
+
+    /// Whether a message is half received (its bytes may have been discarded if it is
+    /// oversized or too deep).
+    pub fn in_message(&self) -> bool {
+        self.msg_start.is_some() || self.discarding
+    }
+
+    /// The offset before which no byte is needed any more.
+    fn keep_from(&self) -> usize {
+        if self.frames.is_empty() {
+            self.msg_start.unwrap_or(self.pos)
+        } else {
+            self.start
+        }
+    }
+
+    /// Drops consumed bytes once they are at least half the buffer (amortised O(1) per byte).
+    fn compact(&mut self) {
+        let keep = self.keep_from();
+        if keep == 0 {
+            return;
+        }
+        if keep == self.buf.len() {
+            self.buf.clear();
+        } else if keep >= self.buf.len() - keep {
+            self.buf.drain(..keep);
+        } else {
+            return;
+        }
+        self.start = self.start.saturating_sub(keep);
+        self.pos -= keep;
+        if let Some(msg_start) = &mut self.msg_start {
+            *msg_start -= keep;
+        }
+        for frame in &mut self.frames {
+            if let Frame::Message { start, end, .. } = frame {
+                *start -= keep;
+                *end -= keep;
+            }
+        }
+    }
+
+    /// Runs the scanner over the unscanned part of the buffer, queueing frames.
+    fn frame(&mut self) {
+        loop {
+            match self.scanner.step(&self.buf, self.pos) {
+                Step::More => {
+                    self.pos = self.buf.len();
+                    break;
+                }
+                Step::Start(at) => {
+                    self.msg_start = Some(at);
+                    self.discarding = false;
+                    self.pos = at + 1;
+                }
+                Step::TooDeep(resume) => {
+                    self.pos = resume;
+                    if !self.discarding {
+                        self.discarding = true;
+                        self.frames.push_back(Frame::Failed(Error::TooDeep {
+                            limit: self.config.max_depth,
+                        }));
+                    }
+                }
+                Step::End {
+                    end,
+                    resume,
+                    complete,
+                } => {
+                    self.pos = resume;
+                    let start = self.msg_start.take().unwrap_or(end);
+                    let end = trim_end(&self.buf, start, end);
+                    if self.discarding {
+                        self.discarding = false;
+                    } else if end - start > self.config.max_message_size {
+                        self.frames.push_back(Frame::Failed(Error::MessageTooLarge {
+                            limit: self.config.max_message_size,
+                            raw: raw_copy(&self.buf[start..end]),
+                        }));
+                    } else {
+                        self.frames.push_back(Frame::Message {
+                            start,
+                            end,
+                            complete,
+                        });
+                    }
+                }
+            }
+        }
+        if let Some(start) = self.msg_start {
+            if !self.discarding && self.buf.len() - start > self.config.max_message_size {
+                self.frames.push_back(Frame::Failed(Error::MessageTooLarge {
+                    limit: self.config.max_message_size,
+                    raw: raw_copy(&self.buf[start..]),
+                }));
+                self.discarding = true;
+            }
+            if self.discarding {
+                // Everything from the message start on belongs to the discarded message.
+                self.buf.truncate(start);
+                self.pos = start;
+                self.msg_start = None;
+            }
+        }
+    }
+
+    /// Scans `chunk` as the continuation of a discarded message; returns where the input after
+    /// it starts, or `None` when the whole chunk belongs to it.
+    fn skip_discarded(&mut self, chunk: &[u8]) -> Option<usize> {
+        let mut at = 0;
+        loop {
+            match self.scanner.step(chunk, at) {
+                Step::More => return None,
+                Step::TooDeep(resume) => at = resume,
+                Step::Start(first) => {
+                    // Cannot happen mid-message; treat it as the start of the next input.
+                    self.discarding = false;
+                    return Some(first);
+                }
+                Step::End { resume, .. } => {
+                    self.discarding = false;
+                    return Some(resume);
+                }
+            }
+        }
+    }
+}
+
+/// Trims trailing ASCII whitespace (a CR before the LF) from `buf[start..end]`.
+fn trim_end(buf: &[u8], start: usize, mut end: usize) -> usize {
+    while end > start && matches!(buf[end - 1], b' ' | b'\t' | b'\r' | b'\n') {
+        end -= 1;
+    }
+    end
+}
+
+/// Parses one framed message into a JSON object.
+fn parse_object(bytes: &[u8], complete: bool) -> Result<Map<String, Value>> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    // The scanner has already bounded the depth by `max_depth` (at most 1024).
+    de.disable_recursion_limit();
+    let parsed = Value::deserialize(&mut de).and_then(|value| de.end().map(|()| value));
+    match parsed {
+        Ok(Value::Object(object)) if complete => Ok(object),
+        Ok(Value::Object(_)) => Err(Error::Malformed {
+            raw: raw_copy(bytes),
+            source: serde::de::Error::custom("message cut short by a new line"),
+        }),
+        Ok(_) => Err(Error::NotAnObject {
+            raw: raw_copy(bytes),
+        }),
+        Err(source) => {
+            if std::str::from_utf8(bytes).is_err() {
+                Err(Error::InvalidUtf8 {
+                    raw: raw_copy(bytes),
+                })
+            } else {
+                Err(Error::Malformed {
+                    raw: raw_copy(bytes),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// What the scanner found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Every byte was consumed without an event.
+    More,
+    /// A message starts at this offset; scanning continues after it.
+    Start(usize),
+    /// The nesting limit was crossed; scanning continues at this offset.
+    TooDeep(usize),
+    /// The message ends before `end`; scanning continues at `resume`. `complete` is false when
+    /// it was cut short.
+    End {
+        end: usize,
+        resume: usize,
+        complete: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Between messages.
+    Idle,
+    /// Inside an object or array.
+    Nested,
+    /// Inside something that is neither: it runs to the end of the line.
+    Line,
+}
+
+/// The resumable structural scanner.
+#[derive(Debug, Clone)]
+struct Scanner {
+    kind: Kind,
+    depth: usize,
+    max_depth: usize,
+    in_string: bool,
+    /// The previous byte was a backslash inside a string.
+    escape: bool,
+    /// The previous byte was a line feed outside a string, inside a message.
+    newline: bool,
+}
+
+/// Bytes that matter outside strings.
+const STRUCTURAL: [bool; 256] = byte_table(b"\"{}[]\n");
+/// Bytes that matter inside strings.
+const IN_STRING: [bool; 256] = byte_table(b"\"\\\n");
+
+const fn byte_table(bytes: &[u8]) -> [bool; 256] {
+    let mut table = [false; 256];
+    let mut index = 0;
+    while index < bytes.len() {
+        table[bytes[index] as usize] = true;
+        index += 1;
+    }
+    table
+}
+
+impl Scanner {
+    fn new(max_depth: usize) -> Scanner {
+        Scanner {
+            kind: Kind::Idle,
+            depth: 0,
+            max_depth,
+            in_string: false,
+            escape: false,
+            newline: false,
+        }
+    }
+
+    /// Scans `bytes[at..]` up to the next event.
+    fn step(&mut self, bytes: &[u8], mut at: usize) -> Step {
+        match self.kind {
+            Kind::Idle => {
+                while let Some(&byte) = bytes.get(at) {
+                    match byte {
+                        b' ' | b'\t' | b'\r' | b'\n' => at += 1,
+                        b'{' | b'[' => {
+                            self.kind = Kind::Nested;
+                            self.depth = 1;
+                            self.in_string = false;
+                            self.escape = false;
+                            self.newline = false;
+                            return Step::Start(at);
+                        }
+                        _ => {
+                            self.kind = Kind::Line;
+                            return Step::Start(at);
+                        }
+                    }
+                }
+                Step::More
+            }
+            Kind::Line => match bytes[at.min(bytes.len())..]
+                .iter()
+                .position(|&b| b == b'\n')
+            {
+                Some(offset) => {
+                    self.kind = Kind::Idle;
+                    Step::End {
+                        end: at + offset,
+                        resume: at + offset + 1,
+                        complete: true,
+                    }
+                }
+                None => Step::More,
+            },
+            Kind::Nested => self.step_nested(bytes, at),
+        }
+    }
+
+    fn step_nested(&mut self, bytes: &[u8], mut at: usize) -> Step {
+        let len = bytes.len();
+        if self.newline {
+            if at >= len {
+                return Step::More;
+            }
+            self.newline = false;
+            if bytes[at] == b'{' {
+                self.kind = Kind::Idle;
+                return Step::End {
+                    end: at,
+                    resume: at,
+                    complete: false,
+                };
+            }
+        }
+        if self.escape && at < len {
+            self.escape = false;
+            at += 1;
+        }
+        while at < len {
+            if self.in_string {
+                while at < len && !IN_STRING[usize::from(bytes[at])] {
+                    at += 1;
+                }
+                if at == len {
+                    break;
+                }
+                match bytes[at] {
+                    b'"' => self.in_string = false,
+                    b'\\' => {
+                        if at + 1 < len {
+                            at += 1;
+                        } else {
+                            self.escape = true;
+                        }
+                    }
+                    _ => {
+                        // A raw line feed inside a string: the string was cut short.
+                        self.kind = Kind::Idle;
+                        self.in_string = false;
+                        return Step::End {
+                            end: at,
+                            resume: at + 1,
+                            complete: false,
+                        };
+                    }
+                }
+                at += 1;
+            } else {
+                while at < len && !STRUCTURAL[usize::from(bytes[at])] {
+                    at += 1;
+                }
+                if at == len {
+                    break;
+                }
+                match bytes[at] {
+                    b'"' => self.in_string = true,
+                    b'{' | b'[' => {
+                        self.depth += 1;
+                        if self.depth > self.max_depth {
+                            return Step::TooDeep(at + 1);
+                        }
+                    }
+                    b'}' | b']' => {
+                        self.depth -= 1;
+                        if self.depth == 0 {
+                            self.kind = Kind::Idle;
+                            return Step::End {
+                                end: at + 1,
+                                resume: at + 1,
+                                complete: true,
+                            };
+                        }
+                    }
+                    _ => {
+                        // A line feed between tokens: fine in pretty-printed output, unless
+                        // the next line starts a new message.
+                        if at + 1 < len {
+                            if bytes[at + 1] == b'{' {
+                                self.kind = Kind::Idle;
+                                return Step::End {
+                                    end: at,
+                                    resume: at + 1,
+                                    complete: false,
+                                };
+                            }
+                        } else {
+                            self.newline = true;
+                        }
+                    }
+                }
+                at += 1;
+            }
+        }
+        Step::More
+    }
+}
