@@ -1,0 +1,2 @@
+//! Round-trip benchmark against a real QEMU (written next).
+fn main() {}

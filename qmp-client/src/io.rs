@@ -1,0 +1,266 @@
+//! The socket side of a session: nonblocking reads and writes on mio, drained until `WouldBlock`.
+//!
+//! Shared by the blocking [`crate::Connection`] and the thread-safe [`crate::Shared`]. The socket
+//! is registered through its raw fd (`SourceFd`), so registration needs no `&mut` to the stream
+//! and the stream can be read by one thread while another writes.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::time::Instant;
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Registry, Token};
+
+use crate::error::{Error, Result};
+use crate::session::Session;
+
+/// Token of the connection's socket in its Poll.
+pub(crate) const SOCKET: Token = Token(0);
+/// Token of the optional abort fd (e.g. a pidfd).
+pub(crate) const ABORT: Token = Token(1);
+
+/// Size of one read from the socket.
+pub(crate) const READ_CHUNK: usize = 64 * 1024;
+/// Most bytes read in one go before the caller's condition is checked again, so an event flood
+/// never starves the reply the caller waits for.
+const READ_BUDGET: usize = 4 * READ_CHUNK;
+
+/// A connected stream socket.
+#[derive(Debug)]
+pub(crate) enum Stream {
+    /// A unix socket: path, socketpair end or adopted fd. Can pass fds.
+    Unix(mio::net::UnixStream),
+    /// A TCP socket.
+    Tcp(mio::net::TcpStream),
+}
+
+impl Stream {
+    pub(crate) fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => (&*s).read(buf),
+            Stream::Tcp(s) => (&*s).read(buf),
+        }
+    }
+
+    pub(crate) fn write(&self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => (&*s).write(buf),
+            Stream::Tcp(s) => (&*s).write(buf),
+        }
+    }
+
+    pub(crate) fn shutdown(&self) -> io::Result<()> {
+        let res = match self {
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+        match res {
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+            other => other,
+        }
+    }
+
+    pub(crate) fn unix(&self) -> Option<&mio::net::UnixStream> {
+        match self {
+            Stream::Unix(s) => Some(s),
+            Stream::Tcp(_) => None,
+        }
+    }
+}
+
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Stream::Unix(s) => s.as_fd(),
+            Stream::Tcp(s) => s.as_fd(),
+        }
+    }
+}
+
+impl AsRawFd for Stream {
+    fn as_raw_fd(&self) -> RawFd {
+        self.as_fd().as_raw_fd()
+    }
+}
+
+/// What one read attempt produced.
+pub(crate) enum Chunk {
+    Data(usize),
+    WouldBlock,
+    Eof,
+    Failed(io::Error),
+}
+
+/// One read, retrying EINTR.
+pub(crate) fn read_chunk(stream: &Stream, buf: &mut [u8]) -> Chunk {
+    loop {
+        match stream.read(buf) {
+            Ok(0) => return Chunk::Eof,
+            Ok(n) => return Chunk::Data(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Chunk::WouldBlock,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Chunk::Failed(e),
+        }
+    }
+}
+
+/// Feeds one read outcome into the session. Returns true when more data may be waiting.
+pub(crate) fn feed_chunk(session: &mut Session, chunk: Chunk, buf: &[u8]) -> bool {
+    match chunk {
+        Chunk::Data(n) => {
+            session.feed(&buf[..n]);
+            session.failure().is_none()
+        }
+        Chunk::WouldBlock => false,
+        Chunk::Eof => {
+            session.feed_eof();
+            false
+        }
+        Chunk::Failed(e) => {
+            session.feed_io_error("read", e);
+            false
+        }
+    }
+}
+
+/// Reads until `WouldBlock`, EOF, an error, or the read budget. Returns true when the budget
+/// ran out first (more data may be waiting and no new readiness event will say so).
+pub(crate) fn read_available(stream: &Stream, buf: &mut [u8], session: &mut Session) -> bool {
+    let mut total = 0;
+    loop {
+        let chunk = read_chunk(stream, buf);
+        let n = match chunk {
+            Chunk::Data(n) => n,
+            _ => 0,
+        };
+        if !feed_chunk(session, chunk, buf) {
+            return false;
+        }
+        total += n;
+        if total >= READ_BUDGET {
+            return true;
+        }
+    }
+}
+
+/// Writes the session's pending output until done or `WouldBlock`. While output is left over,
+/// WRITABLE interest is registered (and dropped again once everything is written), so a slow
+/// peer costs no busy loop.
+pub(crate) fn flush(
+    stream: &Stream,
+    registry: &Registry,
+    write_interest: &mut bool,
+    session: &mut Session,
+) {
+    while session.wants_write() {
+        match stream.write(session.pending_output()) {
+            Ok(0) => {
+                session.feed_io_error("write", io::ErrorKind::WriteZero.into());
+                return;
+            }
+            Ok(n) => {
+                log::trace!("wrote {n} bytes");
+                session.consume_output(n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => {
+                session.feed_io_error("write", e);
+                return;
+            }
+        }
+    }
+    let want = session.wants_write();
+    if want != *write_interest {
+        let interest = if want {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        let raw = stream.as_raw_fd();
+        match registry.reregister(&mut SourceFd(&raw), SOCKET, interest) {
+            Ok(()) => *write_interest = want,
+            Err(e) => session.feed_io_error("write", e),
+        }
+    }
+}
+
+/// The readiness a wait produced.
+#[derive(Default)]
+pub(crate) struct Wake {
+    pub(crate) socket: bool,
+    pub(crate) abort: bool,
+}
+
+/// Waits on `poll` until readiness or `timeout`, retrying EINTR with the remaining time.
+pub(crate) fn wait(poll: &mut Poll, events: &mut Events, deadline: Instant) -> Result<Wake> {
+    loop {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        match poll.poll(events, Some(timeout)) {
+            Ok(()) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                if Instant::now() >= deadline {
+                    return Ok(Wake::default());
+                }
+                continue;
+            }
+            Err(e) => {
+                return Err(Error::Io {
+                    op: "poll",
+                    source: e,
+                })
+            }
+        }
+    }
+    let mut wake = Wake::default();
+    for event in events.iter() {
+        if log::log_enabled!(log::Level::Trace) {
+            log::trace!("poll event {event:?}");
+        }
+        match event.token() {
+            SOCKET => wake.socket = true,
+            ABORT => wake.abort = true,
+            _ => {}
+        }
+    }
+    Ok(wake)
+}
+
+/// A fresh Poll with `fd` registered for reading under [`SOCKET`].
+pub(crate) fn new_poll(fd: RawFd) -> Result<Poll> {
+    let poll = Poll::new().map_err(|e| Error::Io {
+        op: "poll",
+        source: e,
+    })?;
+    poll.registry()
+        .register(&mut SourceFd(&fd), SOCKET, Interest::READABLE)
+        .map_err(|e| Error::Io {
+            op: "poll",
+            source: e,
+        })?;
+    Ok(poll)
+}
+
+/// Registers `abort` (if any) under [`ABORT`]; undo with [`deregister_abort`].
+pub(crate) fn register_abort(registry: &Registry, abort: Option<BorrowedFd<'_>>) -> Result<()> {
+    if let Some(fd) = abort {
+        let raw = fd.as_raw_fd();
+        registry
+            .register(&mut SourceFd(&raw), ABORT, Interest::READABLE)
+            .map_err(|e| Error::Io {
+                op: "poll",
+                source: e,
+            })?;
+    }
+    Ok(())
+}
+
+/// Removes the abort fd registered by [`register_abort`]; the fd must still be open.
+pub(crate) fn deregister_abort(registry: &Registry, abort: Option<BorrowedFd<'_>>) {
+    if let Some(fd) = abort {
+        let raw = fd.as_raw_fd();
+        if let Err(e) = registry.deregister(&mut SourceFd(&raw)) {
+            log::warn!("cannot deregister the abort fd: {e}");
+        }
+    }
+}

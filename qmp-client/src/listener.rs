@@ -1,0 +1,202 @@
+//! Server mode: we listen (backlog 1), QEMU connects to us (`-qmp unix:PATH` without `server`).
+
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use mio::{Events, Interest, Poll};
+
+use crate::config::Config;
+use crate::connection::Connection;
+use crate::error::{Error, Result};
+use crate::io::{self as sockio, Stream};
+use crate::sys;
+
+#[derive(Debug)]
+enum Inner {
+    Unix(mio::net::UnixListener),
+    Tcp(mio::net::TcpListener),
+}
+
+/// A listening socket waiting for one QMP server (QEMU) to connect.
+///
+/// A unix listener removes its socket file when dropped (only if the file is still the socket
+/// it created). An existing path is never replaced: binding fails with [`Error::Bind`].
+#[derive(Debug)]
+pub struct Listener {
+    inner: Inner,
+    path: Option<PathBuf>,
+    identity: Option<(u64, u64)>,
+    address: String,
+}
+
+impl Listener {
+    /// Binds a unix socket at `path` (backlog 1). [`Error::PathTooLong`] comes before anything
+    /// is created.
+    pub fn bind_unix(path: &Path) -> Result<Listener> {
+        sys::check_unix_path(path)?;
+        let address = path.display().to_string();
+        let std_listener = sys::listen_unix(path).map_err(|e| Error::Bind {
+            address: address.clone(),
+            source: e,
+        })?;
+        let identity = std::fs::symlink_metadata(path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        debug!("listening on {address}");
+        Ok(Listener {
+            inner: Inner::Unix(mio::net::UnixListener::from_std(std_listener)),
+            path: Some(path.to_owned()),
+            identity,
+            address,
+        })
+    }
+
+    /// Binds a TCP socket at `addr` (backlog 1; port 0 picks a free port, see
+    /// [`Listener::local_addr`]). A non-loopback address logs a warning: QMP has no
+    /// authentication.
+    pub fn bind_tcp(addr: SocketAddr) -> Result<Listener> {
+        let address = addr.to_string();
+        if !addr.ip().is_loopback() {
+            warn!("QMP listener on non-loopback {addr}: QMP has no authentication");
+        }
+        let std_listener = sys::listen_tcp(addr).map_err(|e| Error::Bind {
+            address: address.clone(),
+            source: e,
+        })?;
+        Ok(Listener {
+            inner: Inner::Tcp(mio::net::TcpListener::from_std(std_listener)),
+            path: None,
+            identity: None,
+            address,
+        })
+    }
+
+    /// The unix socket path, for a unix listener.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The bound TCP address, for a TCP listener.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match &self.inner {
+            Inner::Tcp(l) => l.local_addr().ok(),
+            Inner::Unix(_) => None,
+        }
+    }
+
+    /// Waits up to `timeout` for one peer, then runs the handshake per `config`. The listener
+    /// is closed (and its socket file removed) afterwards, so later peers are refused.
+    ///
+    /// When `abort` turns readable (e.g. QEMU's pidfd: QEMU exited) during the accept or the
+    /// handshake, the wait ends at once with [`Error::Aborted`].
+    pub fn accept(
+        mut self,
+        timeout: Duration,
+        abort: Option<BorrowedFd<'_>>,
+        config: &Config,
+    ) -> Result<Connection> {
+        let deadline = Instant::now() + timeout;
+        let mut poll = Poll::new().map_err(|e| Error::Io {
+            op: "poll",
+            source: e,
+        })?;
+        let mut events = Events::with_capacity(4);
+        let registered = match &mut self.inner {
+            Inner::Unix(l) => poll
+                .registry()
+                .register(l, sockio::SOCKET, Interest::READABLE),
+            Inner::Tcp(l) => poll
+                .registry()
+                .register(l, sockio::SOCKET, Interest::READABLE),
+        };
+        registered.map_err(|e| Error::Io {
+            op: "poll",
+            source: e,
+        })?;
+        sockio::register_abort(poll.registry(), abort)?;
+        let accepted = self.accept_loop(&mut poll, &mut events, deadline, timeout);
+        sockio::deregister_abort(poll.registry(), abort);
+        let stream = accepted?;
+        info!("accepted a QMP peer on {}", self.address);
+        drop(self);
+        Connection::establish(stream, config, abort)
+    }
+
+    fn accept_loop(
+        &self,
+        poll: &mut Poll,
+        events: &mut Events,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Stream> {
+        loop {
+            let accepted = match &self.inner {
+                Inner::Unix(l) => l.accept().map(|(s, _)| Stream::Unix(s)),
+                Inner::Tcp(l) => l.accept().map(|(s, addr)| {
+                    if let Err(e) = s.set_nodelay(true) {
+                        debug!("cannot set TCP_NODELAY for {addr}: {e}");
+                    }
+                    Stream::Tcp(s)
+                }),
+            };
+            match accepted {
+                Ok(stream) => return Ok(stream),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::Interrupted | std::io::ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => {
+                    return Err(Error::Accept {
+                        address: self.address.clone(),
+                        source: e,
+                    })
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::AcceptTimeout {
+                    address: self.address.clone(),
+                    timeout,
+                });
+            }
+            let wake = sockio::wait(poll, events, deadline)?;
+            if wake.abort {
+                return Err(Error::Aborted);
+            }
+        }
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match &self.inner {
+            Inner::Unix(l) => l.as_fd(),
+            Inner::Tcp(l) => l.as_fd(),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let (Some(path), Some(identity)) = (&self.path, self.identity) else {
+            return;
+        };
+        // Remove the socket file only if it is still the one we bound.
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if (m.dev(), m.ino()) == identity => {
+                if let Err(e) = std::fs::remove_file(path) {
+                    warn!("cannot remove socket {}: {e}", path.display());
+                }
+            }
+            _ => {}
+        }
+    }
+}

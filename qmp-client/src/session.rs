@@ -1,0 +1,756 @@
+//! The sans-IO protocol state of one QMP connection: bytes in, bytes out, no sockets.
+//!
+//! [`Session`] knows the handshake phase, allocates ids, routes replies to their requests, keeps
+//! the bounded event queue and the outgoing buffer. It never blocks and never touches a file
+//! descriptor, so the blocking [`crate::Connection`], the thread-safe [`crate::Shared`] and a
+//! caller's own event loop all drive the same state machine.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{debug, warn};
+use qmp_proto::{Command, Decoder, DecoderConfig, Event, EventFilter, Greeting, ServerMessage};
+use serde_json::Value;
+
+use crate::config::{Config, OobPolicy, OverflowPolicy};
+use crate::error::{Error, Result};
+
+/// QMP's limit of in-band commands in flight (QEMU's `QMP_REQ_QUEUE_LEN_MAX`).
+pub const MAX_IN_FLIGHT: usize = 8;
+
+/// How many timed-out ids are remembered so that their late replies are recognised.
+const TIMED_OUT_MEMORY: usize = 1024;
+
+/// Longest excerpt of a bad message kept in an error.
+const RAW_EXCERPT: usize = 512;
+
+/// Where a session stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Phase {
+    /// Waiting for the server's greeting.
+    Greeting,
+    /// `qmp_capabilities` sent, waiting for its reply.
+    Negotiation,
+    /// Command mode: commands may be sent.
+    Ready,
+    /// The session is over (see [`Session::failure`]).
+    Closed,
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Phase::Greeting => "greeting",
+            Phase::Negotiation => "negotiation",
+            Phase::Ready => "command mode",
+            Phase::Closed => "closed session",
+        })
+    }
+}
+
+/// The id of a command in flight: a small integer chosen by the client (fewest bytes on the wire).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId(u64);
+
+impl RequestId {
+    /// The id of the (at most one) command sent without an id.
+    const IDLESS: RequestId = RequestId(0);
+
+    /// The number sent as the command's `id`; 0 for a command sent without an id.
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+struct Pending {
+    command: String,
+    oob: bool,
+    sent_at: Instant,
+    reply: Option<Result<ServerMessage>>,
+}
+
+struct TimedOut {
+    command: String,
+    oob: bool,
+}
+
+/// The protocol state of one QMP connection, independent of any I/O.
+///
+/// Contracts:
+/// - Events are queued, never dropped silently and never taken as replies, whenever they arrive
+///   (before the greeting, during negotiation, between a command and its reply). The queue is
+///   bounded by [`Config::event_capacity`]; on overflow [`Config::overflow`] decides.
+/// - Every command gets a fresh id (1, 2, 3...; never reused). Replies are matched by id; a reply
+///   with an unknown id (e.g. late, after its command timed out) is dropped, logged at warn and
+///   counted in [`Session::unknown_replies`].
+/// - An `error` without an id while no id-less command is pending ends the session
+///   ([`Error::ServerParse`]), as the QMP spec prescribes.
+/// - The first failure is sticky: afterwards every pending and new request fails at once with
+///   [`Error::Disconnected`] carrying it. EOF (or ECONNRESET) after a `quit` we sent is a clean
+///   close: the `quit` request completes with `{"return": {}}` and the cause is [`Error::Closed`].
+pub struct Session {
+    phase: Phase,
+    negotiate: bool,
+    negotiate_oob: OobPolicy,
+    capacity: usize,
+    overflow: OverflowPolicy,
+    decoder: Decoder,
+    out: Vec<u8>,
+    out_start: usize,
+    next_id: u64,
+    pending: HashMap<RequestId, Pending>,
+    timed_out: HashMap<RequestId, TimedOut>,
+    inband: usize,
+    events: VecDeque<(u64, Event)>,
+    events_seen: u64,
+    events_dropped: u64,
+    events_lost_unreported: u64,
+    unknown_replies: u64,
+    greeting: Option<Greeting>,
+    negotiation: Option<RequestId>,
+    oob_enabled: bool,
+    quit: Option<RequestId>,
+    failure: Option<Arc<Error>>,
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("phase", &self.phase)
+            .field("pending", &self.pending.len())
+            .field("events", &self.events.len())
+            .field("out", &(self.out.len() - self.out_start))
+            .field("failure", &self.failure)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// A session at the start of its handshake, as `config` describes it.
+    ///
+    /// With `await_greeting` false and `negotiate` true, `qmp_capabilities` is queued at once;
+    /// with both false the session starts in command mode.
+    pub fn new(config: &Config) -> Session {
+        let decoder = Decoder::with_config(
+            DecoderConfig::default().with_max_message_size(config.max_message_size),
+        );
+        let mut session = Session {
+            phase: Phase::Greeting,
+            negotiate: config.negotiate,
+            negotiate_oob: config.oob,
+            capacity: config.event_capacity.max(1),
+            overflow: config.overflow,
+            decoder,
+            out: Vec::with_capacity(256),
+            out_start: 0,
+            next_id: 1,
+            pending: HashMap::new(),
+            timed_out: HashMap::new(),
+            inband: 0,
+            events: VecDeque::new(),
+            events_seen: 0,
+            events_dropped: 0,
+            events_lost_unreported: 0,
+            unknown_replies: 0,
+            greeting: None,
+            negotiation: None,
+            oob_enabled: false,
+            quit: None,
+            failure: None,
+        };
+        if !config.await_greeting {
+            if config.negotiate {
+                session.start_negotiation();
+            } else {
+                session.phase = Phase::Ready;
+            }
+        }
+        session
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// True once in command mode and not failed.
+    pub fn is_ready(&self) -> bool {
+        self.phase == Phase::Ready
+    }
+
+    /// True while the handshake (greeting, negotiation) is still running.
+    pub fn in_handshake(&self) -> bool {
+        matches!(self.phase, Phase::Greeting | Phase::Negotiation)
+    }
+
+    /// The greeting, once received.
+    pub fn greeting(&self) -> Option<&Greeting> {
+        self.greeting.as_ref()
+    }
+
+    /// True when `oob` was negotiated.
+    pub fn oob_enabled(&self) -> bool {
+        self.oob_enabled
+    }
+
+    /// The failure that ended the session ([`Error::Closed`] for a clean close), if any.
+    pub fn failure(&self) -> Option<&Arc<Error>> {
+        self.failure.as_ref()
+    }
+
+    /// An [`Error::Disconnected`] carrying the sticky failure (or [`Error::Closed`]).
+    pub fn disconnected(&self) -> Error {
+        Error::Disconnected {
+            cause: self
+                .failure
+                .clone()
+                .unwrap_or_else(|| Arc::new(Error::Closed)),
+        }
+    }
+
+    /// Takes the failure out of a session that is being discarded: the original error when no
+    /// one else holds it, else a [`Error::Disconnected`] around it.
+    pub fn into_failure(mut self) -> Error {
+        match self.failure.take() {
+            Some(cause) => {
+                Arc::try_unwrap(cause).unwrap_or_else(|cause| Error::Disconnected { cause })
+            }
+            None => Error::Closed,
+        }
+    }
+
+    /// True when an in-band (`oob` false) or out-of-band command may be sent now without
+    /// exceeding [`MAX_IN_FLIGHT`] in-band commands.
+    pub fn has_slot(&self, oob: bool) -> bool {
+        oob || self.inband < MAX_IN_FLIGHT
+    }
+
+    /// In-band commands in flight, including timed-out ones whose reply has not come yet (the
+    /// server still holds them in its queue).
+    pub fn in_flight(&self) -> usize {
+        self.inband
+    }
+
+    /// Queues `command` with a fresh id and returns it.
+    ///
+    /// Fails with [`Error::Disconnected`] after a failure, [`Error::NotReady`] during the
+    /// handshake, [`Error::TooManyInFlight`] when 8 in-band commands are in flight.
+    pub fn send(&mut self, command: Command) -> Result<RequestId> {
+        self.check_can_send(&command)?;
+        let id = RequestId(self.next_id);
+        self.next_id += 1;
+        self.enqueue(id, command.with_id(Value::from(id.0)));
+        Ok(id)
+    }
+
+    /// Queues `command` without an id (at most one such command may be in flight; any id-less
+    /// reply goes to it). Prefer [`Session::send`]: this exists for servers that reject ids.
+    pub fn send_without_id(&mut self, mut command: Command) -> Result<RequestId> {
+        self.check_can_send(&command)?;
+        if self.pending.contains_key(&RequestId::IDLESS) {
+            return Err(Error::IdlessBusy);
+        }
+        command.id = None;
+        self.enqueue(RequestId::IDLESS, command);
+        Ok(RequestId::IDLESS)
+    }
+
+    fn check_can_send(&self, command: &Command) -> Result<()> {
+        if self.failure.is_some() {
+            return Err(self.disconnected());
+        }
+        if self.phase != Phase::Ready {
+            return Err(Error::NotReady { phase: self.phase });
+        }
+        if !self.has_slot(command.oob) {
+            return Err(Error::TooManyInFlight {
+                limit: MAX_IN_FLIGHT,
+            });
+        }
+        Ok(())
+    }
+
+    fn enqueue(&mut self, id: RequestId, command: Command) {
+        let start = self.out.len();
+        command.encode_into(&mut self.out);
+        if log::log_enabled!(log::Level::Debug) {
+            debug!("--> {}", String::from_utf8_lossy(&self.out[start..]));
+        }
+        if !command.oob {
+            self.inband += 1;
+        }
+        if command.execute == "quit" {
+            self.quit = Some(id);
+        }
+        self.pending.insert(
+            id,
+            Pending {
+                command: command.execute,
+                oob: command.oob,
+                sent_at: Instant::now(),
+                reply: None,
+            },
+        );
+    }
+
+    fn start_negotiation(&mut self) {
+        let offered = self
+            .greeting
+            .as_ref()
+            .is_some_and(|g| g.capabilities.iter().any(|c| c == "oob"));
+        let enable_oob = offered && self.negotiate_oob == OobPolicy::Auto;
+        let mut command = Command::new("qmp_capabilities");
+        if enable_oob {
+            let mut args = serde_json::Map::new();
+            args.insert("enable".into(), Value::from(vec![Value::from("oob")]));
+            command = command.with_arguments(args);
+        }
+        let id = RequestId(self.next_id);
+        self.next_id += 1;
+        self.enqueue(id, command.with_id(Value::from(id.0)));
+        self.phase = Phase::Negotiation;
+        self.negotiation = Some(id);
+        self.oob_enabled = enable_oob;
+    }
+
+    /// The command name and age of a pending request.
+    pub fn request_info(&self, id: RequestId) -> Option<(&str, Duration)> {
+        self.pending
+            .get(&id)
+            .map(|p| (p.command.as_str(), p.sent_at.elapsed()))
+    }
+
+    /// True when the reply (or the session's failure) for `id` is available.
+    pub fn reply_ready(&self, id: RequestId) -> bool {
+        match self.pending.get(&id) {
+            Some(p) => p.reply.is_some() || self.failure.is_some(),
+            None => true,
+        }
+    }
+
+    /// Takes the outcome of `id` when available: the reply message, [`Error::BadReply`] for a
+    /// malformed one, [`Error::Disconnected`] when the session ended first. `None` while waiting.
+    pub fn take_reply(&mut self, id: RequestId) -> Option<Result<ServerMessage>> {
+        let ready = match self.pending.get(&id) {
+            None => return Some(Err(Error::UnknownRequest { id: id.0 })),
+            Some(p) => p.reply.is_some() || self.failure.is_some(),
+        };
+        if !ready {
+            return None;
+        }
+        let pending = self.pending.remove(&id)?;
+        match pending.reply {
+            Some(reply) => Some(reply),
+            None => {
+                if !pending.oob {
+                    self.inband = self.inband.saturating_sub(1);
+                }
+                Some(Err(self.disconnected()))
+            }
+        }
+    }
+
+    /// Gives up on `id` (its deadline passed): a late reply will be dropped and counted.
+    pub fn abandon(&mut self, id: RequestId) {
+        let Some(pending) = self.pending.remove(&id) else {
+            return;
+        };
+        if pending.reply.is_some() || self.failure.is_some() {
+            return;
+        }
+        if self.timed_out.len() >= TIMED_OUT_MEMORY {
+            // Forget the oldest; if its reply ever comes it is still dropped, as unknown.
+            if let Some(oldest) = self.timed_out.keys().min().copied() {
+                if let Some(t) = self.timed_out.remove(&oldest) {
+                    if !t.oob {
+                        self.inband = self.inband.saturating_sub(1);
+                    }
+                }
+            }
+        }
+        self.timed_out.insert(
+            id,
+            TimedOut {
+                command: pending.command,
+                oob: pending.oob,
+            },
+        );
+    }
+
+    /// Bytes waiting to be written to the socket.
+    pub fn pending_output(&self) -> &[u8] {
+        &self.out[self.out_start..]
+    }
+
+    /// True when [`Session::pending_output`] is not empty.
+    pub fn wants_write(&self) -> bool {
+        self.out_start < self.out.len()
+    }
+
+    /// Marks `n` bytes of [`Session::pending_output`] as written.
+    pub fn consume_output(&mut self, n: usize) {
+        self.out_start = (self.out_start + n).min(self.out.len());
+        if self.out_start == self.out.len() {
+            self.out.clear();
+            self.out_start = 0;
+        }
+    }
+
+    /// Feeds bytes read from the socket and processes every complete message.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        if self.failure.is_some() {
+            return;
+        }
+        log::trace!("read {} bytes", bytes.len());
+        self.decoder.feed(bytes);
+        while self.failure.is_none() {
+            let next = if self.phase == Phase::Greeting {
+                // Strict about the greeting's shape, which the lenient decoder would accept.
+                self.decoder
+                    .next_object()
+                    .map(|r| r.and_then(check_greeting_shape))
+            } else {
+                self.decoder.next_message()
+            };
+            match next {
+                None => break,
+                Some(Ok(message)) => self.handle(message),
+                Some(Err(err)) => self.decode_error(err),
+            }
+        }
+    }
+
+    /// Records that the server closed the connection.
+    pub fn feed_eof(&mut self) {
+        if self.failure.is_some() {
+            return;
+        }
+        if self.quit.is_some() {
+            self.close_after_quit();
+            return;
+        }
+        let err = Error::Eof {
+            phase: self.phase,
+            partial_len: self.decoder.buffered_len(),
+        };
+        self.fail(err);
+    }
+
+    /// Records a socket error (`op` is `read` or `write`). ECONNRESET or EPIPE after our `quit`
+    /// is a clean close.
+    pub fn feed_io_error(&mut self, op: &'static str, err: io::Error) {
+        if self.failure.is_some() {
+            return;
+        }
+        if self.quit.is_some()
+            && matches!(
+                err.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            )
+        {
+            self.close_after_quit();
+            return;
+        }
+        self.fail(Error::Io { op, source: err });
+    }
+
+    /// Ends the session locally: pending and later calls get `Disconnected(Closed)`.
+    pub fn close(&mut self) {
+        if self.failure.is_none() {
+            self.failure = Some(Arc::new(Error::Closed));
+            self.phase = Phase::Closed;
+        }
+    }
+
+    fn close_after_quit(&mut self) {
+        if let Some(id) = self.quit {
+            if let Some(p) = self.pending.get_mut(&id) {
+                if p.reply.is_none() {
+                    p.reply = Some(Ok(ServerMessage::Return(qmp_proto::ReturnReply {
+                        ret: Value::Object(serde_json::Map::new()),
+                        id: Some(Value::from(id.0)),
+                    })));
+                }
+            }
+        }
+        debug!("connection closed after quit");
+        self.close();
+    }
+
+    fn fail(&mut self, err: Error) {
+        if self.failure.is_some() {
+            return;
+        }
+        let err = match self.phase {
+            Phase::Greeting => match err {
+                Error::Decode { source } => Error::Greeting {
+                    raw: excerpt(&source.to_string()),
+                    source: Some(source),
+                },
+                other => other,
+            },
+            Phase::Negotiation => Error::Negotiation {
+                cause: Box::new(err),
+            },
+            _ => err,
+        };
+        debug!("session failed: {err}");
+        self.failure = Some(Arc::new(err));
+        self.phase = Phase::Closed;
+    }
+
+    fn decode_error(&mut self, err: qmp_proto::Error) {
+        self.fail(Error::Decode { source: err });
+    }
+
+    fn handle(&mut self, message: ServerMessage) {
+        if log::log_enabled!(log::Level::Debug) {
+            debug!("<-- {}", message.to_value());
+        }
+        match message {
+            ServerMessage::Event(event) => self.push_event(event),
+            ServerMessage::Greeting(greeting) => {
+                if self.phase != Phase::Greeting {
+                    warn!("unexpected second greeting ignored");
+                    self.unknown_replies += 1;
+                    return;
+                }
+                self.greeting = Some(greeting);
+                if self.negotiate {
+                    self.start_negotiation();
+                } else {
+                    self.phase = Phase::Ready;
+                }
+            }
+            other if self.phase == Phase::Greeting => {
+                self.fail(Error::Greeting {
+                    raw: excerpt(&other.to_value().to_string()),
+                    source: None,
+                });
+            }
+            other => self.route(other),
+        }
+    }
+
+    fn push_event(&mut self, event: Event) {
+        self.events_seen += 1;
+        if self.events.len() >= self.capacity {
+            self.events_dropped += 1;
+            match self.overflow {
+                OverflowPolicy::DropOldest => {
+                    self.events.pop_front();
+                }
+                _ => {
+                    self.events_lost_unreported += 1;
+                    return;
+                }
+            }
+        }
+        self.events.push_back((self.events_seen - 1, event));
+    }
+
+    fn route(&mut self, message: ServerMessage) {
+        let id = match message.id() {
+            Some(value) => match value.as_u64() {
+                Some(n) if n != 0 => Some(RequestId(n)),
+                // An id we never send (wrong type, 0, negative...): unknown.
+                _ => {
+                    self.unknown(&message, "an id the client never sends");
+                    return;
+                }
+            },
+            None => None,
+        };
+        let Some(id) = id else {
+            return self.route_idless(message);
+        };
+        if Some(id) == self.negotiation {
+            return self.negotiated(id, message);
+        }
+        if let Some(p) = self.pending.get_mut(&id) {
+            if p.reply.is_none() {
+                let outcome = reply_outcome(&p.command, message);
+                p.reply = Some(outcome);
+                if !p.oob {
+                    self.inband = self.inband.saturating_sub(1);
+                }
+                return;
+            }
+            self.unknown(&message, "a duplicate reply");
+            return;
+        }
+        if let Some(t) = self.timed_out.remove(&id) {
+            if !t.oob {
+                self.inband = self.inband.saturating_sub(1);
+            }
+            warn!("dropping late reply to timed-out `{}` (id {id})", t.command);
+            self.unknown_replies += 1;
+            return;
+        }
+        self.unknown(&message, "an unknown id");
+    }
+
+    fn route_idless(&mut self, message: ServerMessage) {
+        if let Some(p) = self.pending.get_mut(&RequestId::IDLESS) {
+            if p.reply.is_none() && !matches!(message, ServerMessage::Unknown(_)) {
+                p.reply = Some(reply_outcome(&p.command, message));
+                if !p.oob {
+                    self.inband = self.inband.saturating_sub(1);
+                }
+                return;
+            }
+        }
+        match message {
+            ServerMessage::Error(reply) => self.fail(Error::ServerParse {
+                class: reply.error.class,
+                desc: reply.error.desc,
+            }),
+            other => self.unknown(&other, "no id"),
+        }
+    }
+
+    fn negotiated(&mut self, id: RequestId, message: ServerMessage) {
+        let outcome = self
+            .pending
+            .remove(&id)
+            .map(|p| reply_outcome(&p.command, message));
+        self.inband = self.inband.saturating_sub(1);
+        self.negotiation = None;
+        match outcome {
+            Some(Ok(ServerMessage::Return(_))) => {
+                self.phase = Phase::Ready;
+                debug!("negotiated, oob {}", self.oob_enabled);
+            }
+            Some(Ok(ServerMessage::Error(reply))) => self.fail(Error::Command {
+                command: "qmp_capabilities".into(),
+                class: reply.error.class,
+                desc: reply.error.desc,
+            }),
+            Some(Err(err)) => self.fail(err),
+            Some(Ok(other)) => self.fail(Error::BadReply {
+                command: "qmp_capabilities".into(),
+                raw: excerpt(&other.to_value().to_string()),
+            }),
+            None => self.fail(Error::UnknownRequest { id: id.0 }),
+        }
+    }
+
+    fn unknown(&mut self, message: &ServerMessage, why: &str) {
+        self.unknown_replies += 1;
+        warn!(
+            "dropping reply with {why}: {}",
+            excerpt(&message.to_value().to_string())
+        );
+    }
+
+    /// Removes and returns the oldest queued event.
+    pub fn pop_event(&mut self) -> Option<Event> {
+        self.events.pop_front().map(|(_, e)| e)
+    }
+
+    /// Removes and returns every queued event, oldest first.
+    pub fn drain_events(&mut self) -> Vec<Event> {
+        self.events.drain(..).map(|(_, e)| e).collect()
+    }
+
+    /// Discards every queued event.
+    pub fn clear_events(&mut self) {
+        self.events.clear();
+    }
+
+    /// Number of queued events.
+    pub fn queued_events(&self) -> usize {
+        self.events.len()
+    }
+
+    /// Sequence number of the next event to arrive (events received so far, dropped included).
+    pub fn event_seq(&self) -> u64 {
+        self.events_seen
+    }
+
+    /// Removes and returns the oldest queued event matching any of `filters` (every event when
+    /// `filters` is empty) that arrived at or after sequence number `since` (see
+    /// [`Session::event_seq`]). Other events stay queued in order.
+    pub fn take_matching_event(&mut self, filters: &[EventFilter], since: u64) -> Option<Event> {
+        let pos = self.events.iter().position(|(seq, e)| {
+            *seq >= since && (filters.is_empty() || filters.iter().any(|f| f.matches(e)))
+        })?;
+        self.events.remove(pos).map(|(_, e)| e)
+    }
+
+    /// Events discarded because the queue was full.
+    pub fn events_dropped(&self) -> u64 {
+        self.events_dropped
+    }
+
+    /// With [`OverflowPolicy::Error`]: an [`Error::EventsLost`] for events discarded since the
+    /// last call, reported once.
+    pub fn take_events_lost(&mut self) -> Option<Error> {
+        if self.events_lost_unreported == 0 {
+            return None;
+        }
+        let dropped = std::mem::take(&mut self.events_lost_unreported);
+        Some(Error::EventsLost {
+            dropped,
+            capacity: self.capacity,
+        })
+    }
+
+    /// Replies dropped because their id was unknown (late, duplicate, or never sent).
+    pub fn unknown_replies(&self) -> u64 {
+        self.unknown_replies
+    }
+
+    /// Bytes of an incomplete message buffered in the decoder.
+    pub fn buffered_input(&self) -> usize {
+        self.decoder.buffered_len()
+    }
+}
+
+/// Classifies an object received while waiting for the greeting. A `QMP` member whose
+/// `version` is not an object or whose `capabilities` is not an array is kept as
+/// [`ServerMessage::Unknown`], which the greeting phase rejects.
+fn check_greeting_shape(
+    object: serde_json::Map<String, Value>,
+) -> std::result::Result<ServerMessage, qmp_proto::Error> {
+    if let Some(inner) = object.get("QMP") {
+        let valid = inner.get("version").is_some_and(Value::is_object)
+            && inner.get("capabilities").is_some_and(Value::is_array);
+        if !valid {
+            return Ok(ServerMessage::Unknown(object));
+        }
+    }
+    Ok(ServerMessage::from_object(object))
+}
+
+fn reply_outcome(command: &str, message: ServerMessage) -> Result<ServerMessage> {
+    match message {
+        ServerMessage::Return(_) | ServerMessage::Error(_) => Ok(message),
+        other => Err(Error::BadReply {
+            command: command.to_owned(),
+            raw: excerpt(&other.to_value().to_string()),
+        }),
+    }
+}
+
+/// A bounded copy of `text` for error messages.
+pub(crate) fn excerpt(text: &str) -> String {
+    if text.len() <= RAW_EXCERPT {
+        return text.to_owned();
+    }
+    let mut end = RAW_EXCERPT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &text[..end], text.len())
+}

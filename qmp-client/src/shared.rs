@@ -1,0 +1,317 @@
+//! A thread-safe handle: many threads issue commands on one connection at once.
+//!
+//! No hidden thread: whichever waiting caller finds the socket unattended becomes its pump (it
+//! polls and reads without holding the lock, then feeds the session under the lock and wakes
+//! the others through a condvar); the others sleep on the condvar until their reply is routed
+//! or their deadline passes. When the pump's own wait is over it hands the role to the next.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use mio::{Events, Poll, Registry};
+use qmp_proto::{Command, Event, EventFilter, ServerMessage};
+use serde_json::{Map, Value};
+
+use crate::connection::{command, filter_names, into_return, Connection, Pump};
+use crate::error::{Error, Result};
+use crate::io::{self as sockio, Stream, READ_CHUNK};
+use crate::session::{RequestId, Session};
+
+/// A [`Connection`] shared between threads: clone it and call from anywhere.
+///
+/// Every reply reaches the thread that sent its command (routing by id); the limit of 8 in-band
+/// commands in flight is respected across all threads (a sender waits for a slot within its
+/// deadline). Events, the sticky error and the `quit` handling behave as on [`Connection`].
+#[derive(Clone, Debug)]
+pub struct Shared {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    stream: Stream,
+    registry: Registry,
+    state: Mutex<State>,
+    cond: Condvar,
+    command_timeout: Duration,
+}
+
+#[derive(Debug)]
+struct State {
+    session: Session,
+    write_interest: bool,
+    /// The polling side; `None` while some thread is pumping.
+    poller: Option<Poller>,
+}
+
+#[derive(Debug)]
+struct Poller {
+    poll: Poll,
+    events: Events,
+    buf: Box<[u8]>,
+    read_hint: bool,
+}
+
+impl Shared {
+    /// Wraps an established connection.
+    pub fn new(conn: Connection) -> Result<Shared> {
+        let (stream, poll, session, command_timeout, write_interest) = conn.into_parts();
+        let registry = poll.registry().try_clone().map_err(|e| Error::Io {
+            op: "poll",
+            source: e,
+        })?;
+        Ok(Shared {
+            inner: Arc::new(Inner {
+                stream,
+                registry,
+                state: Mutex::new(State {
+                    session,
+                    write_interest,
+                    poller: Some(Poller {
+                        poll,
+                        events: Events::with_capacity(8),
+                        buf: vec![0; READ_CHUNK].into_boxed_slice(),
+                        read_hint: true,
+                    }),
+                }),
+                cond: Condvar::new(),
+                command_timeout,
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere cannot leave the session inconsistent mid-update in a way that
+        // matters more than losing the connection, so keep going.
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn flush(&self, st: &mut State) {
+        let State {
+            session,
+            write_interest,
+            ..
+        } = st;
+        sockio::flush(
+            &self.inner.stream,
+            &self.inner.registry,
+            write_interest,
+            session,
+        );
+    }
+
+    fn pump<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        deadline: Instant,
+        mut done: impl FnMut(&mut Session) -> bool,
+    ) -> Result<(MutexGuard<'a, State>, Pump)> {
+        let mut checked_once = false;
+        loop {
+            if st.session.wants_write() {
+                self.flush(&mut st);
+            }
+            if done(&mut st.session) {
+                return Ok((st, Pump::Done));
+            }
+            if st.session.failure().is_some() {
+                return Ok((st, Pump::Failed));
+            }
+            let now = Instant::now();
+            if checked_once && now >= deadline {
+                return Ok((st, Pump::TimedOut));
+            }
+            let Some(mut poller) = st.poller.take() else {
+                // Another thread pumps: sleep until it routes something or our deadline.
+                let timeout = deadline.saturating_duration_since(now);
+                st = self
+                    .inner
+                    .cond
+                    .wait_timeout(st, timeout)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+                checked_once = true;
+                continue;
+            };
+            drop(st);
+            let mut failure = None;
+            let mut chunk = None;
+            if poller.read_hint {
+                chunk = Some(sockio::read_chunk(&self.inner.stream, &mut poller.buf));
+            } else {
+                match sockio::wait(&mut poller.poll, &mut poller.events, deadline) {
+                    Ok(wake) => poller.read_hint = wake.socket,
+                    Err(e) => failure = Some(e),
+                }
+                checked_once = true;
+            }
+            st = self.lock();
+            if let Some(chunk) = chunk {
+                poller.read_hint = sockio::feed_chunk(&mut st.session, chunk, &poller.buf);
+            }
+            st.poller = Some(poller);
+            self.inner.cond.notify_all();
+            if let Some(e) = failure {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Runs `cmd`; see [`Connection::execute`].
+    pub fn execute(&self, cmd: &str, args: Option<Map<String, Value>>) -> Result<Value> {
+        self.execute_with_timeout(cmd, args, self.inner.command_timeout)
+    }
+
+    /// Runs `cmd` with its own timeout; see [`Connection::execute_with_timeout`].
+    pub fn execute_with_timeout(
+        &self,
+        cmd: &str,
+        args: Option<Map<String, Value>>,
+        timeout: Duration,
+    ) -> Result<Value> {
+        let reply = self.run(command(cmd, args, false), Instant::now() + timeout)?;
+        into_return(cmd, reply)
+    }
+
+    /// Runs `cmd` and returns the whole reply; see [`Connection::execute_raw`].
+    pub fn execute_raw(
+        &self,
+        cmd: &str,
+        args: Option<Map<String, Value>>,
+    ) -> Result<ServerMessage> {
+        self.run(
+            command(cmd, args, false),
+            Instant::now() + self.inner.command_timeout,
+        )
+    }
+
+    /// Runs `cmd` out of band; see [`Connection::execute_oob`].
+    pub fn execute_oob(&self, cmd: &str, args: Option<Map<String, Value>>) -> Result<Value> {
+        let reply = self.run(
+            command(cmd, args, true),
+            Instant::now() + self.inner.command_timeout,
+        )?;
+        into_return(cmd, reply)
+    }
+
+    fn run(&self, cmd: Command, deadline: Instant) -> Result<ServerMessage> {
+        let id = self.send_by(cmd, deadline)?;
+        self.wait_reply(id, deadline)
+    }
+
+    /// Queues `cmd` (waiting for a slot if 8 in-band commands are in flight); see
+    /// [`Connection::send`].
+    pub fn send(&self, cmd: Command) -> Result<RequestId> {
+        self.send_by(cmd, Instant::now() + self.inner.command_timeout)
+    }
+
+    fn send_by(&self, cmd: Command, deadline: Instant) -> Result<RequestId> {
+        let start = Instant::now();
+        let oob = cmd.oob;
+        let (mut st, outcome) = self.pump(self.lock(), deadline, |s| s.has_slot(oob))?;
+        if outcome == Pump::TimedOut {
+            return Err(Error::CommandTimeout {
+                command: cmd.execute,
+                waited: start.elapsed(),
+            });
+        }
+        let id = st.session.send(cmd)?;
+        self.flush(&mut st);
+        Ok(id)
+    }
+
+    /// Waits for the reply to `id`; see [`Connection::wait_reply`].
+    pub fn wait_reply(&self, id: RequestId, deadline: Instant) -> Result<ServerMessage> {
+        let (mut st, _) = self.pump(self.lock(), deadline, |s| s.reply_ready(id))?;
+        if let Some(outcome) = st.session.take_reply(id) {
+            return outcome;
+        }
+        let (command, waited) = st
+            .session
+            .request_info(id)
+            .map(|(c, age)| (c.to_owned(), age))
+            .unwrap_or_default();
+        st.session.abandon(id);
+        // A slot may have been freed for a waiting sender.
+        self.inner.cond.notify_all();
+        Err(Error::CommandTimeout { command, waited })
+    }
+
+    /// Takes the oldest queued event, waiting up to `timeout`; see [`Connection::pull_event`].
+    pub fn pull_event(&self, timeout: Duration) -> Result<Option<Event>> {
+        let deadline = Instant::now() + timeout;
+        let (mut st, outcome) = self.pump(self.lock(), deadline, |s| s.queued_events() > 0)?;
+        if let Some(lost) = st.session.take_events_lost() {
+            return Err(lost);
+        }
+        match outcome {
+            Pump::Failed if st.session.queued_events() == 0 => Err(st.session.disconnected()),
+            _ => Ok(st.session.pop_event()),
+        }
+    }
+
+    /// Waits for an event matching any of `filters` within a total `timeout`; see
+    /// [`Connection::wait_event`].
+    pub fn wait_event(&self, filters: &[EventFilter], timeout: Duration) -> Result<Event> {
+        let deadline = Instant::now() + timeout;
+        let mut found = None;
+        let (mut st, outcome) = self.pump(self.lock(), deadline, |s| {
+            found = s.take_matching_event(filters, 0);
+            found.is_some()
+        })?;
+        if let Some(event) = found {
+            return Ok(event);
+        }
+        if let Some(lost) = st.session.take_events_lost() {
+            return Err(lost);
+        }
+        match outcome {
+            Pump::Failed => Err(st.session.disconnected()),
+            _ => Err(Error::EventTimeout {
+                names: filter_names(filters),
+                timeout,
+            }),
+        }
+    }
+
+    /// Takes every queued event, oldest first.
+    pub fn drain_events(&self) -> Vec<Event> {
+        self.lock().session.drain_events()
+    }
+
+    /// Discards every queued event.
+    pub fn clear_events(&self) {
+        self.lock().session.clear_events();
+    }
+
+    /// Events discarded because the queue was full.
+    pub fn events_dropped(&self) -> u64 {
+        self.lock().session.events_dropped()
+    }
+
+    /// Replies dropped because of an unknown id.
+    pub fn unknown_replies(&self) -> u64 {
+        self.lock().session.unknown_replies()
+    }
+
+    /// True until the connection fails or closes.
+    pub fn is_connected(&self) -> bool {
+        self.lock().session.failure().is_none()
+    }
+
+    /// Closes the connection for every handle: pending and later calls get
+    /// [`Error::Disconnected`] with cause [`Error::Closed`].
+    pub fn close(&self) -> Result<()> {
+        let mut st = self.lock();
+        st.session.close();
+        self.inner.cond.notify_all();
+        drop(st);
+        self.inner.stream.shutdown().map_err(|e| Error::Io {
+            op: "shutdown",
+            source: e,
+        })
+    }
+}

@@ -1,0 +1,3 @@
+//! Integration tests of qmp-client against the scripted fake QMP server (one binary).
+
+mod util;
