@@ -702,9 +702,6 @@ impl QtestProtocol {
         if self.closed {
             return Err(self.closed_error(command));
         }
-        if self.read_available(command)? {
-            return Ok(true);
-        }
         loop {
             let ready = self.wait_ready(false, deadline, command)?;
             if !ready.readable {
