@@ -1,0 +1,343 @@
+//! The QEMU child process: spawn with an fd allow-list, a pidfd, and a guard that kills and
+//! reaps on drop so QEMU never outlives its owner.
+
+use std::fmt;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::sys;
+
+/// How a QEMU process ended: an exit code or a signal (never both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExitStatus {
+    /// It called `exit(code)`.
+    Code(i32),
+    /// It was terminated by `signal`.
+    Signal {
+        /// The signal number (`libc::SIGKILL`, ...).
+        signal: i32,
+        /// Whether it dumped core.
+        core_dumped: bool,
+    },
+}
+
+impl ExitStatus {
+    /// The exit code, if it exited normally.
+    pub fn code(self) -> Option<i32> {
+        match self {
+            ExitStatus::Code(code) => Some(code),
+            ExitStatus::Signal { .. } => None,
+        }
+    }
+
+    /// The terminating signal, if a signal ended it.
+    pub fn signal(self) -> Option<i32> {
+        match self {
+            ExitStatus::Code(_) => None,
+            ExitStatus::Signal { signal, .. } => Some(signal),
+        }
+    }
+
+    /// Exit code 0.
+    pub fn success(self) -> bool {
+        self == ExitStatus::Code(0)
+    }
+
+    pub(crate) fn from_std(status: std::process::ExitStatus) -> Self {
+        match (status.code(), status.signal()) {
+            (Some(code), _) => ExitStatus::Code(code),
+            (None, Some(signal)) => ExitStatus::Signal {
+                signal,
+                core_dumped: status.core_dumped(),
+            },
+            // Stopped/continued statuses are never returned by wait for an exited child.
+            (None, None) => ExitStatus::Code(status.into_raw()),
+        }
+    }
+}
+
+impl fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitStatus::Code(code) => write!(f, "exit code {code}"),
+            ExitStatus::Signal {
+                signal,
+                core_dumped,
+            } => {
+                write!(f, "signal {signal} ({})", signal_name(*signal))?;
+                if *core_dumped {
+                    f.write_str(", core dumped")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A short name for common signals (`SIGKILL`), or `"unknown"`.
+pub fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGTRAP => "SIGTRAP",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGSYS => "SIGSYS",
+        _ => "unknown",
+    }
+}
+
+/// How long `Drop` waits for the child after SIGKILL before giving up (a process stuck in
+/// uninterruptible sleep cannot be reaped; we must not hang the caller forever).
+const DROP_REAP_BOUND: Duration = Duration::from_secs(10);
+
+/// Owns a spawned child: its pid, its pidfd, and its exit status once reaped.
+///
+/// Dropping a guard whose child was not reaped sends SIGKILL through the pidfd and reaps it
+/// (bounded by [`DROP_REAP_BOUND`]).
+pub(crate) struct ChildGuard {
+    child: Child,
+    pidfd: OwnedFd,
+    status: Option<ExitStatus>,
+    sent_signals: Vec<i32>,
+}
+
+/// What to spawn and which fds the child keeps.
+pub(crate) struct SpawnSpec<'a> {
+    pub(crate) argv: &'a [std::ffi::OsString],
+    pub(crate) stdout: OwnedFd,
+    pub(crate) keep: Vec<RawFd>,
+    pub(crate) parent_death_signal: bool,
+}
+
+impl ChildGuard {
+    /// Spawns `spec.argv` with stdin from /dev/null, stdout and stderr on `spec.stdout`, and
+    /// only the fds in `spec.keep` besides those. The `Command` (and with it the parent's
+    /// copies of the stdout fd) is dropped before this returns.
+    pub(crate) fn spawn(spec: SpawnSpec<'_>) -> io::Result<ChildGuard> {
+        let (program, args) = spec
+            .argv
+            .split_first()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty command line"))?;
+        let stderr = spec.stdout.try_clone()?;
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(spec.stdout))
+            .stderr(Stdio::from(stderr));
+        sys::install_child_setup(
+            &mut command,
+            sys::ChildSetup {
+                keep: spec.keep,
+                parent_death_signal: spec.parent_death_signal,
+            },
+        );
+        let mut child = command.spawn()?;
+        drop(command);
+        let pidfd = match sys::pidfd_open(child.id()) {
+            Ok(fd) => fd,
+            Err(err) => {
+                // Without a pidfd we cannot supervise it: do not leave it running.
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(err);
+            }
+        };
+        Ok(ChildGuard {
+            child,
+            pidfd,
+            status: None,
+            sent_signals: Vec::new(),
+        })
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub(crate) fn pidfd(&self) -> BorrowedFd<'_> {
+        self.pidfd.as_fd()
+    }
+
+    /// The exit status once reaped.
+    pub(crate) fn status(&self) -> Option<ExitStatus> {
+        self.status
+    }
+
+    /// The signals we sent, in order.
+    pub(crate) fn sent_signals(&self) -> &[i32] {
+        &self.sent_signals
+    }
+
+    /// Reaps the child if it has exited (never blocks).
+    pub(crate) fn try_reap(&mut self) -> io::Result<Option<ExitStatus>> {
+        if let Some(status) = self.status {
+            return Ok(Some(status));
+        }
+        let status = self.child.try_wait()?.map(ExitStatus::from_std);
+        if let Some(status) = status {
+            log::debug!("qemu pid {} exited: {status}", self.child.id());
+        }
+        self.status = status;
+        Ok(status)
+    }
+
+    /// Sends `signal` through the pidfd; a child that already exited is not an error.
+    pub(crate) fn signal(&mut self, signal: i32) -> io::Result<()> {
+        if self.status.is_some() {
+            return Ok(());
+        }
+        self.sent_signals.push(signal);
+        match sys::pidfd_send_signal(self.pidfd.as_fd(), signal) {
+            Err(err) if err.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Waits until the child exits or `deadline` passes, then reaps it. Blocks in poll(2) on
+    /// the pidfd: no sleeps, no SIGCHLD.
+    pub(crate) fn wait_until(&mut self, deadline: Instant) -> io::Result<Option<ExitStatus>> {
+        loop {
+            if let Some(status) = self.try_reap()? {
+                return Ok(Some(status));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            poll_readable(self.pidfd.as_fd(), deadline - now)?;
+        }
+    }
+
+    /// SIGKILL, then reap within `bound`.
+    pub(crate) fn kill_and_reap(&mut self, bound: Duration) -> io::Result<Option<ExitStatus>> {
+        if self.status.is_none() {
+            self.signal(libc::SIGKILL)?;
+        }
+        self.wait_until(Instant::now() + bound)
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if self.status.is_some() {
+            return;
+        }
+        let pid = self.child.id();
+        match self.kill_and_reap(DROP_REAP_BOUND) {
+            Ok(Some(_)) => log::debug!("qemu pid {pid} killed and reaped on drop"),
+            Ok(None) => log::error!(
+                "qemu pid {pid} did not die within {DROP_REAP_BOUND:?} after SIGKILL; left unreaped"
+            ),
+            Err(err) => log::error!("cannot kill qemu pid {pid} on drop: {err}"),
+        }
+    }
+}
+
+/// poll(2) one fd for readability for at most `timeout`; EINTR counts as a wake-up.
+pub(crate) fn poll_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    // Round up so a sub-millisecond remainder does not turn into a busy loop of 0 ms polls.
+    let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+    let timeout = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
+    match poll(&mut fds, timeout) {
+        Ok(n) => Ok(n > 0),
+        Err(nix::errno::Errno::EINTR) => Ok(false),
+        Err(errno) => Err(io::Error::from(errno)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spawn_sh(script: &str) -> ChildGuard {
+        let (_r, w) = nix::unistd::pipe().expect("pipe");
+        let argv: Vec<std::ffi::OsString> = vec!["sh".into(), "-c".into(), script.into()];
+        ChildGuard::spawn(SpawnSpec {
+            argv: &argv,
+            stdout: w,
+            keep: Vec::new(),
+            parent_death_signal: true,
+        })
+        .expect("spawn")
+    }
+
+    #[test]
+    fn exit_code_and_signal_are_told_apart() {
+        let mut child = spawn_sh("exit 3");
+        let status = child
+            .wait_until(Instant::now() + Duration::from_secs(10))
+            .expect("wait");
+        assert_eq!(status, Some(ExitStatus::Code(3)));
+        assert_eq!(status.and_then(|s| s.code()), Some(3));
+
+        let mut child = spawn_sh("kill -SEGV $$");
+        let status = child
+            .wait_until(Instant::now() + Duration::from_secs(10))
+            .expect("wait")
+            .expect("exited");
+        assert_eq!(status.signal(), Some(libc::SIGSEGV));
+        assert!(status.to_string().starts_with("signal 11 (SIGSEGV)"));
+    }
+
+    #[test]
+    fn wait_until_respects_its_deadline() {
+        let mut child = spawn_sh("sleep 30");
+        let started = Instant::now();
+        let status = child
+            .wait_until(started + Duration::from_millis(100))
+            .expect("wait");
+        assert_eq!(status, None);
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(100), "{waited:?}");
+        assert!(waited < Duration::from_secs(2), "{waited:?}");
+        let status = child.kill_and_reap(Duration::from_secs(10)).expect("kill");
+        assert_eq!(status.and_then(|s| s.signal()), Some(libc::SIGKILL));
+        assert_eq!(child.sent_signals(), &[libc::SIGKILL]);
+    }
+
+    #[test]
+    fn drop_kills_and_reaps() {
+        let child = spawn_sh("sleep 30");
+        let pid = child.pid();
+        drop(child);
+        // Reaped: the pid is no longer our child.
+        let err = nix::sys::wait::waitpid(
+            nix::unistd::Pid::from_raw(pid as i32),
+            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+        )
+        .expect_err("already reaped");
+        assert_eq!(err, nix::errno::Errno::ECHILD);
+    }
+
+    #[test]
+    fn missing_program_is_a_spawn_error() {
+        let (_r, w) = nix::unistd::pipe().expect("pipe");
+        let argv: Vec<std::ffi::OsString> = vec!["/nonexistent/qemu".into()];
+        let err = ChildGuard::spawn(SpawnSpec {
+            argv: &argv,
+            stdout: w,
+            keep: Vec::new(),
+            parent_death_signal: true,
+        })
+        .err()
+        .expect("spawn fails");
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+}
