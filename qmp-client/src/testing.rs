@@ -200,6 +200,12 @@ impl Script {
         ))
     }
 
+    /// Starts the server on an already connected socket (e.g. one that connected to a
+    /// [`crate::Listener`], playing QEMU in client mode).
+    pub fn start_on(self, stream: UnixStream) -> io::Result<FakeServer> {
+        FakeServer::spawn(self, Endpoint::Stream(stream), None)
+    }
+
     /// Starts the server listening on the unix socket `path`; it serves the first client that
     /// connects. The socket file is removed when the server is dropped.
     pub fn start_unix(self, path: &Path) -> io::Result<FakeServer> {
