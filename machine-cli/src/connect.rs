@@ -1,0 +1,61 @@
+//! Opening a QMP connection to an address typed by the user, through `qmp_client`.
+
+use std::time::Duration;
+
+use log::debug;
+use machine_core::qmp_client::{self, Config, Connection};
+
+use crate::address::Address;
+use crate::error::{Error, Result};
+
+/// How to connect.
+#[derive(Clone, Debug)]
+pub struct ConnectOptions {
+    /// Deadline for connecting and for the greeting.
+    pub connect_timeout: Duration,
+    /// Deadline for each command.
+    pub command_timeout: Duration,
+    /// No greeting, no `qmp_capabilities` (qemu-ga speaks QMP without them).
+    pub skip_negotiation: bool,
+}
+
+impl ConnectOptions {
+    /// The client configuration these options give.
+    pub fn config(&self) -> Config {
+        Config::default()
+            .with_connect_timeout(self.connect_timeout)
+            .with_greeting_timeout(self.connect_timeout)
+            .with_command_timeout(self.command_timeout)
+            .with_await_greeting(!self.skip_negotiation)
+            .with_negotiate(!self.skip_negotiation)
+    }
+}
+
+/// Connects to `address` (greeting and negotiation included, unless skipped).
+pub fn connect(address: &Address, options: &ConnectOptions) -> Result<Connection> {
+    let config = options.config();
+    let result = match address {
+        Address::Unix(path) => Connection::connect_unix(path, &config),
+        Address::Tcp(addr) => Connection::connect_tcp(addr.as_str(), &config),
+    };
+    result.map_err(|source| Error::Connect {
+        address: address.to_string(),
+        source,
+    })
+}
+
+/// Closes a connection we are done with. A failure to close cleanly changes nothing for the
+/// user (the reply is already printed), so it is only logged.
+pub fn close(connection: Connection) {
+    if let Err(error) = connection.close() {
+        debug!("closing the QMP connection: {error}");
+    }
+}
+
+/// Whether a client error means the peer went away (as opposed to a bad reply or a timeout).
+pub fn is_disconnect(error: &qmp_client::Error) -> bool {
+    matches!(
+        error.root(),
+        qmp_client::Error::Eof { .. } | qmp_client::Error::Io { .. } | qmp_client::Error::Closed
+    ) || matches!(error, qmp_client::Error::Disconnected { .. })
+}

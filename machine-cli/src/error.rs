@@ -1,0 +1,220 @@
+//! Everything that can make `qemu-machine` fail, each mapped to an exit status.
+
+use std::io;
+use std::path::PathBuf;
+
+use machine_core::qmp_client;
+
+/// Result type of the command.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Exit status for a QMP error reply (or a failed shell line).
+pub const EXIT_COMMAND: u8 = 1;
+/// Exit status for bad usage or bad input.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit status for connection failures.
+pub const EXIT_CONNECTION: u8 = 3;
+/// Exit status when QEMU cannot be launched.
+pub const EXIT_LAUNCH: u8 = 4;
+
+/// A failure of `qemu-machine`, printed once with its causes by `main`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A token is not `key=value`.
+    #[error("expected key=value, got `{token}`")]
+    ExpectedKeyValue {
+        /// The token.
+        token: String,
+    },
+    /// An empty key or an empty part of a dotted key.
+    #[error("bad key `{key}`: keys and their dotted parts cannot be empty")]
+    BadKey {
+        /// The key.
+        key: String,
+    },
+    /// A key is used both as a value and as an object of nested keys.
+    #[error("cannot use `{key}` as both leaf and non-leaf key")]
+    LeafAndNode {
+        /// The key path.
+        key: String,
+    },
+    /// A key is given twice.
+    #[error("cannot set `{key}` multiple times")]
+    SetTwice {
+        /// The key path.
+        key: String,
+    },
+    /// A quote is never closed.
+    #[error("unterminated quote in `{line}`")]
+    UnterminatedQuote {
+        /// The line.
+        line: String,
+    },
+    /// A quoted value has text after its closing quote, or a bad escape.
+    #[error("bad quoted string for `{key}`: {text}")]
+    BadString {
+        /// The key.
+        key: String,
+        /// The value as typed.
+        text: String,
+    },
+    /// A value (or a whole line) starting with `{` or `[` is not valid JSON.
+    #[error("invalid JSON{}: {text}", key.as_ref().map(|k| format!(" for `{k}`")).unwrap_or_default())]
+    BadJson {
+        /// The key, when the JSON was a value.
+        key: Option<String>,
+        /// The text.
+        text: String,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A JSON command line has the wrong shape.
+    #[error("bad JSON command: {reason}")]
+    BadRawCommand {
+        /// What is wrong.
+        reason: String,
+    },
+    /// `--args` is not a JSON object.
+    #[error("--args must be a JSON object, got: {text}")]
+    ArgsNotObject {
+        /// The text given.
+        text: String,
+    },
+    /// `transaction(` while one is open.
+    #[error("a transaction is already open; close it with `)`")]
+    NestedTransaction,
+    /// `)` outside a transaction.
+    #[error("`)` outside a transaction")]
+    CloseOutsideTransaction,
+    /// Text after the `)` that closes a transaction.
+    #[error("unexpected input after the `)` closing the transaction")]
+    TextAfterClose,
+    /// `cpu` without a valid index.
+    #[error("usage: cpu INDEX (a CPU number), got `{text}`")]
+    BadCpuIndex {
+        /// The line.
+        text: String,
+    },
+    /// `qmp` was given an address but no command.
+    #[error("no QMP command given")]
+    MissingCommand,
+    /// No address given and `$QMP_SOCKET` unset.
+    #[error("no QMP server address: give ADDRESS (unix path or host:port) or set $QMP_SOCKET")]
+    MissingAddress,
+    /// Connecting (and greeting, negotiating) failed.
+    #[error("cannot connect to QMP server at {address}")]
+    Connect {
+        /// The address.
+        address: String,
+        /// Why.
+        #[source]
+        source: qmp_client::Error,
+    },
+    /// A command came back with a QMP error reply.
+    #[error("{command}: {class}: {desc}")]
+    Command {
+        /// The command.
+        command: String,
+        /// QMP's error class.
+        class: String,
+        /// QEMU's description.
+        desc: String,
+    },
+    /// The transport failed while running a command (timeout, disconnect, garbage).
+    #[error("`{command}` failed")]
+    Transport {
+        /// The command.
+        command: String,
+        /// Why.
+        #[source]
+        source: qmp_client::Error,
+    },
+    /// Waiting for events failed.
+    #[error("event stream from {address} failed")]
+    Events {
+        /// The address.
+        address: String,
+        /// Why.
+        #[source]
+        source: qmp_client::Error,
+    },
+    /// The QMP connection ended while the shell was running.
+    #[error("disconnected from {address}")]
+    Disconnected {
+        /// The address.
+        address: String,
+        /// Why.
+        #[source]
+        source: qmp_client::Error,
+    },
+    /// Some shell lines failed (parse or command errors); each was reported when it happened.
+    #[error("{failed} of {total} shell lines failed")]
+    ShellFailures {
+        /// Lines that failed.
+        failed: u64,
+        /// Lines run.
+        total: u64,
+    },
+    /// Opening or writing a file failed.
+    #[error("cannot write {}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading input or writing output failed.
+    #[error("{what} failed")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The line editor failed.
+    #[error("line editor failed")]
+    Readline {
+        /// Why.
+        #[source]
+        source: rustyline::error::ReadlineError,
+    },
+}
+
+impl Error {
+    /// The exit status this failure maps to.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Command { .. } | Error::ShellFailures { .. } => EXIT_COMMAND,
+            Error::Connect { .. }
+            | Error::Transport { .. }
+            | Error::Events { .. }
+            | Error::Disconnected { .. } => EXIT_CONNECTION,
+            Error::File { .. } | Error::Io { .. } | Error::Readline { .. } => EXIT_COMMAND,
+            _ => EXIT_USAGE,
+        }
+    }
+
+    /// Turns a failure of `command` into [`Error::Command`] for a QMP error reply, else
+    /// [`Error::Transport`].
+    pub fn from_qmp(command: &str, error: qmp_client::Error) -> Error {
+        match error {
+            qmp_client::Error::Command {
+                command,
+                class,
+                desc,
+            } => Error::Command {
+                command,
+                class: class.as_str().to_string(),
+                desc,
+            },
+            source => Error::Transport {
+                command: command.to_string(),
+                source,
+            },
+        }
+    }
+}

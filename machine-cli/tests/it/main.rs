@@ -1,0 +1,9 @@
+//! Integration tests of the `qemu-machine` binary: each runs the built binary against the
+//! scripted fake QMP server on a unix socket path (or with a missing QEMU), and checks its exit
+//! status and output.
+
+mod events;
+mod misc;
+mod qmp;
+mod shell;
+mod util;
