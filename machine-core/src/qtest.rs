@@ -9,6 +9,10 @@
 //! after an intercept are delivered as [`IrqEvent`]s, never taken for a reply (the weak point
 //! of the Python original, which reads exactly one line per command).
 //!
+//! [`QtestMachine`] wraps a [`crate::Machine`]: each launch adds a fresh socketpair as
+//! `-chardev socket,id=qtest,fd=N -qtest chardev:qtest` (and `-accel qtest` unless told
+//! otherwise, see [`QtestAccel`]) and exposes the protocol through [`QtestMachine::qtest`].
+//!
 //! ```no_run
 //! use std::os::unix::net::UnixStream;
 //! use std::time::Duration;
@@ -34,9 +38,11 @@
 //! ```
 
 mod error;
+mod machine;
 mod protocol;
 mod wire;
 
 pub use error::{Error, Result};
+pub use machine::{QtestAccel, QtestMachine};
 pub use protocol::{Config, Endianness, QtestProtocol};
 pub use wire::{IrqEdge, IrqEvent};

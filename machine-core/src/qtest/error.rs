@@ -1,9 +1,10 @@
-//! The error type of the qtest channel: failures of the line protocol and of the qtest machine.
+//! The error type of the qtest channel (the line protocol); lifecycle failures of a
+//! `QtestMachine` are the crate's own `Error`.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// A failure of a qtest command, of the qtest connection or of a qtest machine.
+/// A failure of a qtest command or of the qtest connection.
 ///
 /// `Failed` is QEMU's answer (`FAIL ...` or `ERR ...`), i.e. data about the command; every
 /// other variant is a transport or usage failure.
@@ -83,13 +84,6 @@ pub enum Error {
     Connect {
         /// The socket path.
         path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Setting up the socketpair for a qtest machine failed.
-    #[error("cannot create the qtest socketpair")]
-    Socketpair {
         /// The OS error.
         #[source]
         source: std::io::Error,

@@ -16,7 +16,10 @@ use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use machine_core::qtest::{self, Config, Endianness, IrqEdge, IrqEvent, QtestProtocol};
+use machine_core::qtest::{
+    self, Config, Endianness, IrqEdge, IrqEvent, QtestAccel, QtestMachine, QtestProtocol,
+};
+use machine_core::MachineBuilder;
 
 use super::{Accel, Ctx, Scenario};
 
@@ -60,6 +63,18 @@ pub fn scenarios() -> Vec<Scenario> {
             accels: tcg,
             timeout: Duration::from_secs(20),
             run: eof_when_qemu_dies,
+        },
+        Scenario {
+            name: "qtest_machine_lifecycle",
+            accels: both,
+            timeout: Duration::from_secs(40),
+            run: machine_lifecycle,
+        },
+        Scenario {
+            name: "qtest_machine_default_accel",
+            accels: tcg,
+            timeout: Duration::from_secs(20),
+            run: machine_default_accel,
         },
         Scenario {
             name: "qtest_latency",
@@ -430,6 +445,119 @@ fn eof_when_qemu_dies(ctx: &Ctx) -> Result<(), String> {
         Err(qtest::Error::Closed { .. }) => Ok(()),
         other => Err(format!("command after EOF: expected Closed, got {other:?}")),
     }
+}
+
+/// `QtestMachine` end to end: launch (QMP and qtest side by side), the firmware-programmed
+/// PM base, an IRQ, shutdown through QMP, the channel gone afterwards, and a second launch
+/// with a fresh channel and unchanged arguments.
+fn machine_lifecycle(ctx: &Ctx) -> Result<(), String> {
+    let machine = MachineBuilder::new(&ctx.qemu)
+        .machine_type("pc")
+        .args(["-nodefaults", "-accel", ctx.accel.as_str()])
+        .build();
+    let args_before = machine.args().to_vec();
+    let mut vm = QtestMachine::new(machine)
+        .with_accel(QtestAccel::FromArgs)
+        .with_config(Config::default().with_command_timeout(Duration::from_secs(5)));
+    match vm.qtest() {
+        Err(qtest::Error::NotRunning) => {}
+        other => return Err(format!("qtest() before launch: {other:?}")),
+    }
+    for round in 0..2 {
+        let started = Instant::now();
+        vm.launch()
+            .map_err(|e| chain(&format!("launch {round}"), &e))?;
+        let launched = started.elapsed();
+        if vm.args() != args_before.as_slice() {
+            return Err(format!("arguments changed: {:?}", vm.args()));
+        }
+        let status = vm
+            .cmd("query-status", ())
+            .map_err(|e| chain("query-status", &e))?;
+        if status["status"] != "running" {
+            return Err(format!("query-status: {status}"));
+        }
+        // The firmware programs the PM base while we poll it through qtest.
+        let mut value = 0;
+        while value != 0x601 && Instant::now() < ctx.deadline {
+            let q = vm.qtest().map_err(|e| chain("qtest()", &e))?;
+            q.outl(0xcf8, 0x8000_0b40).map_err(|e| chain("outl", &e))?;
+            value = q.inl(0xcfc).map_err(|e| chain("inl", &e))?;
+        }
+        check(value == 0x601, || format!("PM base register {value:#x}"))?;
+        // Stop the vCPU so only qtest touches the i8042, then watch IRQ 1.
+        vm.cmd("stop", ()).map_err(|e| chain("stop", &e))?;
+        let q = vm.qtest().map_err(|e| chain("qtest()", &e))?;
+        q.irq_intercept_in("ioapic")
+            .map_err(|e| chain("irq_intercept_in", &e))?;
+        q.outb(0x64, 0xd2).map_err(|e| chain("outb", &e))?;
+        q.outb(0x60, 0x42).map_err(|e| chain("outb", &e))?;
+        q.wait_irq(1, IrqEdge::Raise, Duration::from_secs(2))
+            .map_err(|e| chain("wait_irq", &e))?;
+        let data = q.inb(0x60).map_err(|e| chain("inb", &e))?;
+        check(data == 0x42, || format!("i8042 data {data:#x}"))?;
+        let report = vm.shutdown().map_err(|e| chain("shutdown", &e))?;
+        if !report.status.success() {
+            return Err(format!("shutdown report: {report}"));
+        }
+        match vm.qtest() {
+            Err(qtest::Error::NotRunning) => {}
+            other => return Err(format!("qtest() after shutdown: {other:?}")),
+        }
+        eprintln!(
+            "  round {round}: launch {:.1} ms, shutdown {:.1} ms",
+            launched.as_secs_f64() * 1e3,
+            report.uptime.as_secs_f64() * 1e3
+        );
+    }
+    Ok(())
+}
+
+/// The default `QtestAccel::Qtest` adds `-accel qtest`: with a QEMU that has it, the virtual
+/// clock is ours; with one that lacks it (Debian's), the launch fails with a typed
+/// `LaunchFailed` that names the accelerator, and nothing is left running.
+fn machine_default_accel(ctx: &Ctx) -> Result<(), String> {
+    let mut vm = QtestMachine::new(
+        MachineBuilder::new(&ctx.qemu)
+            .machine_type("pc")
+            .args(["-nodefaults"])
+            .build(),
+    );
+    let has = has_qtest_accel(ctx)?;
+    match vm.launch() {
+        Ok(()) if has => {
+            let q = vm.qtest().map_err(|e| chain("qtest()", &e))?;
+            let t0 = q.clock_step(Some(0)).map_err(|e| chain("clock_step", &e))?;
+            let t1 = q
+                .clock_step(Some(250_000))
+                .map_err(|e| chain("clock_step", &e))?;
+            check(t1 == t0 + 250_000, || format!("clock {t0} -> {t1}"))?;
+            vm.shutdown().map_err(|e| chain("shutdown", &e))?;
+            Ok(())
+        }
+        Err(machine_core::Error::LaunchFailed { output, .. }) if !has => {
+            check(output.contains("qtest"), || format!("output: {output}"))?;
+            check(!vm.is_running(), || "still running".to_string())?;
+            match vm.qtest() {
+                Err(qtest::Error::NotRunning) => Ok(()),
+                other => Err(format!("qtest() after failed launch: {other:?}")),
+            }
+        }
+        other => Err(format!(
+            "qtest accelerator available: {has}; launch gave {other:?}"
+        )),
+    }
+}
+
+/// An error with its source chain, for scenario failures.
+fn chain(what: &str, err: &dyn std::error::Error) -> String {
+    let mut msg = format!("{what}: {err}");
+    let mut source = err.source();
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    msg
 }
 
 /// Round trip of a qtest command through `QtestProtocol` against the same bytes over a plain
