@@ -4,6 +4,7 @@
 //!
 //! [`Drainer`]: crate::Drainer
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -20,6 +21,10 @@ pub(crate) const LOG_BUFFER: usize = 64 * 1024;
 
 /// At most this much unconsumed output rides along in a [`Error::Timeout`].
 const RECENT_LIMIT: usize = 4096;
+
+/// Bytes of already scanned output placed before a scan window so that look-behind
+/// assertions (`^`, `\b`: at most one UTF-8 character back) see the real text.
+const CONTEXT: u64 = 8;
 
 /// State shared by the draining side and the [`Console`](crate::Console) handle.
 pub(crate) struct Shared {
@@ -66,18 +71,23 @@ impl State {
         }
     }
 
-    /// The unconsumed output as one slice (rearranging the ring if it wraps).
-    fn unconsumed(&mut self) -> &[u8] {
-        let off = usize::try_from(self.consumed - self.base).unwrap_or(usize::MAX);
+    /// Stream bytes `from..to` (both within the buffer), borrowed when they do not straddle
+    /// the ring's seam.
+    fn slice(&self, from: u64, to: u64) -> Cow<'_, [u8]> {
+        let a = (from - self.base) as usize;
+        let b = (to - self.base) as usize;
         let (front, back) = self.ring.as_slices();
-        if off >= front.len() {
-            let back_off = off - front.len();
-            return &self.ring.as_slices().1[back_off..];
+        let f = front.len();
+        if b <= f {
+            Cow::Borrowed(&front[a..b])
+        } else if a >= f {
+            Cow::Borrowed(&back[a - f..b - f])
+        } else {
+            let mut joined = Vec::with_capacity(b - a);
+            joined.extend_from_slice(&front[a..]);
+            joined.extend_from_slice(&back[..b - f]);
+            Cow::Owned(joined)
         }
-        if back.is_empty() {
-            return &self.ring.as_slices().0[off..];
-        }
-        &self.ring.make_contiguous()[off..]
     }
 
     fn unconsumed_len(&self) -> usize {
@@ -85,14 +95,16 @@ impl State {
     }
 
     fn take_unconsumed(&mut self) -> Vec<u8> {
-        let out = self.unconsumed().to_vec();
-        self.consumed = self.total();
+        let end = self.total();
+        let out = self.slice(self.consumed, end).into_owned();
+        self.consumed = end;
         out
     }
 
-    fn recent(&mut self) -> Vec<u8> {
-        let hay = self.unconsumed();
-        hay[hay.len().saturating_sub(RECENT_LIMIT)..].to_vec()
+    fn recent(&self) -> Vec<u8> {
+        let end = self.total();
+        let from = end.saturating_sub(RECENT_LIMIT as u64).max(self.consumed);
+        self.slice(from, end).into_owned()
     }
 }
 
@@ -201,13 +213,18 @@ impl Shared {
     }
 
     /// Takes in one chunk read from the socket: log first (the log keeps everything), then the
-    /// bounded buffer, then wake the waiters.
+    /// bounded buffer. Waiters are woken by [`notify`](Shared::notify), which the drainer calls
+    /// once per burst rather than once per chunk.
     pub(crate) fn ingest(&self, chunk: &[u8]) {
         log::trace!("console <-- {} bytes", chunk.len());
         if let Some(sink) = self.log().as_mut() {
             sink.write(chunk);
         }
         self.state().push(chunk);
+    }
+
+    /// Wakes the waiters to look at new output.
+    pub(crate) fn notify(&self) {
         self.changed.notify_all();
     }
 
@@ -300,9 +317,10 @@ impl Shared {
 
     /// Waits until `find` matches in the unconsumed output, the stream ends, or `timeout`.
     ///
-    /// `find(haystack, from)` gets all unconsumed output and the index where new output
-    /// (minus `overlap` already scanned bytes) begins; it returns the range of its match in
-    /// `haystack` and a payload. On a hit everything up to the end of the match is consumed.
+    /// `find(window, from)` gets a window of unconsumed output and the index in it where new
+    /// output (minus `overlap` already scanned bytes) begins; the window starts a few bytes
+    /// earlier ([`CONTEXT`]) or at the first unconsumed byte, whichever is later. It returns
+    /// the range of its match in the window and a payload. On a hit everything up to the end of the match is consumed.
     /// `describe` names what was awaited, for the timeout error.
     pub(crate) fn wait<T>(
         &self,
@@ -322,13 +340,18 @@ impl Shared {
                 Some(s) => s.saturating_sub(overlap as u64).max(start),
             };
             if scanned.is_none_or(|s| end > s) {
-                let hay = state.unconsumed();
-                if let Some((range, payload)) = find(hay, (from - start) as usize) {
-                    let text = hay[..range.end].to_vec();
-                    state.consumed = start + range.end as u64;
+                // Only the window is scanned: new output, the overlap, a little context.
+                let window_start = from.saturating_sub(CONTEXT).max(start);
+                let window = state.slice(window_start, end);
+                if let Some((range, payload)) = find(&window, (from - window_start) as usize) {
+                    drop(window);
+                    let match_start = window_start + range.start as u64;
+                    let match_end = window_start + range.end as u64;
+                    let text = state.slice(start, match_end).into_owned();
+                    state.consumed = match_end;
                     return Ok(Hit {
                         text,
-                        range,
+                        range: (match_start - start) as usize..(match_end - start) as usize,
                         stream_start: start,
                         payload,
                     });
@@ -382,6 +405,7 @@ mod tests {
     use super::*;
 
     fn shared(capacity: usize) -> Shared {
+        // (Tests here call `ingest` directly; nobody waits concurrently, so no notify needed.)
         Shared::new(&Config::default().with_buffer_capacity(capacity)).unwrap()
     }
 
@@ -435,6 +459,70 @@ mod tests {
         });
         assert!(matches!(r, Err(Error::Timeout { .. })));
         assert_eq!(froms, vec![(10, 0)]);
+    }
+
+    /// Feeds `noise + needle[..split]`, lets one wait scan it, then feeds the rest: that same
+    /// wait call must find the needle across its two scans, and the second scan must cover
+    /// only the new output plus the overlap (and a little context), not everything again.
+    fn split_across_scans(pattern: &crate::Pattern, needle: &'static [u8], lookback: usize) {
+        use std::sync::{mpsc, Arc};
+        const NOISE: &[u8] = b"some noise that arrives before the pattern: ";
+        for split in 0..=needle.len() {
+            let s = Arc::new(shared(1024));
+            s.ingest(NOISE);
+            s.ingest(&needle[..split]);
+            let (scanned_tx, scanned_rx) = mpsc::channel::<()>();
+            let feeder = {
+                let s = Arc::clone(&s);
+                std::thread::spawn(move || {
+                    scanned_rx.recv().unwrap();
+                    s.ingest(&needle[split..]);
+                    s.notify();
+                })
+            };
+            let mut scans = Vec::new();
+            let hit = s
+                .wait(
+                    Duration::from_secs(10),
+                    pattern.overlap(lookback),
+                    String::new,
+                    |window, from| {
+                        scans.push((window.len(), from));
+                        let found = pattern.find_at(window, from);
+                        scanned_tx.send(()).ok();
+                        found.map(|r| (r, ()))
+                    },
+                )
+                .unwrap();
+            feeder.join().unwrap();
+            assert_eq!(&hit.text[hit.range.clone()], needle, "split {split}");
+            assert_eq!(
+                hit.stream_start + hit.range.start as u64,
+                NOISE.len() as u64
+            );
+            let first = NOISE.len() + split;
+            assert_eq!(scans[0], (first, 0), "split {split}");
+            if split < needle.len() {
+                let window = CONTEXT as usize + pattern.overlap(lookback) + needle.len() - split;
+                assert_eq!(scans.len(), 2, "split {split}");
+                assert_eq!(
+                    scans[1].0,
+                    window.min(NOISE.len() + needle.len()),
+                    "split {split}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn substring_split_across_two_scans_of_one_wait_at_every_point() {
+        split_across_scans(&crate::Pattern::substring("login: "), b"login: ", 4096);
+    }
+
+    #[test]
+    fn regex_split_across_two_scans_of_one_wait_at_every_point() {
+        let re = crate::Pattern::regex(r"Linux version \d+\.\d+ ").unwrap();
+        split_across_scans(&re, b"Linux version 6.1 ", 20);
     }
 
     #[test]

@@ -20,6 +20,9 @@ use crate::error::{CloseReason, Result};
 /// Bytes read per `read` system call.
 pub(crate) const READ_CHUNK: usize = 64 * 1024;
 
+/// Longest run of bytes read without waking the waiters during a flood.
+const NOTIFY_MAX: usize = 256 * 1024;
+
 /// What [`Drainer::drain`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DrainStatus {
@@ -81,6 +84,8 @@ pub struct Drainer {
     stream: mio::net::UnixStream,
     shared: Arc<Shared>,
     buf: Box<[u8]>,
+    /// Wake waiters at least this often (bytes) while the socket stays readable.
+    notify_every: usize,
     finished: bool,
 }
 
@@ -104,6 +109,8 @@ impl Drainer {
             stream: mio::net::UnixStream::from_std(stream),
             shared: Arc::clone(&shared),
             buf: vec![0; READ_CHUNK].into_boxed_slice(),
+            // A quarter of the buffer: waiters get to scan output well before it is evicted.
+            notify_every: (config.buffer_capacity / 4).clamp(1, NOTIFY_MAX),
             finished: false,
         };
         Ok((drainer, Console::new(shared, writer, &config)))
@@ -124,11 +131,24 @@ impl Drainer {
     /// Reads everything available, in 64 KiB chunks, into the log and the buffer, until the
     /// socket would block or the stream ends. Flushes the log if a flush is due.
     pub fn drain(&mut self) -> DrainStatus {
+        // Waiters are woken when the socket runs dry, and at least every `notify_every` bytes
+        // during a flood: one wake-up per burst instead of one per chunk.
+        let mut unannounced = 0;
         while !self.finished {
             match (&self.stream).read(&mut self.buf) {
                 Ok(0) => self.finish(CloseReason::Eof),
-                Ok(n) => self.shared.ingest(&self.buf[..n]),
+                Ok(n) => {
+                    self.shared.ingest(&self.buf[..n]);
+                    unannounced += n;
+                    if unannounced >= self.notify_every {
+                        self.shared.notify();
+                        unannounced = 0;
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if unannounced > 0 {
+                        self.shared.notify();
+                    }
                     self.shared.flush_log_if_due(Instant::now());
                     return DrainStatus::Open;
                 }

@@ -16,8 +16,9 @@ use crate::error::{Error, Result};
 /// arrives. A substring of length L is searched in the new output plus the last L-1 bytes
 /// already scanned, so it is found even when it is split across any number of writes. A regex
 /// is re-run starting at most [`Config::regex_lookback`](crate::Config::regex_lookback) bytes
-/// (default 4 KiB) before the new output; its haystack still begins at the first unconsumed
-/// byte, so `^`, `\A` and `\b` see the real context. A regex match that starts more than the
+/// (default 4 KiB) before the new output. Look-behind assertions see the real text before that
+/// window, so `(?m)^` and `\b` behave as on the whole output, and `\A` (or `^` without `m`)
+/// matches only at the first unconsumed byte. A regex match that starts more than the
 /// lookback before the newest output and was not complete when that older output was scanned
 /// can be missed; raise the lookback for expressions spanning more text.
 #[derive(Clone)]
@@ -27,15 +28,25 @@ pub struct Pattern {
 
 #[derive(Clone)]
 enum Kind {
-    Substring(Vec<u8>),
+    /// The needle, and a literal-only regex for it: the regex crate searches literals with
+    /// SIMD (memchr's memmem). `None` only if the needle is too big to compile; then a plain
+    /// byte search runs.
+    Substring(Vec<u8>, Option<regex::bytes::Regex>),
     Regex(regex::bytes::Regex),
 }
 
 impl Pattern {
     /// A literal byte string (UTF-8 text or raw bytes).
     pub fn substring(needle: impl AsRef<[u8]>) -> Pattern {
+        let needle = needle.as_ref().to_vec();
+        let mut literal = String::with_capacity(6 + 4 * needle.len());
+        literal.push_str("(?-u)");
+        for byte in &needle {
+            literal.push_str(&format!("\\x{byte:02x}"));
+        }
+        let finder = regex::bytes::Regex::new(&literal).ok();
         Pattern {
-            kind: Kind::Substring(needle.as_ref().to_vec()),
+            kind: Kind::Substring(needle, finder),
         }
     }
 
@@ -53,7 +64,7 @@ impl Pattern {
     /// How many already scanned bytes a new scan must revisit.
     pub(crate) fn overlap(&self, regex_lookback: usize) -> usize {
         match &self.kind {
-            Kind::Substring(needle) => needle.len().saturating_sub(1),
+            Kind::Substring(needle, _) => needle.len().saturating_sub(1),
             Kind::Regex(_) => regex_lookback,
         }
     }
@@ -61,7 +72,8 @@ impl Pattern {
     /// The first match in `hay` starting at or after `from`.
     pub(crate) fn find_at(&self, hay: &[u8], from: usize) -> Option<Range<usize>> {
         match &self.kind {
-            Kind::Substring(needle) => {
+            Kind::Substring(_, Some(finder)) => finder.find_at(hay, from).map(|m| m.range()),
+            Kind::Substring(needle, None) => {
                 find_substring(hay, needle, from).map(|start| start..start + needle.len())
             }
             Kind::Regex(re) => re.find_at(hay, from).map(|m| m.range()),
@@ -78,7 +90,7 @@ impl From<&str> for Pattern {
 impl fmt::Display for Pattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
-            Kind::Substring(needle) => write!(f, "{:?}", String::from_utf8_lossy(needle)),
+            Kind::Substring(needle, _) => write!(f, "{:?}", String::from_utf8_lossy(needle)),
             Kind::Regex(re) => write!(f, "/{}/", re.as_str()),
         }
     }
@@ -87,7 +99,7 @@ impl fmt::Display for Pattern {
 impl fmt::Debug for Pattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
-            Kind::Substring(_) => write!(f, "Pattern::substring({self})"),
+            Kind::Substring(..) => write!(f, "Pattern::substring({self})"),
             Kind::Regex(_) => write!(f, "Pattern::regex({self})"),
         }
     }
@@ -193,7 +205,8 @@ mod tests {
 
     #[test]
     fn substring_search_finds_first_occurrence_from_offset() {
-        let cases: &[(&[u8], &[u8], usize, Option<usize>)] = &[
+        type Case<'a> = (&'a [u8], &'a [u8], usize, Option<usize>);
+        let cases: &[Case<'_>] = &[
             (b"hello world", b"world", 0, Some(6)),
             (b"hello world", b"world", 6, Some(6)),
             (b"hello world", b"world", 7, None),
@@ -213,6 +226,18 @@ mod tests {
                 "{hay:?} {needle:?} {from}"
             );
         }
+    }
+
+    #[test]
+    fn substring_patterns_match_raw_bytes_literally() {
+        for needle in [&b"a.b*"[..], b"\xff\x00(", b"login: "] {
+            let p = Pattern::substring(needle);
+            let mut hay = b"xx".to_vec();
+            hay.extend_from_slice(needle);
+            assert_eq!(p.find_at(&hay, 0), Some(2..2 + needle.len()), "{needle:?}");
+        }
+        assert_eq!(Pattern::substring("a.b").find_at(b"axb a.b", 0), Some(4..7));
+        assert_eq!(Pattern::substring("").find_at(b"abc", 2), Some(2..2));
     }
 
     #[test]

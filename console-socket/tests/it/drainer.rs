@@ -76,7 +76,9 @@ fn owner_loop_flushes_the_log_when_next_flush_is_due() {
     let flush = Duration::from_millis(50);
     let (mut drainer, mut console) = Drainer::from_unix_stream(
         ours,
-        Config::default().with_log_file(&log).with_flush_interval(flush),
+        Config::default()
+            .with_log_file(&log)
+            .with_flush_interval(flush),
     )
     .unwrap();
     let mut poll = Poll::new().unwrap();

@@ -69,7 +69,10 @@ fn hundred_megabytes_unread_never_block_the_peer_and_all_reach_the_log() {
 
     // After the flood: the stream ends, and the wait reports it with the last MiB.
     let total = (BLOCK * BLOCKS) as u64;
-    match console.wait_for(&Pattern::substring("not in the flood"), Duration::from_secs(10)) {
+    match console.wait_for(
+        &Pattern::substring("not in the flood"),
+        Duration::from_secs(10),
+    ) {
         Err(Error::Closed { unconsumed, .. }) => {
             assert_eq!(unconsumed.len(), CAPACITY);
             let last = block(BLOCKS - 1, &filler);

@@ -32,7 +32,10 @@ fn eof_mid_wait_returns_closed_promptly_with_the_unconsumed_output() {
             other => panic!("expected Closed, got {other:?}"),
         }
         let lag = returned_at.saturating_duration_since(eof_at);
-        assert!(lag < Duration::from_millis(200), "Closed came {lag:?} after EOF");
+        assert!(
+            lag < Duration::from_millis(200),
+            "Closed came {lag:?} after EOF"
+        );
         assert!(console.is_closed());
         // Later waits fail the same way at once, with nothing left.
         let t = Instant::now();
@@ -62,7 +65,10 @@ fn timed_out_after(console: &mut Console, timeout: Duration) -> Duration {
     let start = Instant::now();
     let r = console.wait_for(&Pattern::regex("never+").unwrap(), timeout);
     let took = start.elapsed();
-    assert!(matches!(r, Err(Error::Timeout { timeout: t, .. }) if t == timeout), "{r:?}");
+    assert!(
+        matches!(r, Err(Error::Timeout { timeout: t, .. }) if t == timeout),
+        "{r:?}"
+    );
     took
 }
 
@@ -165,7 +171,10 @@ fn log_is_flushed_periodically_while_the_console_is_open() {
         std::thread::sleep(Duration::from_millis(5)); // polling the file, with a deadline
     }
     let took = start.elapsed();
-    assert!(took >= Duration::from_millis(40), "flushed after {took:?}: per write?");
+    assert!(
+        took >= Duration::from_millis(40),
+        "flushed after {took:?}: per write?"
+    );
     assert!(!console.is_closed());
 }
 
@@ -238,7 +247,10 @@ fn send_times_out_when_the_peer_never_reads() {
         other => panic!("expected SendTimeout, got {other:?}"),
     }
     let took = start.elapsed();
-    assert!(took >= Duration::from_millis(200) && took < Duration::from_millis(400), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(200) && took < Duration::from_millis(400),
+        "{took:?}"
+    );
 }
 
 #[test]
@@ -284,14 +296,19 @@ fn connect_gives_up_at_the_deadline() {
     let timeout = Duration::from_millis(200);
     let start = Instant::now();
     match Console::connect(&path, Config::default().with_connect_timeout(timeout)) {
-        Err(Error::ConnectTimeout { path: p, source, .. }) => {
+        Err(Error::ConnectTimeout {
+            path: p, source, ..
+        }) => {
             assert_eq!(p, path);
             assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
         }
         other => panic!("expected ConnectTimeout, got {other:?}"),
     }
     let took = start.elapsed();
-    assert!(took >= timeout && took < timeout + Duration::from_millis(100), "{took:?}");
+    assert!(
+        took >= timeout && took < timeout + Duration::from_millis(100),
+        "{took:?}"
+    );
 }
 
 #[test]

@@ -1,6 +1,9 @@
 //! Integration tests of console-socket: a socketpair end plays QEMU (the peer) while the
 //! tests drive the public API.
 
+// Test helpers outside `#[test]` functions unwrap too (clippy.toml only exempts test bodies).
+#![allow(clippy::unwrap_used)]
+
 mod drainer;
 mod flood;
 mod lifecycle;

@@ -11,7 +11,8 @@ use crate::{pair, LONG};
 #[test]
 fn consecutive_waits_see_consecutive_output() {
     let (mut console, mut peer) = pair(Config::default());
-    peer.write_all(b"step 1 ok\nstep 2 ok\nstep 3 ok\n").unwrap();
+    peer.write_all(b"step 1 ok\nstep 2 ok\nstep 3 ok\n")
+        .unwrap();
     let ok = Pattern::substring("ok");
     let offsets: Vec<u64> = (0..3)
         .map(|_| console.wait_for(&ok, LONG).unwrap().offset())
@@ -39,7 +40,8 @@ fn output_that_arrived_before_the_wait_is_not_missed() {
 #[test]
 fn prompt_matches_before_any_newline() {
     let (mut console, mut peer) = pair(Config::default());
-    peer.write_all(b"Debian GNU/Linux 12\r\n\r\nvm login: ").unwrap();
+    peer.write_all(b"Debian GNU/Linux 12\r\n\r\nvm login: ")
+        .unwrap();
     let m = console
         .wait_for(&Pattern::substring("login: "), LONG)
         .unwrap();
@@ -81,7 +83,10 @@ fn substring_split_across_writes_at_every_point() {
 
 #[test]
 fn regex_split_across_writes_at_every_point() {
-    split_everywhere(&Pattern::regex(r"Linux version \d+\.\d+").unwrap(), b"Linux version 6.1");
+    split_everywhere(
+        &Pattern::regex(r"Linux version \d+\.\d+").unwrap(),
+        b"Linux version 6.1",
+    );
 }
 
 #[test]
@@ -117,7 +122,10 @@ fn wait_for_any_prefers_the_match_that_ends_first_and_failure_on_ties() {
             LONG,
         )
         .unwrap();
-    assert_eq!((any.outcome, any.found.matched()), (Outcome::Failure, &b"cd"[..]));
+    assert_eq!(
+        (any.outcome, any.found.matched()),
+        (Outcome::Failure, &b"cd"[..])
+    );
     // Same end: the failure pattern wins.
     let any = console
         .wait_for_any(
@@ -147,9 +155,7 @@ fn read_line_strips_terminators_and_partial_line_comes_back_on_close() {
 fn tail_returns_recent_output_consumed_or_not() {
     let (mut console, mut peer) = pair(Config::default().with_buffer_capacity(8));
     peer.write_all(b"0123456789").unwrap();
-    console
-        .wait_for(&Pattern::substring("9"), LONG)
-        .unwrap();
+    console.wait_for(&Pattern::substring("9"), LONG).unwrap();
     assert_eq!(console.tail(4), b"6789");
     // Only the last 8 bytes fit in memory.
     assert_eq!(console.tail(100), b"23456789");
@@ -162,9 +168,7 @@ fn read_available_takes_everything_pending_without_waiting() {
     let (mut console, mut peer) = pair(Config::default());
     assert_eq!(console.read_available(), b"");
     peer.write_all(b"hello").unwrap();
-    let m = console
-        .wait_for(&Pattern::substring("he"), LONG)
-        .unwrap();
+    let m = console.wait_for(&Pattern::substring("he"), LONG).unwrap();
     assert_eq!(m.text(), b"he");
     assert_eq!(console.read_available(), b"llo");
     assert_eq!(console.read_available(), b"");
