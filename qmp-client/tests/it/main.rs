@@ -1,4 +1,7 @@
 //! Integration tests of qmp-client against the scripted fake QMP server (one binary).
 
+mod commands;
+mod events;
+mod framing;
 mod handshake;
 mod util;
