@@ -191,6 +191,10 @@ pub enum Error {
         /// Its error.
         detail: String,
     },
+    /// A qtest command or the qtest channel failed (see [`crate::qtest::Error`]); lets code
+    /// that drives a `QtestMachine` use one result type for QMP, lifecycle and qtest.
+    #[error(transparent)]
+    Qtest(#[from] crate::qtest::Error),
 }
 
 impl Error {
