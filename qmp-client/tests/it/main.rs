@@ -1,6 +1,7 @@
 //! Integration tests of qmp-client against the scripted fake QMP server (one binary).
 
 mod commands;
+mod concurrency;
 mod events;
 mod framing;
 mod handshake;
