@@ -1,7 +1,10 @@
-//! Finding (or installing) `qemu-system-x86_64` for the tasks that need a real QEMU.
+//! Finding (or installing) `qemu-system-x86_64` for the tasks that need a real QEMU, and
+//! reporting what it can do here (version, accelerators, whether KVM really works).
 
+use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// The QEMU binary the real-QEMU tasks use: `$QEMU` if set, else `qemu-system-x86_64` on PATH.
 pub fn binary() -> PathBuf {
@@ -43,5 +46,109 @@ pub fn ensure_installed() -> Result<(), String> {
             "{} still does not run after installing",
             qemu.display()
         )),
+    }
+}
+
+/// The first line of `qemu-system-x86_64 --version`, e.g. `QEMU emulator version 7.2.22 (...)`.
+pub fn version() -> Result<String, String> {
+    let qemu = binary();
+    let out = Command::new(&qemu)
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("cannot run {} --version: {e}", qemu.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} --version failed: {}",
+            qemu.display(),
+            out.status
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text.lines().next().unwrap_or("").trim().to_string())
+}
+
+/// The accelerators compiled into the binary (`-accel help`), e.g. `["tcg", "kvm"]`.
+pub fn accelerators() -> Result<Vec<String>, String> {
+    let qemu = binary();
+    let out = Command::new(&qemu)
+        .args(["-accel", "help"])
+        .output()
+        .map_err(|e| format!("cannot run {} -accel help: {e}", qemu.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} -accel help failed: {}",
+            qemu.display(),
+            out.status
+        ));
+    }
+    // The first line is a heading ("Accelerators supported in QEMU binary:").
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .map(str::to_string)
+        .collect())
+}
+
+/// Whether KVM really works: `/dev/kvm` opens read-write, and QEMU starts `-M none -accel kvm`
+/// and quits through QMP on stdio within 10 s. Ok carries how long the QEMU probe took; Err why
+/// KVM is unusable.
+pub fn probe_kvm() -> Result<Duration, String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
+    let qemu = binary();
+    let started = Instant::now();
+    let mut child = Command::new(&qemu)
+        .args([
+            "-M",
+            "none",
+            "-accel",
+            "kvm",
+            "-nodefaults",
+            "-display",
+            "none",
+        ])
+        .args(["-qmp", "stdio"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", qemu.display()))?;
+    // QEMU reads the commands once its monitor is up; it exits after `quit`, or at once with an
+    // error when KVM cannot be used. Closing stdin afterwards is harmless either way.
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n");
+    }
+    let deadline = started + Duration::from_secs(10);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("qemu -accel kvm did not quit within 10 s".to_string());
+            }
+            Err(e) => return Err(format!("cannot wait for qemu: {e}")),
+        }
+    };
+    let elapsed = started.elapsed();
+    if status.success() {
+        Ok(elapsed)
+    } else {
+        let mut stderr = String::new();
+        if let Some(mut pipe) = child.stderr.take() {
+            let _ = pipe.read_to_string(&mut stderr);
+        }
+        Err(format!(
+            "qemu -accel kvm exited with {status}: {}",
+            stderr.trim()
+        ))
     }
 }
