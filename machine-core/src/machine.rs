@@ -625,22 +625,15 @@ impl Machine {
 
     /// Rolls a failed launch back and builds the error.
     fn fail_launch(&mut self, mut run: Run, cause: Error) -> Error {
-        let gone = matches!(
-            &cause,
-            Error::Qmp { source, .. } if matches!(
-                source.root(),
-                qmp_client::Error::Aborted
-                    | qmp_client::Error::Eof { .. }
-                    | qmp_client::Error::Io { .. }
-            )
-        );
+        let gone = matches!(&cause, Error::Qmp { source, .. } if monitor_gone(source));
         let grace = if gone { EXIT_GRACE } else { Duration::ZERO };
-        let mut killed = false;
         let mut status = run.child.wait_until(Instant::now() + grace).ok().flatten();
         if status.is_none() {
-            killed = true;
             status = run.child.kill_and_reap(LAUNCH_REAP_BOUND).ok().flatten();
         }
+        // Only our SIGKILL counts as a kill: QEMU may have exited by itself meanwhile.
+        let killed = status.and_then(ExitStatus::signal) == Some(libc::SIGKILL)
+            && run.child.sent_signals().contains(&libc::SIGKILL);
         run.qmp = None;
         let output = match run.output.take() {
             Some(drain) => {
@@ -1146,6 +1139,19 @@ impl LadderOps for Ops<'_> {
                 }
             }
         }
+    }
+}
+
+/// Whether a handshake error means the monitor's peer went away (QEMU is exiting), as
+/// opposed to QEMU being alive but silent or garbled.
+fn monitor_gone(err: &qmp_client::Error) -> bool {
+    match err.root() {
+        qmp_client::Error::Aborted
+        | qmp_client::Error::Eof { .. }
+        | qmp_client::Error::Io { .. }
+        | qmp_client::Error::Closed => true,
+        qmp_client::Error::Negotiation { cause } => monitor_gone(cause),
+        _ => false,
     }
 }
 

@@ -1,8 +1,863 @@
-//! End-to-end scenarios for the machine area.
+//! End-to-end scenarios for the machine area: every parity behaviour of `machine_core::Machine`
+//! against the real `qemu-system-x86_64` (`-M none` where no guest is needed, the tiny guest
+//! where one is).
 
-use super::Scenario;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use machine_core::console_socket::Pattern;
+use machine_core::guest::{self, GuestMachine};
+use machine_core::qmp_proto::EventFilter;
+use machine_core::{
+    Args, EndedBy, Error, ExitStatus, Machine, MachineBuilder, Monitor, ShutdownLadder, Step,
+    StepOutcome,
+};
+use serde_json::json;
+
+use super::{Accel, Ctx, Scenario};
+
+const TCG: &[Accel] = &[Accel::Tcg];
+const BOTH: &[Accel] = &[Accel::Tcg, Accel::Kvm];
 
 /// The scenarios of this area.
 pub fn scenarios() -> Vec<Scenario> {
-    Vec::new()
+    let s = |name, accels, secs, run| Scenario {
+        name,
+        accels,
+        timeout: Duration::from_secs(secs),
+        run,
+    };
+    vec![
+        s(
+            "machine_launch_cmd_qmp_shutdown",
+            BOTH,
+            30,
+            launch_cmd_qmp_shutdown,
+        ),
+        s("machine_events_and_waits", BOTH, 30, events_and_waits),
+        s("machine_key_conversion_and_exact", TCG, 30, key_conversion),
+        s("machine_kill", TCG, 30, kill),
+        s("machine_relaunch", TCG, 30, relaunch),
+        s("machine_no_qmp_sigterm_and_log", TCG, 30, no_qmp_sigterm),
+        s("machine_add_fd", TCG, 30, add_fd),
+        s("machine_send_fd_scm", TCG, 30, send_fd_scm),
+        s("machine_launch_failure_bad_args", TCG, 30, launch_failure),
+        s("machine_unix_monitor", TCG, 30, unix_monitor),
+        s("machine_tcp_monitor", TCG, 30, tcp_monitor),
+        s("machine_log_dir_kept", TCG, 30, log_dir_kept),
+        s("machine_drop_kills_and_cleans", TCG, 30, drop_kills),
+        s("machine_no_fd_leak_into_qemu", TCG, 30, no_fd_leak),
+        s("machine_external_signal", TCG, 30, external_signal),
+        s("machine_escalating_ladder", TCG, 30, escalating_ladder),
+        s(
+            "machine_guest_console_echo_flood_exit",
+            TCG,
+            60,
+            guest_console,
+        ),
+        s("machine_guest_poweroff_wait", TCG, 60, guest_poweroff_wait),
+        s(
+            "machine_guest_powerdown_ladder",
+            TCG,
+            60,
+            guest_powerdown_ladder,
+        ),
+        s(
+            "machine_shutdown_event_alone_never_kills",
+            TCG,
+            60,
+            no_shutdown_event,
+        ),
+    ]
+}
+
+fn check(cond: bool, what: impl Into<String>) -> Result<(), String> {
+    if cond {
+        Ok(())
+    } else {
+        Err(what.into())
+    }
+}
+
+fn err(what: &str) -> impl FnOnce(Error) -> String + '_ {
+    move |e| format!("{what}: {}", chain(&e))
+}
+
+/// The error and its sources on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+fn remaining(ctx: &Ctx) -> Duration {
+    ctx.deadline.saturating_duration_since(Instant::now())
+}
+
+/// A fresh private base dir for temp dirs, so leftovers can be counted.
+fn base_dir() -> Result<tempfile::TempDir, String> {
+    tempfile::Builder::new()
+        .prefix("e2e-machine-")
+        .tempdir()
+        .map_err(|e| format!("base dir: {e}"))
+}
+
+fn entries(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|d| d.count())
+        .unwrap_or(usize::MAX)
+}
+
+/// `-M none` with the scenario's accelerator.
+fn none_builder(ctx: &Ctx, base: &Path) -> MachineBuilder {
+    let mut b = MachineBuilder::new(&ctx.qemu);
+    b.machine_type("none")
+        .args(["-nodefaults", "-accel", ctx.accel.as_str()])
+        .base_temp_dir(base)
+        .greeting_timeout(Duration::from_secs(10))
+        .command_timeout(Duration::from_secs(10));
+    b
+}
+
+/// The tiny guest on q35 with a console, kernel written into the machine's temp dir.
+fn guest_machine(ctx: &Ctx, base: &Path, extra: &[&str]) -> Result<Machine, String> {
+    guest_machine_with(ctx, base, extra, Monitor::SocketPair)
+}
+
+fn guest_machine_with(
+    ctx: &Ctx,
+    base: &Path,
+    extra: &[&str],
+    monitor: Monitor,
+) -> Result<Machine, String> {
+    let mut b = MachineBuilder::new(&ctx.qemu);
+    b.monitor(monitor);
+    b.args(["-nodefaults", "-accel", ctx.accel.as_str()])
+        .args(extra.iter().copied())
+        .base_temp_dir(base)
+        .console()
+        .greeting_timeout(Duration::from_secs(10));
+    let mut m = b.build();
+    let dir = m.temp_dir().map_err(err("temp dir"))?.to_path_buf();
+    let kernel = guest::write_kernel(&dir).map_err(|e| format!("kernel: {e}"))?;
+    m.add_args(guest::qemu_args(&kernel, GuestMachine::Q35));
+    Ok(m)
+}
+
+fn wait_banner(m: &mut Machine, ctx: &Ctx) -> Result<(), String> {
+    let console = m.console().map_err(err("console"))?;
+    console
+        .wait_for(
+            &Pattern::substring(guest::PROMPT),
+            remaining(ctx).min(Duration::from_secs(20)),
+        )
+        .map_err(|e| format!("banner: {}", chain(&e)))?;
+    Ok(())
+}
+
+fn launch_cmd_qmp_shutdown(ctx: &Ctx) -> Result<(), String> {
+    let base = base_dir()?;
+    let mut m = none_builder(ctx, base.path()).build();
+    m.launch().map_err(err("launch"))?;
+    check(m.is_running(), "running after launch")?;
+    check(m.pid().is_some(), "pid while running")?;
+    let status = m.cmd("query-status", ()).map_err(err("query-status"))?;
+    check(status["status"] == "running", format!("status {status}"))?;
+    // qmp(): the whole reply, errors as data.
+    let raw = m.qmp("no-such-command", ()).map_err(err("qmp"))?;
+    check(
+        raw["error"]["class"] == "CommandNotFound",
+        format!("raw error reply {raw}"),
+    )?;
+    let raw = m.qmp("query-status", ()).map_err(err("qmp"))?;
+    check(
+        raw["return"]["status"] == "running",
+        format!("raw reply {raw}"),
+    )?;
+    // cmd(): a QMP error is a typed error.
+    match m.cmd("no-such-command", ()) {
+        Err(Error::Command { class, command, .. }) => check(
+            class == "CommandNotFound" && command == "no-such-command",
+            "error class",
+        )?,
+        other => return Err(format!("cmd of an unknown command: {other:?}")),
+    }
+    let temp = m.temp_dir().map_err(err("temp dir"))?.to_path_buf();
+    check(temp.exists(), "temp dir exists while running")?;
+    let report = m.shutdown().map_err(err("shutdown"))?;
+    check(
+        report.ended_by == EndedBy::Quit,
+        format!("ended by {}", report.ended_by),
+    )?;
+    check(
+        report.status == ExitStatus::Code(0),
+        format!("status {}", report.status),
+    )?;
+    check(
+        report
+            .shutdown_event
+            .as_ref()
+            .is_some_and(|e| !e.guest && e.reason == "host-qmp-quit"),
+        format!("shutdown event {:?}", report.shutdown_event),
+    )?;
+    check(report.steps.len() == 1, format!("steps {:?}", report.steps))?;
+    check(
+        !m.is_running() && m.pid().is_none(),
+        "not running after shutdown",
+    )?;
+    check(m.exit_status() == Some(ExitStatus::Code(0)), "exit status")?;
+    check(m.log().is_some(), "log after exit")?;
+    check(!temp.exists(), "temp dir removed")?;
+    check(entries(base.path()) == 0, "nothing left in the base dir")?;
+    // Idempotent: a second shutdown returns the same report.
+    let again = m.shutdown().map_err(err("second shutdown"))?;
+    check(again.status == report.status, "second shutdown report")?;
+    Ok(())
+}
+
+fn events_and_waits(ctx: &Ctx) -> Result<(), String> {
+    let base = base_dir()?;
+    let mut m = none_builder(ctx, base.path()).build();
+    m.launch().map_err(err("launch"))?;
+    m.cmd("stop", ()).map_err(err("stop"))?;
+    m.cmd("cont", ()).map_err(err("cont"))?;
+    m.cmd("system_reset", ()).map_err(err("system_reset"))?;
+    // event_wait with a pattern skips STOP and RESUME and leaves them queued, in order.
+    let reset = m
+        .event_wait(
+            "RESET",
+            Some(json!({"data": {"reason": "host-qmp-system-reset"}})),
+            Duration::from_secs(5),
+        )
+        .map_err(err("event_wait RESET"))?;
+    check(reset.event == "RESET", "RESET")?;
+    let first = m.event(Duration::ZERO).map_err(err("event"))?;
+    check(
+        first.as_ref().is_some_and(|e| e.event == "STOP"),
+        format!("oldest first: {first:?}"),
+    )?;
+    let rest: Vec<String> = m.events().into_iter().map(|e| e.event).collect();
+    check(rest == ["RESUME"], format!("remaining events {rest:?}"))?;
+    // events_wait: any of several.
+    m.cmd("stop", ()).map_err(err("stop"))?;
+    let ev = m
+        .events_wait(
+            &[EventFilter::new("RESUME"), EventFilter::new("STOP")],
+            Duration::from_secs(5),
+        )
+        .map_err(err("events_wait"))?;
+    check(ev.event == "STOP", "events_wait STOP")?;
+    // A total deadline, not reset by non-matching events.
+    let started = Instant::now();
+    m.cmd("cont", ()).map_err(err("cont"))?;
+    match m.event_wait("NEVER", None, Duration::from_millis(300)) {
+        Err(Error::Qmp { source, .. })
+            if matches!(source, machine_core::qmp_client::Error::EventTimeout { .. }) => {}
+        other => return Err(format!("event_wait NEVER: {other:?}")),
+    }
+    let waited = started.elapsed();
+    check(
+        waited >= Duration::from_millis(300) && waited < Duration::from_millis(1500),
+        format!("waited {waited:?}"),
+    )?;
+    // The RESUME is still there.
+    let ev = m.event(Duration::from_secs(1)).map_err(err("event"))?;
+    check(ev.is_some_and(|e| e.event == "RESUME"), "RESUME kept")?;
+    let report = m.shutdown().map_err(err("shutdown"))?;
+    check(
+        report.last_events.iter().any(|e| e.event == "SHUTDOWN"),
+        "last events include SHUTDOWN",
+    )?;
+    // Events left over after the exit can still be read.
+    let left: Vec<String> = m.events().into_iter().map(|e| e.event).collect();
+    check(
+        left.contains(&"SHUTDOWN".to_owned()),
+        format!("leftovers {left:?}"),
+    )?;
+    Ok(())
+}
+
+fn key_conversion(ctx: &Ctx) -> Result<(), String> {
+    let base = base_dir()?;
+    let mut m = none_builder(ctx, base.path()).build();
+    m.launch().map_err(err("launch"))?;
+    // `node_name` becomes `node-name` by default...
+    m.cmd(
+        "blockdev-add",
+        json!({"driver": "null-co", "node_name": "n0", "size": 16 << 20}),
+    )
+    .map_err(err("blockdev-add converted"))?;
+    let nodes = m.cmd("query-named-block-nodes", ()).map_err(err("query"))?;
+    check(
+        nodes
+            .as_array()
+            .is_some_and(|a| a.iter().any(|n| n["node-name"] == "n0")),
+        format!("node n0 in {nodes}"),
+    )?;
+    // ...and stays `node_name` with Args::exact, which QEMU refuses.
+    match m.cmd(
+        "blockdev-add",
+        Args::exact(json!({"driver": "null-co", "node_name": "n1"})),
+    ) {
+        Err(Error::Command { class, desc, .. }) => check(
+            class == "GenericError" && desc.contains("node_name"),
+            format!("{class}: {desc}"),
+        )?,
+        other => return Err(format!("exact arguments: {other:?}")),
+    }
+    m.shutdown().map_err(err("shutdown"))?;
+    Ok(())
+}
+
+fn kill(ctx: &Ctx) -> Result<(), String> {
+    let base = base_dir()?;
+    let mut m = none_builder(ctx, base.path()).build();
+    m.launch().map_err(err("launch"))?;
+    let report = m.kill().map_err(err("kill"))?;
+    check(
+        report.ended_by == EndedBy::Kill,
+        format!("ended by {}", report.ended_by),
+    )?;
+    check(
+        report.status.signal() == Some(libc::SIGKILL),
+        format!("status {}", report.status),
+    )?;
+    check(
+        matches!(report.steps.as_slice(), [r] if matches!(r.step, Step::Kill { .. }) && r.outcome == StepOutcome::Exited),
+        format!("steps {:?}", report.steps),
+    )?;
+    check(entries(base.path()) == 0, "cleaned up")?;
+    Ok(())
+}
+
+fn relaunch(ctx: &Ctx) -> Result<(), String> {
+    let base = base_dir()?;
+    let mut m = none_builder(ctx, base.path()).build();
+    let mut pids = Vec::new();
+    for round in 0..3 {
+        m.launch().map_err(err("launch"))?;
+        match m.launch() {
+            Err(Error::AlreadyRunning { .. }) => {}
+            other => return Err(format!("second launch while running: {other:?}")),
+        }
+        pids.push(m.pid().ok_or("pid")?);
+        let status = m.cmd("query-status", ()).map_err(err("query-status"))?;
+        check(
+            status["status"] == "running",
+            format!("round {round}: {status}"),
+        )?;
+        m.shutdown().map_err(err("shutdown"))?;
+        check(
+            entries(base.path()) == 0,
+            format!("round {round}: cleaned up"),
+        )?;
+    }
+    check(pids[0] != pids[1] && pids[1] != pids[2], "three processes")?;
+    Ok(())
+}
+
+fn no_qmp_sigterm(ctx: &Ctx) -> Result<(), String> {
+    let base = base_dir()?;
+    // Without QMP, the guest's banner on the console is what says QEMU is up (and has its
+    // signal handlers installed).
+    let mut m = guest_machine_with(ctx, base.path(), &[], Monitor::None)?;
+    m.launch().map_err(err("launch"))?;
+    check(
+        matches!(m.cmd("query-status", ()), Err(Error::NoMonitor)),
+        "no monitor",
+    )?;
+    let cl = m.command_line().map(|c| c.to_string()).unwrap_or_default();
+    check(
+        !cl.contains("-mon "),
+        format!("no monitor on the command line: {cl}"),
+    )?;
+    wait_banner(&mut m, ctx)?;
+    let report = m.shutdown().map_err(err("shutdown"))?;
+    check(
+        report.ended_by
+            == EndedBy::OurSignal {
+                signal: libc::SIGTERM,
+            },
+        format!("ended by {}", report.ended_by),
+    )?;
+    check(
+        report.status == ExitStatus::Code(0),
+        format!("status {}", report.status),
+    )?;
+    // QEMU says so on stderr, which we captured.
+    let log = m.log().unwrap_or_default();
+    check(
+        log.contains("terminating on signal 15"),
+        format!("log {log:?}"),
+    )?;
+    Ok(())
+}
+
+fn add_fd(ctx: &Ctx) -> Result<(), String> {
+    let base = base_dir()?;
+    let file = tempfile::tempfile().map_err(|e| e.to_string())?;
+    let mut b = none_builder(ctx, base.path());
+    let n = b
+        .add_fd(&file, 7, Some("hello,world"), "")
+        .map_err(err("add_fd"))?;
+    let mut m = b.build();
+    m.launch().map_err(err("launch"))?;
+    let sets = m.cmd("query-fdsets", ()).map_err(err("query-fdsets"))?;
+    let set = sets
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["fdset-id"] == 7))
+        .ok_or(format!("fdset 7 in {sets}"))?;
+    check(
+        set["fds"][0]["opaque"] == "hello,world",
+        format!("opaque in {set}"),
+    )?;
+    // QEMU reports its own duplicate's number; ours must have reached it, which the fdset
+    // proves. `n` is the number QEMU was told on its command line.
+    let cl = m.command_line().map(|c| c.to_string()).unwrap_or_default();
+    check(
+        cl.contains(&format!("-add-fd fd={n},set=7,opaque=hello,,world")),
+        format!("command line {cl}"),
+    )?;
+    m.shutdown().map_err(err("shutdown"))?;
+    // The fd is kept for the next launch.
+    m.launch().map_err(err("relaunch"))?;
+    let sets = m.cmd("query-fdsets", ()).map_err(err("query-fdsets"))?;
+    check(
+        sets.to_string().contains("hello,world"),
+        "fdset after relaunch",
+    )?;
+    m.shutdown().map_err(err("shutdown"))?;
+    Ok(())
+}
+
+fn send_fd_scm(ctx: &Ctx) -> Result<(), String> {
+    let base = base_dir()?;
+    let mut m = none_builder(ctx, base.path()).build();
+    m.launch().map_err(err("launch"))?;
+    // getfd without a passed fd fails...
+    check(
+        matches!(
+            m.cmd("getfd", json!({"fdname": "f0"})),
+            Err(Error::Command { .. })
+        ),
+        "getfd without an fd",
+    )?;
+    // ...and works after send_fd_scm (fd) and send_fd_scm_path (path).
+    let file = tempfile::tempfile().map_err(|e| e.to_string())?;
+    use std::os::fd::AsFd;
+    m.send_fd_scm(file.as_fd()).map_err(err("send_fd_scm"))?;
+    m.cmd("getfd", json!({"fdname": "f0"}))
+        .map_err(err("getfd f0"))?;
+    m.send_fd_scm_path(Path::new("/dev/null"))
+        .map_err(err("send_fd_scm_path"))?;
+    m.cmd("getfd", json!({"fdname": "f1"}))
+        .map_err(err("getfd f1"))?;
+    m.cmd("closefd", json!({"fdname": "f0"}))
+        .map_err(err("closefd"))?;
+    m.getfd("f2", file.as_fd()).map_err(err("getfd helper"))?;
+    m.shutdown().map_err(err("shutdown"))?;
+    Ok(())
+}
+
+fn launch_failure(ctx: &Ctx) -> Result<(), String> {
+    let base = base_dir()?;
+    let mut b = none_builder(ctx, base.path());
+    b.args(["-device", "no-such-device-xyz"]);
+    let mut m = b.build();
+    let started = Instant::now();
+    let e = m
+        .launch()
+        .err()
+        .ok_or("launch with a bad device succeeded")?;
+    let took = started.elapsed();
+    match &e {
+        Error::LaunchFailed {
+            status,
+            killed,
+            command,
+            output,
+            ..
+        } => {
+            check(
+                *status == Some(ExitStatus::Code(1)),
+                format!("status {status:?}"),
+            )?;
+            check(!killed, "exited by itself")?;
+            check(
+                command.contains("no-such-device-xyz"),
+                format!("command {command}"),
+            )?;
+            check(
+                output.contains("no-such-device-xyz"),
+                format!("output {output:?}"),
+            )?;
+        }
+        other => return Err(format!("expected LaunchFailed, got {}", chain(other))),
+    }
+    check(took < Duration::from_secs(3), format!("took {took:?}"))?;
+    check(!m.is_running() && m.pid().is_none(), "nothing running")?;
+    check(entries(base.path()) == 0, "rolled back")?;
+    check(
+        m.log().is_some_and(|l| l.contains("no-such-device-xyz")),
+        "log() after a failed launch",
+    )?;
+    Ok(())
+}
+
+fn unix_monitor(ctx: &Ctx) -> Result<(), String> {
+    let base = base_dir()?;
+    let path = base.path().join("mon,server=on.sock");
+    let mut b = none_builder(ctx, base.path());
+    b.monitor(Monitor::Unix(path.clone()));
+    let mut m = b.build();
+    m.launch().map_err(err("launch"))?;
+    let status = m.cmd("query-status", ()).map_err(err("query-status"))?;
+    check(status["status"] == "running", "running")?;
+    m.send_fd_scm_path(Path::new("/dev/null"))
+        .map_err(err("send_fd_scm over a unix path"))?;
+    m.cmd("getfd", json!({"fdname": "x"}))
+        .map_err(err("getfd"))?;
+    m.shutdown().map_err(err("shutdown"))?;
+    check(!path.exists(), "socket path removed")?;
+    check(entries(base.path()) == 0, "cleaned up")?;
+    // Too long a path is refused before anything starts.
+    let long = PathBuf::from(format!("/tmp/{}", "x".repeat(110)));
+    let mut b = none_builder(ctx, base.path());
+    b.monitor(Monitor::Unix(long));
+    match b.build().launch() {
+        Err(Error::SocketPathTooLong { limit: 107, .. }) => {}
+        other => return Err(format!("long path: {other:?}")),
+    }
+    Ok(())
+}
+
+fn tcp_monitor(ctx: &Ctx) -> Result<(), String> {
+    let base = base_dir()?;
+    let mut b = none_builder(ctx, base.path());
+    b.monitor(Monitor::Tcp(
+        "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?,
+    ));
+    let mut m = b.build();
+    m.launch().map_err(err("launch"))?;
+    let status = m.cmd("query-status", ()).map_err(err("query-status"))?;
+    check(status["status"] == "running", "running")?;
+    let cl = m.command_line().map(|c| c.to_string()).unwrap_or_default();
+    check(
+        cl.contains("host=127.0.0.1,port="),
+        format!("command line {cl}"),
+    )?;
+    let report = m.shutdown().map_err(err("shutdown"))?;
+    check(report.ended_by == EndedBy::Quit, "quit")?;
+    Ok(())
+}
+
+fn log_dir_kept(ctx: &Ctx) -> Result<(), String> {
+    let base = base_dir()?;
+    let logs = base_dir()?;
+    let mut b = none_builder(ctx, base.path());
+    b.log_dir(logs.path()).name("vm,1");
+    let mut m = b.build();
+    m.launch().map_err(err("launch"))?;
+    let pid = m.pid().ok_or("pid")?;
+    // Someone else's SIGTERM makes QEMU write to stderr and exit.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .map_err(|e| e.to_string())?;
+    let report = m.wait(Duration::from_secs(10)).map_err(err("wait"))?;
+    check(
+        report.ended_by
+            == EndedBy::Host {
+                reason: "host-signal".into(),
+            },
+        format!("ended by {}", report.ended_by),
+    )?;
+    let file = logs.path().join("vm,1.log");
+    let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+    check(
+        text.contains("terminating on signal 15"),
+        format!("log file {text:?}"),
+    )?;
+    check(m.log() == Some(text.as_str()), "log() equals the file")?;
+    check(
+        report
+            .output_tail
+            .iter()
+            .any(|l| l.contains("terminating on signal 15")),
+        "report output tail",
+    )?;
+    Ok(())
+}
+
+fn drop_kills(ctx: &Ctx) -> Result<(), String> {
+    let base = base_dir()?;
+    let mut m = none_builder(ctx, base.path()).build();
+    m.launch().map_err(err("launch"))?;
+    let pid = m.pid().ok_or("pid")?;
+    drop(m);
+    let gone = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_err();
+    check(gone, format!("pid {pid} still exists after drop"))?;
+    check(entries(base.path()) == 0, "temp dir removed on drop")?;
+    Ok(())
+}
+
+fn fd_targets(pid: u32) -> Result<Vec<(i32, String)>, String> {
+    let dir = format!("/proc/{pid}/fd");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&dir).map_err(|e| format!("{dir}: {e}"))? {
+        let entry = entry.map_err(|e| e.to_string())?;
+        let n: i32 = entry
+            .file_name()
+            .to_string_lossy()
+            .parse()
+            .map_err(|_| "fd name")?;
+        let target = std::fs::read_link(entry.path())
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        out.push((n, target));
+    }
+    Ok(out)
+}
+
+fn no_fd_leak(ctx: &Ctx) -> Result<(), String> {
+    let base = base_dir()?;
+    // An inheritable (non-close-on-exec) pipe in our process: Python's close_fds=False would
+    // hand it to QEMU.
+    let (leak_r, leak_w) = nix::unistd::pipe().map_err(|e| e.to_string())?;
+    let leak_inode = std::fs::read_link(format!("/proc/self/fd/{}", leak_r.as_raw_fd()))
+        .map_err(|e| e.to_string())?
+        .to_string_lossy()
+        .into_owned();
+    let passed = tempfile::tempfile().map_err(|e| e.to_string())?;
+    let mut b = none_builder(ctx, base.path());
+    b.console();
+    let n = b.add_fd(&passed, 1, None, "").map_err(err("add_fd"))?;
+    let mut m = b.build();
+    m.launch().map_err(err("launch"))?;
+    let pid = m.pid().ok_or("pid")?;
+    let fds = fd_targets(pid)?;
+    check(
+        !fds.iter().any(|(_, t)| *t == leak_inode),
+        format!("our inheritable pipe {leak_inode} leaked into qemu: {fds:?}"),
+    )?;
+    check(
+        fds.iter().any(|(fd, _)| *fd == n),
+        format!("passed fd {n} missing: {fds:?}"),
+    )?;
+    let stdin = fds.iter().find(|(fd, _)| *fd == 0).map(|(_, t)| t.as_str());
+    check(stdin == Some("/dev/null"), format!("stdin {stdin:?}"))?;
+    m.shutdown().map_err(err("shutdown"))?;
+    drop((leak_r, leak_w));
+    Ok(())
+}
+
+fn external_signal(ctx: &Ctx) -> Result<(), String> {
+    let base = base_dir()?;
+    let mut m = none_builder(ctx, base.path()).build();
+    m.launch().map_err(err("launch"))?;
+    let pid = m.pid().ok_or("pid")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .map_err(|e| e.to_string())?;
+    // A command in flight or after the death fails fast with a typed error.
+    let started = Instant::now();
+    let result = m.cmd("query-status", ());
+    check(result.is_err(), "command after SIGKILL failed")?;
+    check(started.elapsed() < Duration::from_secs(2), "failed fast")?;
+    let report = m.wait(Duration::from_secs(5)).map_err(err("wait"))?;
+    check(
+        report.ended_by
+            == EndedBy::ExternalSignal {
+                signal: libc::SIGKILL,
+            },
+        format!("ended by {}", report.ended_by),
+    )?;
+    Ok(())
+}
+
+fn escalating_ladder(ctx: &Ctx) -> Result<(), String> {
+    let base = base_dir()?;
+    let mut m = none_builder(ctx, base.path()).build();
+    m.launch().map_err(err("launch"))?;
+    // `-M none` ignores the power button: that rung times out, quit works.
+    let ladder = ShutdownLadder::escalating(
+        Duration::from_millis(300),
+        Duration::from_secs(5),
+        Duration::from_secs(5),
+    );
+    let report = m.shutdown_with(&ladder).map_err(err("shutdown"))?;
+    check(
+        report.ended_by == EndedBy::Quit,
+        format!("ended by {}", report.ended_by),
+    )?;
+    check(
+        report.steps.len() == 2 && report.steps[0].outcome == StepOutcome::TimedOut,
+        format!("steps {:?}", report.steps),
+    )?;
+    check(
+        report.steps[0].elapsed >= Duration::from_millis(300),
+        "the powerdown rung took its time",
+    )?;
+    check(
+        report.last_events.iter().any(|e| e.event == "POWERDOWN"),
+        "POWERDOWN event recorded",
+    )?;
+    // A ladder whose graceful rungs all fail ends in an abnormal shutdown, cleaned up.
+    m.launch().map_err(err("relaunch"))?;
+    m.cmd("stop", ()).map_err(err("stop"))?;
+    let ladder = ShutdownLadder::new([Step::Powerdown {
+        timeout: Duration::from_millis(200),
+    }]);
+    match m.shutdown_with(&ladder) {
+        Err(Error::AbnormalShutdown { report, cause }) => {
+            check(report.ended_by == EndedBy::Kill, "killed")?;
+            check(
+                matches!(*cause, Error::ExitTimeout { .. }),
+                format!("cause {cause:?}"),
+            )?;
+        }
+        other => return Err(format!("expected AbnormalShutdown: {other:?}")),
+    }
+    check(
+        entries(base.path()) == 0,
+        "cleaned up after abnormal shutdown",
+    )?;
+    Ok(())
+}
+
+fn guest_console(ctx: &Ctx) -> Result<(), String> {
+    let base = base_dir()?;
+    let mut m = guest_machine(ctx, base.path(), &[])?;
+    m.launch().map_err(err("launch"))?;
+    wait_banner(&mut m, ctx)?;
+    let console = m.console().map_err(err("console"))?;
+    console
+        .exec_and_wait(
+            "hello",
+            &Pattern::substring("ERR unknown command: hello"),
+            Duration::from_secs(10),
+        )
+        .map_err(|e| format!("echo: {}", chain(&e)))?;
+    console
+        .exec_and_wait(
+            "flood 100000",
+            &Pattern::substring(guest::FLOOD_DONE),
+            Duration::from_secs(20),
+        )
+        .map_err(|e| format!("flood: {}", chain(&e)))?;
+    console
+        .wait_for(&Pattern::substring(guest::PROMPT), Duration::from_secs(5))
+        .map_err(|e| format!("prompt: {}", chain(&e)))?;
+    console
+        .send_line("exit 5")
+        .map_err(|e| format!("exit: {}", chain(&e)))?;
+    let report = m.wait(Duration::from_secs(10)).map_err(err("wait"))?;
+    let code = guest::exit_status_for(5);
+    check(
+        report.status == ExitStatus::Code(code),
+        format!("status {}", report.status),
+    )?;
+    check(
+        report.ended_by == EndedBy::Exited { code },
+        format!("ended by {}", report.ended_by),
+    )?;
+    check(
+        report.console_tail.iter().any(|l| l.contains("exit 5")),
+        format!("console tail {:?}", report.console_tail),
+    )?;
+    // The console stays readable after the exit.
+    let tail = m.console().map_err(err("console after exit"))?.tail(4096);
+    check(
+        String::from_utf8_lossy(&tail).contains("exit 5"),
+        "console after exit",
+    )?;
+    Ok(())
+}
+
+fn guest_poweroff_wait(ctx: &Ctx) -> Result<(), String> {
+    let base = base_dir()?;
+    let mut m = guest_machine(ctx, base.path(), &[])?;
+    m.launch().map_err(err("launch"))?;
+    wait_banner(&mut m, ctx)?;
+    m.console()
+        .map_err(err("console"))?
+        .send_line(guest::CMD_POWEROFF)
+        .map_err(|e| format!("poweroff: {}", chain(&e)))?;
+    let report = m.wait(Duration::from_secs(10)).map_err(err("wait"))?;
+    check(
+        report.ended_by
+            == EndedBy::Guest {
+                reason: "guest-shutdown".into(),
+            },
+        format!("ended by {}", report.ended_by),
+    )?;
+    check(report.status == ExitStatus::Code(0), "exit 0")?;
+    check(
+        matches!(report.steps.as_slice(), [r] if matches!(r.step, Step::Wait { .. })),
+        format!("steps {:?}", report.steps),
+    )?;
+    Ok(())
+}
+
+fn guest_powerdown_ladder(ctx: &Ctx) -> Result<(), String> {
+    let base = base_dir()?;
+    let mut m = guest_machine(ctx, base.path(), &[])?;
+    m.launch().map_err(err("launch"))?;
+    wait_banner(&mut m, ctx)?;
+    let ladder = ShutdownLadder::escalating(
+        Duration::from_secs(10),
+        Duration::from_secs(5),
+        Duration::from_secs(5),
+    );
+    let report = m.shutdown_with(&ladder).map_err(err("shutdown"))?;
+    check(
+        report.ended_by
+            == EndedBy::Powerdown {
+                reason: Some("guest-shutdown".into()),
+            },
+        format!("ended by {}", report.ended_by),
+    )?;
+    check(
+        report
+            .console_tail
+            .iter()
+            .any(|l| l.contains(guest::POWER_BUTTON_LINE)),
+        format!("console tail {:?}", report.console_tail),
+    )?;
+    Ok(())
+}
+
+fn no_shutdown_event(ctx: &Ctx) -> Result<(), String> {
+    let base = base_dir()?;
+    let mut m = guest_machine(ctx, base.path(), &["-no-shutdown"])?;
+    m.launch().map_err(err("launch"))?;
+    wait_banner(&mut m, ctx)?;
+    m.console()
+        .map_err(err("console"))?
+        .send_line(guest::CMD_POWEROFF)
+        .map_err(|e| format!("poweroff: {}", chain(&e)))?;
+    let ev = m
+        .event_wait("SHUTDOWN", None, Duration::from_secs(10))
+        .map_err(err("SHUTDOWN"))?;
+    check(ev.event == "SHUTDOWN", "SHUTDOWN seen")?;
+    // QEMU stays (-no-shutdown); a SHUTDOWN event alone must not make us kill it.
+    let status = m.cmd("query-status", ()).map_err(err("query-status"))?;
+    check(status["status"] == "shutdown", format!("status {status}"))?;
+    check(m.is_running(), "still running after SHUTDOWN")?;
+    let report = m.shutdown().map_err(err("shutdown"))?;
+    check(
+        report.ended_by == EndedBy::Quit,
+        format!("ended by {}", report.ended_by),
+    )?;
+    check(report.status == ExitStatus::Code(0), "exit 0")?;
+    Ok(())
 }

@@ -1,0 +1,268 @@
+//! Running, ending and cleaning up: fds, temp dirs, Drop, the ladder, the exit report.
+
+use std::collections::BTreeSet;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use machine_core::{
+    EndedBy, Error, ExitStatus, Monitor, ShutdownLadder, Step, StepOutcome,
+};
+
+use crate::stub::{exclusive, own_fd_count, pid_exists, shared, Stub};
+
+#[test]
+fn quit_shutdown_reports_our_quit_and_cleans_up() {
+    let _g = shared();
+    let stub = Stub::serving();
+    let mut m = stub.machine();
+    m.launch().expect("launch");
+    assert!(m.is_running());
+    let temp = m.temp_dir().expect("temp dir").to_path_buf();
+    assert!(temp.exists());
+    let report = m.shutdown().expect("shutdown");
+    assert_eq!(report.ended_by, EndedBy::Quit);
+    assert_eq!(report.status, ExitStatus::Code(0));
+    assert_eq!(report.steps.len(), 1);
+    assert_eq!(report.steps[0].outcome, StepOutcome::Exited);
+    assert_eq!(
+        report.shutdown_event.as_ref().map(|e| e.reason.as_str()),
+        Some("host-qmp-quit")
+    );
+    assert!(!temp.exists());
+    assert_eq!(stub.leftovers(), 0);
+    assert_eq!(m.exit_report().map(|r| r.status), Some(ExitStatus::Code(0)));
+}
+
+#[test]
+fn the_child_sees_only_the_fds_we_list() {
+    let _g = shared();
+    // Greet, negotiate, then become `sleep`, which keeps exactly what it inherited.
+    let stub = Stub::new("greet\nserve_one\nexec sleep 300");
+    // An inheritable pipe in our process must not reach the child.
+    let (leak_r, leak_w) = nix::unistd::pipe().expect("pipe");
+    let (pass_a, pass_b) = std::os::unix::net::UnixStream::pair().expect("pair");
+    let mut b = stub.builder();
+    b.console();
+    let passed = b.pass_fd(OwnedFd::from(pass_a));
+    let mut m = b.build();
+    let once_file = tempfile::tempfile().expect("file");
+    let once = m.pass_fd_once(OwnedFd::from(once_file));
+    m.launch().expect("launch");
+    let pid = m.pid().expect("pid");
+    let cl = m.command_line().expect("command line").to_string();
+    let mon: i32 = cl
+        .split("socket,id=mon,fd=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .expect("monitor fd on the command line");
+    let console: i32 = cl
+        .split("socket,id=console,fd=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .expect("console fd on the command line");
+    // `exec sleep` happens right after the negotiation reply; wait for the exec to finish by
+    // watching the process image change.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| !p.to_string_lossy().contains("sleep"))
+        .unwrap_or(true)
+    {
+        assert!(Instant::now() < deadline, "stub never exec'd sleep");
+        std::thread::yield_now();
+    }
+    let fds: BTreeSet<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("ls child fds")
+        .map(|e| {
+            e.expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .parse()
+                .expect("fd number")
+        })
+        .collect();
+    let expected: BTreeSet<i32> = [0, 1, 2, mon, console, passed, once].into_iter().collect();
+    assert_eq!(fds, expected, "child fds");
+    // The once-fd is closed in our process after the spawn; the kept one is not.
+    assert!(nix::fcntl::fcntl(&pass_b, nix::fcntl::FcntlArg::F_GETFD).is_ok());
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/fd/0")).expect("stdin"),
+        std::path::Path::new("/dev/null")
+    );
+    m.kill().expect("kill");
+    drop((leak_r, leak_w));
+}
+
+#[test]
+fn drop_without_shutdown_kills_reaps_and_removes_the_temp_dir() {
+    let _g = shared();
+    let stub = Stub::serving();
+    let mut m = stub.machine();
+    m.launch().expect("launch");
+    let pid = m.pid().expect("pid");
+    drop(m);
+    assert!(!pid_exists(pid), "pid {pid} survived the drop (or is a zombie)");
+    assert_eq!(stub.leftovers(), 0);
+}
+
+#[test]
+fn launch_and_shutdown_leave_no_fd_behind() {
+    let _g = exclusive();
+    let stub = Stub::serving();
+    let mut m = stub.builder().console().build();
+    // Warm up once (lazy statics in the std, log, etc.).
+    m.launch().expect("launch");
+    m.shutdown().expect("shutdown");
+    let before = own_fd_count();
+    for _ in 0..5 {
+        m.launch().expect("launch");
+        m.cmd("query-status", ()).expect("query");
+        m.shutdown().expect("shutdown");
+    }
+    // (The machine keeps its last console open for reading until the next launch, as it
+    // did when `before` was counted.)
+    assert_eq!(own_fd_count(), before, "fd delta after 5 cycles");
+    // A failed launch must not leak either.
+    let failing = Stub::new("exit 3");
+    let mut f = failing.machine();
+    for _ in 0..3 {
+        assert!(f.launch().is_err());
+    }
+    drop(f);
+    assert_eq!(own_fd_count(), before, "fd delta after 3 failed launches");
+    drop(m);
+}
+
+#[test]
+fn an_ignored_quit_escalates_to_sigkill_and_is_abnormal() {
+    let _g = shared();
+    let stub = Stub::new("IGNORE_QUIT=1\ngreet\nwhile true; do serve_one; done");
+    let mut b = stub.builder();
+    b.shutdown_ladder(ShutdownLadder::graceful(Duration::from_millis(300)));
+    let mut m = b.build();
+    m.launch().expect("launch");
+    let started = Instant::now();
+    let err = m.shutdown().expect_err("abnormal");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    match err {
+        Error::AbnormalShutdown { report, cause } => {
+            assert_eq!(report.ended_by, EndedBy::Kill);
+            assert_eq!(report.status.signal(), Some(libc::SIGKILL));
+            assert_eq!(report.steps.len(), 2);
+            assert_eq!(report.steps[0].outcome, StepOutcome::TimedOut);
+            assert!(report.steps[0].elapsed >= Duration::from_millis(300));
+            assert!(matches!(report.steps[1].step, Step::Kill { .. }));
+            assert!(matches!(*cause, Error::ExitTimeout { .. }), "{cause:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!m.is_running());
+    assert_eq!(stub.leftovers(), 0, "cleaned up anyway");
+}
+
+#[test]
+fn wait_returns_when_qemu_exits_by_itself() {
+    let _g = shared();
+    let stub = Stub::new("greet\nserve_one\nserve_one\nexit 4");
+    let mut m = stub.machine();
+    m.launch().expect("launch");
+    m.cmd("query-status", ()).expect("query");
+    let report = m.wait(Duration::from_secs(10)).expect("wait");
+    assert_eq!(report.status, ExitStatus::Code(4));
+    assert_eq!(report.ended_by, EndedBy::Exited { code: 4 });
+    assert!(matches!(report.steps[0].step, Step::Wait { .. }));
+}
+
+#[test]
+fn wait_past_its_timeout_kills_and_is_abnormal() {
+    let _g = shared();
+    let stub = Stub::serving();
+    let mut m = stub.machine();
+    m.launch().expect("launch");
+    let started = Instant::now();
+    let err = m.wait(Duration::from_millis(200)).expect_err("timeout");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(matches!(err, Error::AbnormalShutdown { .. }), "{err:?}");
+}
+
+#[test]
+fn no_qmp_mode_uses_sigterm() {
+    let _g = shared();
+    let stub = Stub::new("exec sleep 300");
+    let mut b = stub.builder();
+    b.monitor(Monitor::None);
+    let mut m = b.build();
+    m.launch().expect("launch");
+    assert!(matches!(m.cmd("query-status", ()), Err(Error::NoMonitor)));
+    let report = m.shutdown().expect("shutdown");
+    assert_eq!(report.ended_by, EndedBy::OurSignal { signal: libc::SIGTERM });
+    assert_eq!(report.status.signal(), Some(libc::SIGTERM));
+    assert!(matches!(report.steps[0].step, Step::Signal { signal, .. } if signal == libc::SIGTERM));
+}
+
+#[test]
+fn an_exit_nobody_collected_does_not_block_a_relaunch() {
+    let _g = shared();
+    let stub = Stub::new("greet\nserve_one\nexit 0");
+    let mut m = stub.machine();
+    m.launch().expect("launch");
+    // Wait for the stub to exit on its own, without calling shutdown/wait.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while m.is_running() {
+        assert!(Instant::now() < deadline);
+        std::thread::yield_now();
+    }
+    m.launch().expect("relaunch after an uncollected exit");
+    m.kill().expect("kill");
+}
+
+#[test]
+fn invalid_utf8_output_never_breaks_cleanup() {
+    let _g = shared();
+    let stub = Stub::new("printf 'bad \\xff\\xfe bytes\\n' >&2\ngreet\nwhile true; do serve_one; done");
+    let mut m = stub.machine();
+    m.launch().expect("launch");
+    let report = m.shutdown().expect("shutdown");
+    let log = m.log().expect("log");
+    assert!(log.contains("bad \u{fffd}\u{fffd} bytes"), "{log:?}");
+    assert!(report.output_tail.iter().any(|l| l.contains("bytes")));
+    assert_eq!(stub.leftovers(), 0);
+}
+
+#[test]
+fn log_tail_is_available_while_running() {
+    let _g = shared();
+    let stub = Stub::new("echo early-output >&2\ngreet\nwhile true; do serve_one; done");
+    let mut m = stub.machine();
+    m.launch().expect("launch");
+    // The greeting was sent after the echo, and the drain runs continuously.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !m.log_tail(1024).contains("early-output") {
+        assert!(Instant::now() < deadline, "tail: {:?}", m.log_tail(1024));
+        std::thread::yield_now();
+    }
+    assert_eq!(m.log(), None, "log() is for after the exit");
+    m.shutdown().expect("shutdown");
+    assert!(m.log().is_some_and(|l| l.contains("early-output")));
+}
+
+#[test]
+fn qemu_dies_with_the_thread_that_launched_it() {
+    let _g = shared();
+    let stub = Stub::serving();
+    let base = stub.base();
+    let path = stub.path().to_path_buf();
+    // Launched on a thread that then exits: PR_SET_PDEATHSIG delivers SIGKILL.
+    let mut m = std::thread::spawn(move || {
+        let mut b = machine_core::MachineBuilder::new(path);
+        b.base_temp_dir(base);
+        let mut m = b.build();
+        m.launch().expect("launch");
+        m
+    })
+    .join()
+    .expect("thread");
+    let report = m.wait(Duration::from_secs(10)).expect("wait");
+    assert_eq!(report.ended_by, EndedBy::ExternalSignal { signal: libc::SIGKILL });
+}

@@ -1,0 +1,6 @@
+//! Integration tests of machine-core against stub `qemu` programs (shell scripts that
+//! misbehave on purpose): launch failures, rollback, fd allow-list, cleanup, shutdown ladder.
+
+mod launch;
+mod lifecycle;
+mod stub;
