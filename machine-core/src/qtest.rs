@@ -13,6 +13,9 @@
 //! `-chardev socket,id=qtest,fd=N -qtest chardev:qtest` (and `-accel qtest` unless told
 //! otherwise, see [`QtestAccel`]) and exposes the protocol through [`QtestMachine::qtest`].
 //!
+//! Errors of this module are [`Error`]; they convert into the crate's [`crate::Error`]
+//! (`Error::Qtest`) with `?`, so one function can drive QMP and qtest.
+//!
 //! ```no_run
 //! use std::os::unix::net::UnixStream;
 //! use std::time::Duration;

@@ -45,7 +45,7 @@ pub enum QtestAccel {
 /// use machine_core::qtest::{QtestAccel, QtestMachine};
 /// use machine_core::MachineBuilder;
 ///
-/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # fn main() -> machine_core::Result<()> {
 /// let machine = MachineBuilder::new("qemu-system-x86_64")
 ///     .machine_type("pc")
 ///     .args(["-nodefaults", "-accel", "tcg", "-S"])
@@ -54,7 +54,7 @@ pub enum QtestAccel {
 /// vm.launch()?;
 /// vm.qtest()?.outl(0xcf8, 0x8000_0b40)?;
 /// let pm = vm.qtest()?.inl(0xcfc)?;
-/// let status = vm.cmd("query-status", ())?; // QMP still works
+/// let status = vm.cmd("query-status", ())?; // QMP still works; one error type for both
 /// # let _ = (pm, status);
 /// vm.shutdown()?;
 /// # Ok(())

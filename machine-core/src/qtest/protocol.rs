@@ -435,16 +435,13 @@ impl QtestProtocol {
             if self.irq_level(irq) == level {
                 return Ok(());
             }
-            if !self.fill(deadline, None)? {
-                self.pump(None)?;
-                if self.irq_level(irq) == level {
-                    return Ok(());
-                }
+            if Instant::now() >= deadline {
                 return Err(Error::IrqTimeout {
                     irq: Some(irq),
                     timeout,
                 });
             }
+            self.fill(deadline, None)?;
         }
     }
 
@@ -479,15 +476,10 @@ impl QtestProtocol {
                     return Ok(event);
                 }
             }
-            if !self.fill(deadline, None)? {
-                self.pump(None)?;
-                if let Some(pos) = self.irq_queue.iter().position(&pred) {
-                    if let Some(event) = self.irq_queue.remove(pos) {
-                        return Ok(event);
-                    }
-                }
+            if Instant::now() >= deadline {
                 return Err(Error::IrqTimeout { irq, timeout });
             }
+            self.fill(deadline, None)?;
         }
     }
 
@@ -570,7 +562,7 @@ impl QtestProtocol {
                     if ready.readable {
                         self.read_available(Some(command))?;
                     }
-                    if !ready.writable && !ready.readable {
+                    if (!ready.writable && !ready.readable) || Instant::now() >= deadline {
                         return Ok(false);
                     }
                 }
@@ -594,20 +586,20 @@ impl QtestProtocol {
         deadline: Instant,
         timeout: Duration,
     ) -> Result<Vec<String>> {
+        // The deadline is checked on every pass, so a peer that never stops sending IRQ lines
+        // cannot keep the call from timing out.
         loop {
             if let Some(reply) = self.pump(Some(command))? {
                 return reply;
             }
-            if !self.fill(deadline, Some(command))? {
-                if let Some(reply) = self.pump(Some(command))? {
-                    return reply;
-                }
+            if Instant::now() >= deadline {
                 self.late_replies += 1;
                 return Err(Error::Timeout {
                     command: command.to_owned(),
                     timeout,
                 });
             }
+            self.fill(deadline, Some(command))?;
         }
     }
 
@@ -713,11 +705,13 @@ impl QtestProtocol {
         }
     }
 
-    /// Reads until `WouldBlock`. Ok(true) if any byte was read.
+    /// Reads until `WouldBlock`, or until 64 KiB were read so that a peer that never stops
+    /// sending cannot hold the caller past its deadline (poll is level-triggered: the rest
+    /// is read on the next pass). Ok(true) if any byte was read.
     fn read_available(&mut self, command: Option<&str>) -> Result<bool> {
         let mut any = false;
         let mut chunk = [0u8; 8192];
-        loop {
+        for _ in 0..8 {
             match self.stream.read(&mut chunk) {
                 Ok(0) => {
                     debug!("qtest: peer closed the connection");
@@ -752,6 +746,7 @@ impl QtestProtocol {
                 }
             }
         }
+        Ok(any)
     }
 
     fn closed_error(&mut self, command: Option<&str>) -> Error {
@@ -1256,6 +1251,27 @@ mod tests {
         // Already at the level: returns at once without reading.
         q.wait_irq_level(3, false, Duration::ZERO).unwrap();
         assert_eq!(q.poll_irqs().unwrap(), 0);
+        peer.join().unwrap();
+    }
+
+    #[test]
+    fn an_endless_irq_flood_cannot_hold_a_command_past_its_deadline() {
+        let (mut q, peer) = scripted(Config::default().with_irq_capacity(16), |mut p| {
+            p.expect("inb 0x60");
+            let burst = "IRQ raise 5\nIRQ lower 5\n".repeat(256);
+            // Until the client hangs up (the write then fails).
+            while p.writer.write_all(burst.as_bytes()).is_ok() {}
+        });
+        let started = Instant::now();
+        assert!(matches!(
+            q.command_with_timeout("inb 0x60", Duration::from_millis(100)),
+            Err(Error::Timeout { .. })
+        ));
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        assert!(q.irq_events_dropped() > 0);
+        assert_eq!(q.irq_events().len(), 16);
+        drop(q);
         peer.join().unwrap();
     }
 

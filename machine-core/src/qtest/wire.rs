@@ -99,10 +99,15 @@ pub(crate) enum Framed {
 }
 
 /// Splits the byte stream into lines, with a cap on the length of one line.
+///
+/// Consumed lines are skipped with an offset and the buffer is compacted only when the
+/// consumed part dominates, so a burst of many short lines costs linear time.
 #[derive(Debug)]
 pub(crate) struct LineBuffer {
     buf: Vec<u8>,
-    /// Bytes of `buf` already searched for a newline.
+    /// Start of the first unconsumed byte in `buf`.
+    start: usize,
+    /// Index in `buf` up to which no newline exists (from `start`).
     scanned: usize,
     max_line: usize,
     /// Dropping bytes until the next newline (after an oversized line was reported).
@@ -113,6 +118,7 @@ impl LineBuffer {
     pub(crate) fn new(max_line: usize) -> Self {
         LineBuffer {
             buf: Vec::new(),
+            start: 0,
             scanned: 0,
             max_line: max_line.max(1),
             discarding: false,
@@ -121,43 +127,51 @@ impl LineBuffer {
 
     /// Appends bytes read from the socket.
     pub(crate) fn feed(&mut self, bytes: &[u8]) {
+        if self.start > 0 && self.start >= self.buf.len() / 2 {
+            self.buf.drain(..self.start);
+            self.scanned -= self.start;
+            self.start = 0;
+        }
         self.buf.extend_from_slice(bytes);
     }
 
     /// The bytes of an incomplete line.
     pub(crate) fn pending(&self) -> &[u8] {
-        &self.buf
+        &self.buf[self.start..]
     }
 
     /// The next complete line, an oversized-line report, or None when more bytes are needed.
     pub(crate) fn next_line(&mut self) -> Option<Framed> {
         loop {
-            match self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
+            let from = self.scanned.max(self.start);
+            match self.buf[from..].iter().position(|&b| b == b'\n') {
                 Some(pos) => {
-                    let end = self.scanned + pos;
-                    let mut line: Vec<u8> = self.buf.drain(..=end).collect();
-                    line.pop();
-                    self.scanned = 0;
-                    if self.discarding {
-                        self.discarding = false;
+                    let end = from + pos;
+                    let discarded = self.discarding;
+                    let line = (!discarded && end - self.start <= self.max_line)
+                        .then(|| self.buf[self.start..end].to_vec());
+                    self.discarding = false;
+                    self.start = end + 1;
+                    self.scanned = self.start;
+                    if self.start == self.buf.len() {
+                        self.buf.clear();
+                        self.start = 0;
+                        self.scanned = 0;
+                    }
+                    if discarded {
                         continue;
                     }
-                    if line.len() > self.max_line {
-                        return Some(Framed::TooLong);
-                    }
-                    return Some(Framed::Line(line));
+                    return Some(line.map_or(Framed::TooLong, Framed::Line));
                 }
                 None => {
-                    if self.discarding {
+                    let unconsumed = self.buf.len() - self.start;
+                    if self.discarding || unconsumed > self.max_line {
+                        let report = !self.discarding;
                         self.buf.clear();
-                        self.scanned = 0;
-                        return None;
-                    }
-                    if self.buf.len() > self.max_line {
-                        self.buf.clear();
+                        self.start = 0;
                         self.scanned = 0;
                         self.discarding = true;
-                        return Some(Framed::TooLong);
+                        return report.then_some(Framed::TooLong);
                     }
                     self.scanned = self.buf.len();
                     return None;
@@ -317,6 +331,27 @@ mod tests {
         lb.feed(b"gh\nOK 1\n");
         assert_eq!(lb.next_line(), Some(Framed::Line(b"OK 1".to_vec())));
         assert_eq!(lb.next_line(), None);
+        assert!(lb.pending().is_empty());
+    }
+
+    #[test]
+    fn framing_many_lines_in_odd_chunks() {
+        let mut stream = Vec::new();
+        for i in 0..5000u32 {
+            stream.extend_from_slice(format!("IRQ raise {i}\n").as_bytes());
+        }
+        let mut lb = LineBuffer::new(64);
+        let mut got = Vec::new();
+        for chunk in stream.chunks(37) {
+            lb.feed(chunk);
+            while let Some(framed) = lb.next_line() {
+                got.push(framed);
+            }
+        }
+        assert_eq!(got.len(), 5000);
+        for (i, framed) in got.iter().enumerate() {
+            assert_eq!(framed, &Framed::Line(format!("IRQ raise {i}").into_bytes()));
+        }
         assert!(lb.pending().is_empty());
     }
 
