@@ -9,11 +9,9 @@
 //! clock scenario uses it when the binary has it and otherwise checks that the refusal is typed
 //! and leaves the channel in sync.
 
-use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::AsRawFd;
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use machine_core::qtest::{
@@ -21,7 +19,7 @@ use machine_core::qtest::{
 };
 use machine_core::MachineBuilder;
 
-use super::{Accel, Ctx, Scenario};
+use super::{socketpair, Accel, Ctx, QemuChild, Scenario};
 
 /// The scenarios of this area.
 pub fn scenarios() -> Vec<Scenario> {
@@ -85,85 +83,33 @@ pub fn scenarios() -> Vec<Scenario> {
     ]
 }
 
-/// A QEMU child with a qtest socketpair, killed and reaped on drop.
-struct Qemu {
-    child: Child,
-    stderr: tempfile::NamedTempFile,
-}
-
-impl Qemu {
-    /// Spawns QEMU with `args` plus the qtest channel; returns it and our end of the pair.
-    fn spawn(ctx: &Ctx, args: &[&str]) -> Result<(Qemu, UnixStream), String> {
-        let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
-        // The child end must survive exec: clear its close-on-exec flag. Scenarios run one at
-        // a time, so no other child can inherit it by accident.
-        nix::fcntl::fcntl(
-            &theirs,
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-        )
-        .map_err(|e| format!("fcntl: {e}"))?;
-        let fd = theirs.as_raw_fd();
-        let stderr = tempfile::NamedTempFile::new().map_err(|e| format!("tempfile: {e}"))?;
-        let err_file = stderr
-            .reopen()
-            .map_err(|e| format!("reopen stderr file: {e}"))?;
-        let chardev = format!("socket,id=qtest,fd={fd}");
-        let mut cmd = Command::new(&ctx.qemu);
-        cmd.args(["-nodefaults", "-display", "none", "-monitor", "none"])
-            .args(["-chardev", &chardev, "-qtest", "chardev:qtest"])
-            .args(["-qtest-log", "/dev/null"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(err_file);
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("spawn {}: {e}", ctx.qemu.display()))?;
-        drop(theirs);
-        Ok((Qemu { child, stderr }, ours))
-    }
-
-    /// QEMU's stderr so far (for failure messages).
-    fn stderr(&self) -> String {
-        let mut text = String::new();
-        if let Ok(mut f) = File::open(self.stderr.path()) {
-            let _ = f.read_to_string(&mut text);
-        }
-        text
-    }
-
-    fn kill(&mut self) -> Result<std::process::ExitStatus, String> {
-        let _ = self.child.kill();
-        self.child.wait().map_err(|e| format!("wait: {e}"))
-    }
-}
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Spawns QEMU with `args` plus the qtest channel (QEMU's end of a socketpair handed over as
+/// `-chardev socket,id=qtest,fd=N`); returns the child and our end.
+fn spawn(ctx: &Ctx, args: &[&str]) -> Result<(QemuChild, UnixStream), String> {
+    let (ours, theirs) = socketpair()?;
+    let mut cmd = ctx.qemu_command();
+    let fd = cmd.pass_fd(theirs);
+    cmd.args(["-nodefaults", "-display", "none"])
+        .args(["-chardev", &format!("socket,id=qtest,fd={fd}")])
+        .args(["-qtest", "chardev:qtest", "-qtest-log", "/dev/null"])
+        .args(args);
+    Ok((cmd.spawn()?, ours))
 }
 
 /// Spawns QEMU and wraps our end in a `QtestProtocol` with a short command timeout.
-fn launch(ctx: &Ctx, args: &[&str]) -> Result<(Qemu, QtestProtocol), String> {
-    let (qemu, ours) = Qemu::spawn(ctx, args)?;
+fn launch(ctx: &Ctx, args: &[&str]) -> Result<(QemuChild, QtestProtocol), String> {
+    let (qemu, ours) = spawn(ctx, args)?;
     let config = Config::default().with_command_timeout(Duration::from_secs(5));
     let q = QtestProtocol::from_unix_stream(ours, config).map_err(|e| e.to_string())?;
     Ok((qemu, q))
 }
 
-/// Formats an error with its sources and QEMU's stderr.
-fn fail(qemu: &Qemu, what: &str, err: &dyn std::error::Error) -> String {
-    let mut msg = format!("{what}: {err}");
-    let mut source = err.source();
-    while let Some(s) = source {
-        msg.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    let stderr = qemu.stderr();
-    if !stderr.trim().is_empty() {
-        msg.push_str(&format!(" (qemu stderr: {})", stderr.trim()));
+/// Formats an error with its sources and the tail of QEMU's log.
+fn fail(qemu: &QemuChild, what: &str, err: &dyn std::error::Error) -> String {
+    let mut msg = chain(what, err);
+    let log = qemu.log_tail();
+    if !log.is_empty() {
+        msg.push_str(&format!(" (qemu log: {log})"));
     }
     msg
 }
@@ -376,10 +322,10 @@ fn has_qtest_accel(ctx: &Ctx) -> Result<bool, String> {
 /// Without it: `clock_step` is refused with a typed FAIL and the channel stays in sync.
 fn clock(ctx: &Ctx) -> Result<(), String> {
     if !has_qtest_accel(ctx)? {
-        eprintln!(
-            "  note: {} has no qtest accelerator; checking the typed refusal instead",
+        ctx.note(format!(
+            "{} has no qtest accelerator: checked the typed refusal instead",
             ctx.qemu.display()
-        );
+        ));
         let (qemu, mut q) = launch(ctx, &["-M", "pc", "-accel", ctx.accel.as_str(), "-S"])?;
         match q.clock_step(Some(1_000_000)) {
             Err(qtest::Error::Failed { command, message }) => {
@@ -427,7 +373,9 @@ fn eof_when_qemu_dies(ctx: &Ctx) -> Result<(), String> {
     let (mut qemu, mut q) = launch(ctx, &["-M", "pc", "-accel", ctx.accel.as_str(), "-S"])?;
     q.endianness()
         .map_err(|err| fail(&qemu, "endianness", &err))?;
-    let pid = nix::unistd::Pid::from_raw(qemu.child.id() as i32);
+    let pid = nix::unistd::Pid::from_raw(
+        i32::try_from(qemu.pid()).map_err(|_| format!("pid {} out of range", qemu.pid()))?,
+    );
     let killed_at = Instant::now();
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL)
         .map_err(|e| format!("kill: {e}"))?;
@@ -496,7 +444,9 @@ fn machine_lifecycle(ctx: &Ctx) -> Result<(), String> {
             .map_err(|e| chain("wait_irq", &e))?;
         let data = q.inb(0x60).map_err(|e| chain("inb", &e))?;
         check(data == 0x42, || format!("i8042 data {data:#x}"))?;
+        let stopping = Instant::now();
         let report = vm.shutdown().map_err(|e| chain("shutdown", &e))?;
+        let stopped = stopping.elapsed();
         if !report.status.success() {
             return Err(format!("shutdown report: {report}"));
         }
@@ -504,11 +454,12 @@ fn machine_lifecycle(ctx: &Ctx) -> Result<(), String> {
             Err(qtest::Error::NotRunning) => {}
             other => return Err(format!("qtest() after shutdown: {other:?}")),
         }
-        eprintln!(
-            "  round {round}: launch {:.1} ms, shutdown {:.1} ms",
+        ctx.note(format!(
+            "QtestMachine round {round}: launch (exec to QMP ready, qtest attached) {:.1} ms, \
+             shutdown (quit to reaped) {:.1} ms",
             launched.as_secs_f64() * 1e3,
-            report.uptime.as_secs_f64() * 1e3
-        );
+            stopped.as_secs_f64() * 1e3
+        ));
     }
     Ok(())
 }
@@ -566,7 +517,7 @@ fn chain(what: &str, err: &dyn std::error::Error) -> String {
 fn latency(ctx: &Ctx) -> Result<(), String> {
     const BLOCK: usize = 100;
     const ROUNDS: usize = 20;
-    let (qemu, ours) = Qemu::spawn(ctx, &["-M", "pc", "-accel", ctx.accel.as_str(), "-S"])?;
+    let (qemu, ours) = spawn(ctx, &["-M", "pc", "-accel", ctx.accel.as_str(), "-S"])?;
     let keep = ours.try_clone().map_err(|e| e.to_string())?;
     keep.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| format!("set_read_timeout: {e}"))?;
@@ -605,12 +556,13 @@ fn latency(ctx: &Ctx) -> Result<(), String> {
             }
         }
         let (m, b) = (median(&mut mine), median(&mut base));
-        eprintln!(
-            "  qtest round trip `{line}`: QtestProtocol {:.1} us, raw blocking socket {:.1} us (medians of {})",
+        ctx.note(format!(
+            "qtest round trip `{line}`: QtestProtocol {:.1} us, baseline raw blocking socket \
+             {:.1} us (medians of {}, alternating blocks)",
             m.as_secs_f64() * 1e6,
             b.as_secs_f64() * 1e6,
             BLOCK * ROUNDS
-        );
+        ));
         // Generous bound: the client must not add more than 100 us over a raw socket.
         check(m < b + Duration::from_micros(100), || {
             format!("`{line}`: {m:?} against raw {b:?}")
