@@ -41,14 +41,22 @@ use crate::pattern::{AnyMatch, Match, Outcome, Pattern};
 pub struct Console {
     shared: Arc<Shared>,
     writer: UnixStream,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<DrainThread>,
     line_ending: LineEnding,
     send_timeout: Duration,
     regex_lookback: usize,
     closed: bool,
 }
 
+/// The background drain of a thread-mode console.
+struct DrainThread {
+    handle: JoinHandle<()>,
+    /// Wakes the thread's poll so it stops even if the socket shutdown did not reach it.
+    waker: mio::Waker,
+}
+
 const DRAIN_TOKEN: Token = Token(0);
+const STOP_TOKEN: Token = Token(1);
 
 impl Console {
     pub(crate) fn new(shared: Arc<Shared>, writer: UnixStream, config: &Config) -> Console {
@@ -79,14 +87,19 @@ impl Console {
                 what: "register the socket with the drain poller",
                 source,
             })?;
-        let thread = std::thread::Builder::new()
+        let waker =
+            mio::Waker::new(poll.registry(), STOP_TOKEN).map_err(|source| Error::Setup {
+                what: "create the drain thread's waker",
+                source,
+            })?;
+        let handle = std::thread::Builder::new()
             .name("console-drain".into())
             .spawn(move || run_drain_thread(drainer, poll))
             .map_err(|source| Error::Setup {
                 what: "spawn the drain thread",
                 source,
             })?;
-        console.thread = Some(thread);
+        console.thread = Some(DrainThread { handle, waker });
         Ok(console)
     }
 
@@ -291,7 +304,13 @@ impl Console {
         }
         let joined = match self.thread.take() {
             None => Ok(()),
-            Some(thread) => thread.join().map_err(|_| Error::DrainThreadPanicked),
+            Some(thread) => {
+                if let Err(e) = thread.waker.wake() {
+                    // The shutdown above still ends the drain with an EOF.
+                    log::debug!("console drain waker: {e}");
+                }
+                thread.handle.join().map_err(|_| Error::DrainThreadPanicked)
+            }
         };
         let logged = self.shared.close_log(self.thread_mode_finished());
         joined.and(logged)
@@ -349,11 +368,17 @@ fn deadline_after(timeout: Duration) -> Instant {
         .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
 }
 
-/// The drain thread: a [`Drainer`] on a private poll, woken by readiness or a due log flush.
+/// The drain thread: a [`Drainer`] on a private poll, woken by readiness, a due log flush, or
+/// [`Console::close`] (which also shuts the socket down, so queued output is still drained).
 fn run_drain_thread(mut drainer: Drainer, mut poll: Poll) {
     let mut events = Events::with_capacity(4);
     // Drain first: output may have arrived before registration.
     while drainer.drain() == DrainStatus::Open {
+        if events.iter().any(|e| e.token() == STOP_TOKEN) {
+            // Close asked us to stop; what was queued has just been drained.
+            drainer.fail(CloseReason::Local);
+            break;
+        }
         let timeout = drainer
             .next_flush()
             .map(|due| due.saturating_duration_since(Instant::now()));
@@ -405,5 +430,18 @@ pub(crate) fn connect_unix(path: &Path, timeout: Duration) -> Result<UnixStream>
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// machine-core moves consoles and drainers between threads.
+    #[test]
+    fn console_and_drainer_are_send_and_console_is_sync() {
+        fn send<T: Send>() {}
+        fn sync<T: Sync>() {}
+        send::<super::Console>();
+        sync::<super::Console>();
+        send::<super::Drainer>();
     }
 }
