@@ -354,6 +354,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
     all.extend(machine::scenarios());
     all.extend(cli::scenarios());
     all.extend(qtest::scenarios());
+    let mut names = std::collections::BTreeSet::new();
+    if let Some(dup) = all.iter().find(|s| !names.insert(s.name)) {
+        return Err(format!("two scenarios are named `{}`", dup.name));
+    }
     let mut runs: Vec<(&Scenario, Accel)> = Vec::new();
     for scenario in &all {
         if filter
@@ -366,6 +370,15 @@ pub fn run(args: &[String]) -> Result<(), String> {
             runs.push((scenario, accel));
         }
     }
+
+    if runs.is_empty() {
+        return Err(format!(
+            "no scenario matches --filter {:?} under {:?}",
+            filter.unwrap_or_default(),
+            accels
+        ));
+    }
+    eprintln!("e2e: {} scenario runs", runs.len());
 
     let run_dir = RunDir::create()?;
     let started = Instant::now();
@@ -408,7 +421,7 @@ fn report_qemu(accels: &[Accel]) -> Result<(), String> {
     );
     if accels.contains(&Accel::Kvm) {
         if let Err(why) = kvm {
-            return Err(format!("--accel kvm requested but KVM is {why}"));
+            return Err(format!("--accel kvm requested but KVM is unusable: {why}"));
         }
     }
     if accels.contains(&Accel::Tcg) && !built_in.iter().any(|a| a == "tcg") {
