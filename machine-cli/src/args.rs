@@ -36,7 +36,7 @@ pub enum Command {
     Run(RunArgs),
     /// Send one QMP command and print its reply.
     ///
-    /// Usage: `qmp [ADDRESS] COMMAND [KEY=VALUE ...]`. The ADDRESS (unix path or host:port)
+    /// Usage: `qmp ADDRESS COMMAND KEY=VALUE...`. The ADDRESS (unix path or host:port)
     /// may be left out when $QMP_SOCKET is set: the first word is then the command. Values
     /// follow the shell's syntax (numbers, true/false, null, JSON, "quoted", bare strings;
     /// dotted keys nest).
@@ -112,7 +112,7 @@ pub struct RunArgs {
 /// Options of `qmp`.
 #[derive(Debug, Args)]
 pub struct QmpArgs {
-    /// [ADDRESS] COMMAND [KEY=VALUE ...]
+    /// ADDRESS (may be left out when $QMP_SOCKET is set), COMMAND, then KEY=VALUE words.
     #[arg(required = true, value_name = "ARGS")]
     pub words: Vec<String>,
     /// The arguments as one JSON object (instead of KEY=VALUE words).
@@ -295,16 +295,9 @@ mod tests {
 
     #[test]
     fn run_takes_qemu_args_after_double_dash() {
-        let cli = Cli::try_parse_from([
-            "qemu-machine",
-            "run",
-            "--accel",
-            "auto",
-            "--",
-            "-M",
-            "none",
-        ])
-        .unwrap();
+        let cli =
+            Cli::try_parse_from(["qemu-machine", "run", "--accel", "auto", "--", "-M", "none"])
+                .unwrap();
         match cli.command {
             Command::Run(r) => {
                 assert_eq!(r.accel, Accel::Auto);

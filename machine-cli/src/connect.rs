@@ -52,10 +52,17 @@ pub fn close(connection: Connection) {
     }
 }
 
-/// Whether a client error means the peer went away (as opposed to a bad reply or a timeout).
-pub fn is_disconnect(error: &qmp_client::Error) -> bool {
+/// Whether a client error means the peer went away: end of file, a socket error such as a
+/// reset, or a clean close (as opposed to garbage, a bad reply or a timeout).
+pub fn peer_gone(error: &qmp_client::Error) -> bool {
     matches!(
         error.root(),
         qmp_client::Error::Eof { .. } | qmp_client::Error::Io { .. } | qmp_client::Error::Closed
-    ) || matches!(error, qmp_client::Error::Disconnected { .. })
+    )
+}
+
+/// Whether the connection is unusable after `error` (the peer went away, or the session
+/// failed for good, e.g. on garbage), as opposed to one call failing (a timeout).
+pub fn is_disconnect(error: &qmp_client::Error) -> bool {
+    peer_gone(error) || matches!(error, qmp_client::Error::Disconnected { .. })
 }

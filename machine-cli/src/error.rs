@@ -157,6 +157,49 @@ pub enum Error {
         /// Lines run.
         total: u64,
     },
+    /// QEMU could not be launched (missing binary, bad arguments, no greeting).
+    #[error("cannot launch {}", binary.display())]
+    Launch {
+        /// The QEMU binary.
+        binary: PathBuf,
+        /// Why, with QEMU's exit status and output when it started at all.
+        #[source]
+        source: machine_core::Error,
+    },
+    /// An operation on the running machine failed.
+    #[error("{what} failed")]
+    Machine {
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: machine_core::Error,
+    },
+    /// The console failed.
+    #[error("{what} failed")]
+    Console {
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: machine_core::console_socket::Error,
+    },
+    /// The tiny guest only boots on the machine types it knows.
+    #[error("the built-in guest boots on q35 or pc, not `{machine}` (give QEMU arguments after -- for other guests)")]
+    TinyGuestMachine {
+        /// The machine type asked for.
+        machine: String,
+    },
+    /// A `--qmp-listen` path longer than a unix socket address can hold.
+    #[error("--qmp-listen path {} is {len} bytes long, the limit is {limit}", path.display())]
+    ListenPathTooLong {
+        /// The path.
+        path: PathBuf,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// Opening or writing a file failed.
     #[error("cannot write {}", path.display())]
     File {
@@ -193,7 +236,12 @@ impl Error {
             | Error::Transport { .. }
             | Error::Events { .. }
             | Error::Disconnected { .. } => EXIT_CONNECTION,
-            Error::File { .. } | Error::Io { .. } | Error::Readline { .. } => EXIT_COMMAND,
+            Error::Launch { .. } => EXIT_LAUNCH,
+            Error::File { .. }
+            | Error::Io { .. }
+            | Error::Readline { .. }
+            | Error::Machine { .. }
+            | Error::Console { .. } => EXIT_COMMAND,
             _ => EXIT_USAGE,
         }
     }

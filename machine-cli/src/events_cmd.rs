@@ -64,7 +64,7 @@ pub fn run(args: EventsArgs) -> Result<u8> {
             Err(qmp_client::Error::EventsLost { dropped, .. }) => {
                 warn!("{dropped} events were lost: the event queue was full");
             }
-            Err(error) if connect::is_disconnect(&error) => {
+            Err(error) if connect::peer_gone(&error) => {
                 eprintln!("qemu-machine: {address} closed the connection");
                 return Ok(0);
             }

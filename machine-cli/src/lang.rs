@@ -535,14 +535,23 @@ mod tests {
             one("cmd s=\"abc"),
             Err(Error::UnterminatedQuote { .. })
         ));
-        assert!(matches!(one("cmd s='abc"), Err(Error::UnterminatedQuote { .. })));
+        assert!(matches!(
+            one("cmd s='abc"),
+            Err(Error::UnterminatedQuote { .. })
+        ));
     }
 
     #[test]
     fn tokenizer_keeps_quotes_and_brackets_together() {
         assert_eq!(
             tokenize(r#"a b="x y" c='p q' d={"k": [1, 2]} e=[ 1 ]"#).unwrap(),
-            vec!["a", r#"b="x y""#, "c='p q'", r#"d={"k": [1, 2]}"#, "e=[ 1 ]"]
+            vec![
+                "a",
+                r#"b="x y""#,
+                "c='p q'",
+                r#"d={"k": [1, 2]}"#,
+                "e=[ 1 ]"
+            ]
         );
         assert_eq!(tokenize(r#"a="x\" y""#).unwrap(), vec![r#"a="x\" y""#]);
         // A stray closing bracket does not swallow the rest of the line.
@@ -555,7 +564,10 @@ mod tests {
             value_of(r#"{"execute": "qom-list", "arguments": {"path": "/"}}"#),
             json!({"execute": "qom-list", "arguments": {"path": "/"}})
         );
-        assert!(matches!(one(r#"{"execute": 1}"#), Err(Error::BadRawCommand { .. })));
+        assert!(matches!(
+            one(r#"{"execute": 1}"#),
+            Err(Error::BadRawCommand { .. })
+        ));
         assert!(matches!(
             one(r#"{"execute": "x", "id": 1}"#),
             Err(Error::BadRawCommand { .. })
@@ -564,7 +576,10 @@ mod tests {
             one(r#"{"execute": "x", "arguments": []}"#),
             Err(Error::BadRawCommand { .. })
         ));
-        assert!(matches!(one(r#"{"execute": "#), Err(Error::BadJson { key: None, .. })));
+        assert!(matches!(
+            one(r#"{"execute": "#),
+            Err(Error::BadJson { key: None, .. })
+        ));
     }
 
     #[test]
@@ -636,7 +651,10 @@ mod tests {
         p.parse_line("transaction(").unwrap();
         p.parse_line("a x=1").unwrap();
         // A bad action line adds nothing, the transaction stays open.
-        assert!(matches!(p.parse_line("b y=1 y=2"), Err(Error::SetTwice { .. })));
+        assert!(matches!(
+            p.parse_line("b y=1 y=2"),
+            Err(Error::SetTwice { .. })
+        ));
         assert!(p.in_transaction());
         assert!(matches!(
             p.parse_line("transaction("),

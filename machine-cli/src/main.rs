@@ -27,10 +27,10 @@ mod events_cmd;
 mod lang;
 mod output;
 mod qmp_cmd;
-// mod run_cmd;
+mod run_cmd;
 mod shell;
-// mod signals;
-// mod wrap_cmd;
+mod signals;
+mod wrap_cmd;
 
 use std::error::Error as _;
 use std::io::{self, Write};
@@ -55,11 +55,11 @@ fn main() -> ExitCode {
 /// Runs a subcommand; `Ok` carries the exit status (non-zero for `run` when the VM failed).
 fn dispatch(command: Command) -> Result<u8> {
     match command {
-        Command::Run(_args) => Ok(0),
+        Command::Run(args) => run_cmd::run(args),
         Command::Qmp(args) => qmp_cmd::run(args),
         Command::Shell(args) => shell::run_connected(args),
         Command::Events(args) => events_cmd::run(args),
-        Command::Wrap(_args) => Ok(0),
+        Command::Wrap(args) => wrap_cmd::run(args),
         Command::Completions(args) => {
             let mut command = Cli::command();
             let mut stdout = io::stdout().lock();

@@ -223,7 +223,10 @@ mod tests {
     #[test]
     fn json_styles() {
         let value = json!({"b": [1, 2], "a": {"x": null}});
-        assert_eq!(json(&value, Style::Compact), r#"{"a":{"x":null},"b":[1,2]}"#);
+        assert_eq!(
+            json(&value, Style::Compact),
+            r#"{"a":{"x":null},"b":[1,2]}"#
+        );
         assert_eq!(
             json(&value, Style::Pretty),
             "{\n    \"a\": {\n        \"x\": null\n    },\n    \"b\": [\n        1,\n        2\n    ]\n}"

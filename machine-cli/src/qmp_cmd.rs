@@ -171,9 +171,6 @@ mod tests {
             parse_args_json("[1]"),
             Err(Error::ArgsNotObject { .. })
         ));
-        assert!(matches!(
-            parse_args_json("{"),
-            Err(Error::BadJson { .. })
-        ));
+        assert!(matches!(parse_args_json("{"), Err(Error::BadJson { .. })));
     }
 }

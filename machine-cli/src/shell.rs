@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use log::debug;
 use machine_core::qmp_client::{self, Connection};
-use machine_core::qmp_proto::{Event, ServerMessage};
+use machine_core::qmp_proto::Event;
 use rustyline::completion::Completer;
 use rustyline::error::ReadlineError;
 use rustyline::highlight::Highlighter;
@@ -44,25 +44,60 @@ use crate::output::{self, Style};
 /// Most history entries kept (qmp-shell's figure).
 const HISTORY_SIZE: usize = 1024;
 
+/// Why a [`Monitor`] call gave no reply.
+#[derive(Debug)]
+pub enum MonitorError {
+    /// The connection closed the expected way (after `quit`).
+    Closed,
+    /// The connection is gone.
+    Lost(qmp_client::Error),
+    /// This call failed (a timeout, a malformed reply); the connection carries on.
+    Failed(Error),
+}
+
+impl MonitorError {
+    /// Sorts a client error on `command` into closed, lost or failed.
+    pub fn from_client(command: &str, error: qmp_client::Error) -> MonitorError {
+        if error.is_closed() {
+            MonitorError::Closed
+        } else if connect::is_disconnect(&error) {
+            MonitorError::Lost(error)
+        } else {
+            MonitorError::Failed(Error::from_qmp(command, error))
+        }
+    }
+}
+
 /// What the shell talks to: a plain QMP connection (`shell`) or a launched machine (`wrap`).
 pub trait Monitor {
-    /// Sends `request` and returns the whole reply, QMP error replies included.
-    fn request(&mut self, request: &Request) -> std::result::Result<ServerMessage, qmp_client::Error>;
+    /// Sends `request` and returns the whole reply object (`{"return": ...}` or
+    /// `{"error": ...}`), QMP error replies included.
+    fn request(&mut self, request: &Request) -> std::result::Result<Value, MonitorError>;
     /// The events received so far, oldest first, reading what has arrived without waiting.
-    fn poll_events(&mut self) -> std::result::Result<Vec<Event>, qmp_client::Error>;
+    fn poll_events(&mut self) -> std::result::Result<Vec<Event>, MonitorError>;
 }
 
 impl Monitor for Connection {
-    fn request(&mut self, request: &Request) -> std::result::Result<ServerMessage, qmp_client::Error> {
+    fn request(&mut self, request: &Request) -> std::result::Result<Value, MonitorError> {
         self.execute_raw(&request.execute, request.arguments.clone())
+            .map(|reply| reply.to_value())
+            .map_err(|e| MonitorError::from_client(&request.execute, e))
     }
 
-    fn poll_events(&mut self) -> std::result::Result<Vec<Event>, qmp_client::Error> {
+    fn poll_events(&mut self) -> std::result::Result<Vec<Event>, MonitorError> {
         let mut events = Vec::new();
-        while let Some(event) = self.pull_event(Duration::ZERO)? {
-            events.push(event);
+        loop {
+            match self.pull_event(Duration::ZERO) {
+                Ok(Some(event)) => events.push(event),
+                Ok(None) => return Ok(events),
+                Err(qmp_client::Error::EventsLost { dropped, .. }) => {
+                    eprintln!("warning: {dropped} events were lost (queue full)");
+                }
+                // Events that came before the end are still shown.
+                Err(_) if !events.is_empty() => return Ok(events),
+                Err(e) => return Err(MonitorError::from_client("events", e)),
+            }
         }
-        Ok(events)
     }
 }
 
@@ -89,7 +124,12 @@ pub fn run_connected(args: ShellArgs) -> Result<u8> {
 
 /// Runs the shell on `monitor` until EOF, `quit` or a disconnect. `banner` is shown on a
 /// terminal; `peer` names the other end in messages.
-pub fn run<M: Monitor>(monitor: &mut M, options: &ShellOptions, banner: &str, peer: &str) -> Result<u8> {
+pub fn run<M: Monitor>(
+    monitor: &mut M,
+    options: &ShellOptions,
+    banner: &str,
+    peer: &str,
+) -> Result<u8> {
     let interactive = std::io::stdin().is_terminal();
     let mut shell = Shell::new(monitor, options, peer)?;
     let mut input = if interactive {
@@ -182,7 +222,9 @@ impl<'m, M: Monitor> Shell<'m, M> {
 
     fn main_loop(&mut self, input: &mut Input) -> Result<()> {
         loop {
-            self.print_events()?;
+            if let Flow::Exit = self.print_events()? {
+                return Ok(());
+            }
             let line = match input.read(self.prompt())? {
                 InputLine::Eof => return Ok(()),
                 InputLine::Interrupted => {
@@ -200,6 +242,9 @@ impl<'m, M: Monitor> Shell<'m, M> {
     }
 
     fn handle_line(&mut self, line: &str) -> Result<Flow> {
+        if !line.trim().is_empty() {
+            self.lines += 1;
+        }
         let request = if self.hmp {
             match lang::parse_hmp_line(line) {
                 Ok(HmpLine::Empty) => return Ok(Flow::Continue),
@@ -214,30 +259,36 @@ impl<'m, M: Monitor> Shell<'m, M> {
                 Err(error) => return self.line_failed(&error),
             }
         };
-        self.lines += 1;
         if self.verbose {
             output::emit(&output::json(&request.to_value(), self.style))?;
         }
         let reply = self.monitor.request(&request);
         match reply {
-            Ok(message) => {
+            Ok(reply) => {
                 // Events that came with the reply were received before it: show them first.
-                self.print_events()?;
-                self.show_reply(&request, &message)?;
+                if let Flow::Exit = self.print_events()? {
+                    self.show_reply(&request, reply)?;
+                    return Ok(Flow::Exit);
+                }
+                self.show_reply(&request, reply)?;
                 Ok(Flow::Continue)
             }
-            Err(error) if error.is_closed() => {
+            Err(failure) => self.monitor_failed(failure),
+        }
+    }
+
+    /// Handles a failed monitor call: the end of the session, or one failed line.
+    fn monitor_failed(&mut self, failure: MonitorError) -> Result<Flow> {
+        match failure {
+            MonitorError::Closed => {
                 eprintln!("qemu-machine: {} closed the connection", self.peer);
                 Ok(Flow::Exit)
             }
-            Err(error) if connect::is_disconnect(&error) => Err(Error::Disconnected {
+            MonitorError::Lost(source) => Err(Error::Disconnected {
                 address: self.peer.clone(),
-                source: error,
+                source,
             }),
-            Err(error) => {
-                // A timeout or a malformed reply: the connection carries on.
-                self.line_failed(&Error::from_qmp(&request.execute, error))
-            }
+            MonitorError::Failed(error) => self.line_failed(&error),
         }
     }
 
@@ -257,53 +308,41 @@ impl<'m, M: Monitor> Shell<'m, M> {
     fn select_cpu(&mut self, cpu: u64) -> Result<Flow> {
         let probe = lang::hmp_request("info version", Some(cpu));
         match self.monitor.request(&probe) {
-            Ok(ServerMessage::Return(_)) => {
-                self.cpu = Some(cpu);
-                Ok(Flow::Continue)
-            }
-            Ok(ServerMessage::Error(reply)) => self.line_failed(&Error::Command {
-                command: format!("cpu {cpu}"),
-                class: reply.error.class.as_str().to_string(),
-                desc: reply.error.desc,
-            }),
-            Ok(other) => {
-                debug!("unexpected reply to a CPU probe: {:?}", other.to_value());
-                Ok(Flow::Continue)
-            }
-            Err(error) if connect::is_disconnect(&error) => Err(Error::Disconnected {
-                address: self.peer.clone(),
-                source: error,
-            }),
-            Err(error) => self.line_failed(&Error::from_qmp("cpu", error)),
+            Ok(reply) => match reply_error(&reply) {
+                None => {
+                    self.cpu = Some(cpu);
+                    Ok(Flow::Continue)
+                }
+                Some((class, desc)) => self.line_failed(&Error::Command {
+                    command: format!("cpu {cpu}"),
+                    class,
+                    desc,
+                }),
+            },
+            Err(failure) => self.monitor_failed(failure),
         }
     }
 
-    fn show_reply(&mut self, request: &Request, message: &ServerMessage) -> Result<()> {
-        let mut reply = message.to_value();
+    fn show_reply(&mut self, request: &Request, mut reply: Value) -> Result<()> {
         if let Value::Object(object) = &mut reply {
             // The id is ours, chosen by the client; it means nothing to the user.
             object.remove("id");
         }
         self.log_exchange(request, &reply)?;
-        if let ServerMessage::Error(_) = message {
+        let error = reply_error(&reply);
+        if error.is_some() {
             self.failures += 1;
         }
         if self.hmp {
-            match message {
-                ServerMessage::Return(r) => {
-                    if let Value::String(text) = &r.ret {
-                        let text = text.trim_end();
-                        if !text.is_empty() {
-                            output::emit(text)?;
-                        }
-                        return Ok(());
-                    }
-                }
-                ServerMessage::Error(e) => {
-                    output::emit(&format!("{}: {}", e.error.class.as_str(), e.error.desc))?;
+            if let Some((class, desc)) = error {
+                return output::emit(&format!("{class}: {desc}"));
+            }
+            if let Some(Value::String(text)) = reply.get("return") {
+                let text = text.trim_end();
+                if text.is_empty() {
                     return Ok(());
                 }
-                _ => {}
+                return output::emit(text);
             }
         }
         output::emit(&output::json(&reply, self.style))
@@ -329,26 +368,18 @@ impl<'m, M: Monitor> Shell<'m, M> {
             })
     }
 
-    fn print_events(&mut self) -> Result<()> {
+    /// Prints the events that have arrived; `Flow::Exit` when the connection has closed
+    /// after `quit`.
+    fn print_events(&mut self) -> Result<Flow> {
         match self.monitor.poll_events() {
             Ok(events) => {
                 for event in &events {
                     output::emit(&events_cmd::view(event).render(self.json_events))?;
                 }
-                Ok(())
+                Ok(Flow::Continue)
             }
-            Err(qmp_client::Error::EventsLost { dropped, .. }) => {
-                eprintln!("warning: {dropped} events were lost (queue full)");
-                Ok(())
-            }
-            Err(error) if error.is_closed() => Err(Error::Disconnected {
-                address: self.peer.clone(),
-                source: error,
-            }),
-            Err(error) => Err(Error::Disconnected {
-                address: self.peer.clone(),
-                source: error,
-            }),
+            Err(MonitorError::Failed(error)) => self.line_failed(&error),
+            Err(failure) => self.monitor_failed(failure),
         }
     }
 
@@ -364,24 +395,17 @@ impl<'m, M: Monitor> Shell<'m, M> {
             }
         };
         let mut names: Vec<String> = match self.monitor.request(&request) {
-            Ok(ServerMessage::Return(reply)) => match reply.ret {
-                Value::Array(items) => items
+            Ok(reply) => match reply.get("return") {
+                Some(Value::Array(items)) => items
                     .iter()
                     .filter_map(|i| i.get("name").and_then(Value::as_str))
                     .map(str::to_string)
                     .collect(),
-                Value::String(help) => help
-                    .lines()
-                    .filter_map(|l| l.split_whitespace().next())
-                    .flat_map(|w| w.split('|'))
-                    .map(|w| w.trim_matches(|c: char| !c.is_ascii_alphanumeric() && c != '_' && c != '-'))
-                    .filter(|w| !w.is_empty())
-                    .map(str::to_string)
-                    .collect(),
+                Some(Value::String(help)) => hmp_command_names(help),
                 _ => Vec::new(),
             },
-            other => {
-                debug!("no command names for completion: {other:?}");
+            Err(failure) => {
+                debug!("no command names for completion: {failure:?}");
                 Vec::new()
             }
         };
@@ -394,6 +418,31 @@ impl<'m, M: Monitor> Shell<'m, M> {
         names.dedup();
         names
     }
+}
+
+/// The class and description of an error reply, or None for any other reply.
+fn reply_error(reply: &Value) -> Option<(String, String)> {
+    let error = reply.get("error")?;
+    let text = |key: &str| {
+        error
+            .get(key)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    Some((text("class"), text("desc")))
+}
+
+/// The command names in HMP `help` output: the first word of each line, split at `|`
+/// (`info|i`), without punctuation.
+fn hmp_command_names(help: &str) -> Vec<String> {
+    help.lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .flat_map(|w| w.split('|'))
+        .map(|w| w.trim_matches(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-')))
+        .filter(|w| !w.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// One read from the input.
@@ -419,7 +468,8 @@ impl Input {
             .and_then(|b| b.history_ignore_dups(true))
             .map(|b| b.auto_add_history(false).build())
             .map_err(|source| Error::Readline { source })?;
-        let mut editor = Editor::with_config(config).map_err(|source| Error::Readline { source })?;
+        let mut editor =
+            Editor::with_config(config).map_err(|source| Error::Readline { source })?;
         editor.set_helper(Some(Completion { names }));
         let history = history.or_else(default_history_path);
         if let Some(path) = &history {
@@ -466,7 +516,10 @@ impl Input {
         } = self
         {
             if let Err(error) = editor.save_history(path) {
-                eprintln!("warning: cannot save history to {}: {error}", path.display());
+                eprintln!(
+                    "warning: cannot save history to {}: {error}",
+                    path.display()
+                );
             }
         }
     }
@@ -482,7 +535,10 @@ fn load_history(editor: &mut Editor<Completion, DefaultHistory>, path: &Path) {
     match editor.load_history(path) {
         Ok(()) => {}
         Err(ReadlineError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(error) => eprintln!("warning: cannot load history from {}: {error}", path.display()),
+        Err(error) => eprintln!(
+            "warning: cannot load history from {}: {error}",
+            path.display()
+        ),
     }
 }
 
@@ -549,11 +605,35 @@ mod tests {
         };
         assert_eq!(
             c.candidates("query-", 6),
-            (0, vec!["query-status".to_string(), "query-version".to_string()])
+            (
+                0,
+                vec!["query-status".to_string(), "query-version".to_string()]
+            )
         );
         assert_eq!(c.candidates("  qu", 4).0, 2);
         assert_eq!(c.candidates("  qu", 4).1.len(), 3);
         assert_eq!(c.candidates("quit x", 6), (6, Vec::new()));
         assert_eq!(c.candidates("zz", 2), (0, Vec::new()));
+    }
+
+    #[test]
+    fn hmp_help_gives_command_names() {
+        let help = "announce_self [interfaces] [id] -- Trigger GARP/RARP announcements\r\n\
+                    info [subcommand] -- show various information\r\n\
+                    q|quit  -- quit the emulator\r\n";
+        assert_eq!(
+            hmp_command_names(help),
+            ["announce_self", "info", "q", "quit"]
+        );
+    }
+
+    #[test]
+    fn error_replies() {
+        let reply = serde_json::json!({"error": {"class": "GenericError", "desc": "boom"}});
+        assert_eq!(
+            reply_error(&reply),
+            Some(("GenericError".to_string(), "boom".to_string()))
+        );
+        assert_eq!(reply_error(&serde_json::json!({"return": {}})), None);
     }
 }

@@ -1,6 +1,6 @@
 //! SIGINT and SIGTERM for `run`, as messages on a channel instead of asynchronous handlers.
 //!
-//! [`Signals::install`] blocks both signals in the calling thread before any other thread
+//! [`install`] blocks both signals in the calling thread before any other thread
 //! exists, so every thread inherits the mask and none is interrupted; one small thread then
 //! takes them with `sigwait` and forwards them. No signal handler runs, so there is nothing
 //! async-signal-unsafe to get wrong, and no `unsafe` here. QEMU does not inherit the mask:
@@ -25,10 +25,7 @@ pub enum Received {
 /// Blocks SIGINT and SIGTERM in this thread (and so in every thread spawned after it), and
 /// starts the thread that sends each one as `wrap(Received)` on `sender` until the receiver
 /// is gone. Call it first thing, before anything spawns a thread.
-pub fn install<T: Send + 'static>(
-    sender: Sender<T>,
-    wrap: fn(Received) -> T,
-) -> Result<()> {
+pub fn install<T: Send + 'static>(sender: Sender<T>, wrap: fn(Received) -> T) -> Result<()> {
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);

@@ -31,19 +31,45 @@ fn usage_errors_are_status_2() {
 #[test]
 fn qemu_missing_is_status_4() {
     let r = run(
-        &["run", "--qemu", "/nonexistent/qemu-system-x86_64", "--exit-after-banner"],
+        &[
+            "run",
+            "--qemu",
+            "/nonexistent/qemu-system-x86_64",
+            "--exit-after-banner",
+        ],
         "",
         &[],
     );
     r.expect_code(4);
-    assert!(r.stderr.contains("/nonexistent/qemu-system-x86_64"), "{}", r.stderr);
-    assert_eq!(r.stderr.lines().filter(|l| l.starts_with("qemu-machine:")).count(), 1);
+    assert!(
+        r.stderr.contains("/nonexistent/qemu-system-x86_64"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        r.stderr
+            .lines()
+            .filter(|l| l.starts_with("qemu-machine:"))
+            .count(),
+        1
+    );
 
     let r = run(
-        &["wrap", "--qemu", "/nonexistent/qemu-system-x86_64", "--", "-M", "none"],
+        &[
+            "wrap",
+            "--qemu",
+            "/nonexistent/qemu-system-x86_64",
+            "--",
+            "-M",
+            "none",
+        ],
         "",
         &[],
     );
     r.expect_code(4);
-    assert!(r.stderr.contains("/nonexistent/qemu-system-x86_64"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("/nonexistent/qemu-system-x86_64"),
+        "{}",
+        r.stderr
+    );
 }

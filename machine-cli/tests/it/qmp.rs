@@ -22,7 +22,10 @@ fn prints_the_reply_compact_when_piped() {
 
 #[test]
 fn pretty_on_request() {
-    let s = serve(Script::new().on("query-status", vec![Action::reply(json!({"running": true}))]));
+    let s = serve(Script::new().on(
+        "query-status",
+        vec![Action::reply(json!({"running": true}))],
+    ));
     let r = run(&["qmp", "-p", s.addr(), "query-status"], "", &[]);
     r.expect_code(0);
     assert_eq!(r.stdout, "{\n    \"running\": true\n}\n");
@@ -48,7 +51,14 @@ fn key_value_arguments_are_typed_and_nested() {
     );
     r.expect_code(0);
     assert_eq!(r.stdout, "{}\n");
-    let args = s.server.commands().last().unwrap().arguments.clone().unwrap();
+    let args = s
+        .server
+        .commands()
+        .last()
+        .unwrap()
+        .arguments
+        .clone()
+        .unwrap();
     assert_eq!(
         Value::Object(args),
         json!({"driver": "null-co", "node-name": "n0", "size": 16777216,
@@ -66,7 +76,14 @@ fn args_as_json_and_address_from_the_environment() {
     );
     r.expect_code(0);
     assert_eq!(r.stdout, "[{\"name\":\"type\"}]\n");
-    let args = s.server.commands().last().unwrap().arguments.clone().unwrap();
+    let args = s
+        .server
+        .commands()
+        .last()
+        .unwrap()
+        .arguments
+        .clone()
+        .unwrap();
     assert_eq!(Value::Object(args), json!({"path": "/machine"}));
 }
 
@@ -111,11 +128,20 @@ fn bad_input_fails_before_connecting() {
     let dir = tempfile::tempdir().unwrap();
     let nowhere = dead_path(dir.path());
     for (args, needle) in [
-        (vec!["qmp", &nowhere, "cmd", "novalue"], "expected key=value"),
+        (
+            vec!["qmp", &nowhere, "cmd", "novalue"],
+            "expected key=value",
+        ),
         (vec!["qmp", &nowhere, "cmd", "a=1", "a=2"], "multiple times"),
-        (vec!["qmp", &nowhere, "cmd", "a=1", "a.b=2"], "both leaf and non-leaf"),
+        (
+            vec!["qmp", &nowhere, "cmd", "a=1", "a.b=2"],
+            "both leaf and non-leaf",
+        ),
         (vec!["qmp", &nowhere, "cmd", "o={\"a\":"], "invalid JSON"),
-        (vec!["qmp", &nowhere, "cmd", "--args", "[1]"], "must be a JSON object"),
+        (
+            vec!["qmp", &nowhere, "cmd", "--args", "[1]"],
+            "must be a JSON object",
+        ),
         (vec!["qmp", &nowhere, "cmd", "--args", "{"], "invalid JSON"),
         (vec!["qmp", "query-status"], "QMP_SOCKET"),
         (vec!["qmp", &nowhere], "no QMP command"),
@@ -145,7 +171,11 @@ fn garbage_reply_is_status_3() {
         "query-status",
         vec![Action::raw(b"this is not json\r\n".to_vec())],
     ));
-    let r = run(&["qmp", s.addr(), "query-status", "--timeout", "2s"], "", &[]);
+    let r = run(
+        &["qmp", s.addr(), "query-status", "--timeout", "2s"],
+        "",
+        &[],
+    );
     r.expect_code(3);
     assert!(r.stderr.contains("query-status"), "{}", r.stderr);
 }
@@ -175,7 +205,13 @@ fn reply_timeout_is_status_3_on_time() {
 fn greeting_that_never_comes_is_status_3_on_time() {
     let s = serve(Script::new().before_greeting(vec![Action::Stall]));
     let r = run(
-        &["qmp", s.addr(), "query-status", "--connect-timeout", "300ms"],
+        &[
+            "qmp",
+            s.addr(),
+            "query-status",
+            "--connect-timeout",
+            "300ms",
+        ],
         "",
         &[],
     );

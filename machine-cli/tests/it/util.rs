@@ -1,8 +1,9 @@
 //! Shared helpers: run the binary with a deadline, and start fake QMP servers on a path.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -133,4 +134,112 @@ pub fn serve(script: Script) -> Served {
 /// A socket path where nothing listens.
 pub fn dead_path(dir: &Path) -> String {
     dir.join("nobody.sock").to_string_lossy().into_owned()
+}
+
+/// A run of the binary whose stdout is read line by line while it runs, so a test can wait
+/// for the binary to reach a point before driving the fake server further.
+pub struct Live {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    stderr: thread::JoinHandle<String>,
+    started: Instant,
+}
+
+impl Live {
+    /// Starts `qemu-machine ARGS` with stdin closed.
+    pub fn start(args: &[&str], env: &[(&str, &str)]) -> Live {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_qemu-machine"));
+        command
+            .args(args)
+            .env_remove("QMP_SOCKET")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let started = Instant::now();
+        let mut child = command.spawn().expect("spawn qemu-machine");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let stderr = thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            s
+        });
+        Live {
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr,
+            started,
+        }
+    }
+
+    /// The next stdout line, waiting up to 10 s for it.
+    pub fn next_line(&mut self) -> String {
+        match self.lines.recv_timeout(Duration::from_secs(10)) {
+            Ok(line) => {
+                self.seen.push(line.clone());
+                line
+            }
+            Err(e) => {
+                let _ = self.child.kill();
+                panic!("no output line within 10 s ({e}); so far: {:?}", self.seen);
+            }
+        }
+    }
+
+    /// Waits (20 s at most) for the exit and returns everything it printed.
+    pub fn finish(mut self) -> Run {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "qemu-machine did not exit within 20 s; stdout so far: {:?}",
+                    self.seen
+                );
+            }
+            thread::sleep(Duration::from_millis(2));
+        };
+        let elapsed = self.started.elapsed();
+        // The reader thread ends at EOF, so the channel drains completely.
+        self.seen.extend(self.lines.iter());
+        let mut stdout = self.seen.join("\n");
+        if !stdout.is_empty() {
+            stdout.push('\n');
+        }
+        Run {
+            code: status.code(),
+            stdout,
+            stderr: self.stderr.join().expect("stderr reader"),
+            elapsed,
+        }
+    }
+}
+
+/// Waits until the client has negotiated with `server` (its first command).
+pub fn wait_negotiated(server: &FakeServer) {
+    let commands = server.wait_commands(1, Duration::from_secs(10));
+    assert_eq!(
+        commands.first().map(|c| c.execute.as_str()),
+        Some("qmp_capabilities"),
+        "the client never negotiated"
+    );
 }

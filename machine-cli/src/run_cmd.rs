@@ -1,0 +1,596 @@
+//! `qemu-machine run`: launch a VM through `machine-core` and stay attached until it ends.
+//!
+//! With no QEMU arguments it boots the built-in tiny guest (`machine_core::guest`) on q35 with
+//! qboot under TCG. The console goes to stdout as it arrives; on a terminal, what you type goes
+//! to the console line by line. Lifecycle lines and QMP events go to stderr in human form, or,
+//! with `--json`, everything (console text included) goes to stdout as JSON Lines with a
+//! `type` field: `launched`, `console`, `banner`, `event`, `stopping`, `exit`.
+//!
+//! Stopping is a ladder run from this loop, so the console and events keep flowing while it
+//! runs: `system_powerdown` (the guest may power off), then `quit`, then SIGTERM, then
+//! SIGKILL, each step with `--shutdown-timeout`. A first Ctrl-C (or SIGTERM, `--timeout`,
+//! `--exit-after-banner`) starts it; a second Ctrl-C kills QEMU at once. The loop wakes every
+//! [`TICK`] to move the console, events and the ladder along.
+//!
+//! The exit status says how the VM ended: 0 when it shut down cleanly (our request, or the
+//! guest powering off), QEMU's own code when it exited by itself with one (the tiny guest's
+//! `exit N` gives `2N+1`), 128+S when a signal S we did not send ended it, 137 when we had to
+//! kill it, 1 for another abnormal end (a guest reset with `-no-reboot`, a panic).
+
+use std::ffi::OsString;
+use std::io::{IsTerminal, Read, Write};
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use log::{debug, warn};
+use machine_core::guest::{self, GuestMachine};
+use machine_core::{EndedBy, ExitReport, Machine, MachineBuilder, ShutdownLadder, Step};
+use serde_json::{json, Value};
+
+use crate::address::Address;
+use crate::args::{Accel, RunArgs};
+use crate::error::{Error, Result};
+use crate::events_cmd;
+use crate::output;
+use crate::signals::{self, Received};
+
+/// How often the loop moves the console, events and shutdown ladder along.
+pub const TICK: Duration = Duration::from_millis(5);
+
+/// Exit status when we had to SIGKILL QEMU (128 + 9, as a shell reports it).
+const EXIT_KILLED: u8 = 137;
+
+/// What the helper threads tell the loop.
+enum Msg {
+    Signal(Received),
+    Stdin(Vec<u8>),
+}
+
+/// Where the stop ladder stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stopping {
+    /// Not stopping.
+    No,
+    /// `system_powerdown` sent; `quit` follows at the deadline.
+    Powerdown(Instant),
+    /// `quit` sent; SIGTERM (then SIGKILL) follows at the deadline.
+    Quit(Instant),
+}
+
+/// Prints lifecycle lines: human lines on stderr, or JSON Lines on stdout.
+struct Reporter {
+    json: bool,
+    start: Instant,
+}
+
+impl Reporter {
+    fn ms(&self) -> u128 {
+        self.start.elapsed().as_millis()
+    }
+
+    /// A lifecycle line: `text` for people, `object` (plus `type` and `ms`) for `--json`.
+    fn line(&self, kind: &str, text: &str, mut object: Value) -> Result<()> {
+        if self.json {
+            if let Value::Object(map) = &mut object {
+                map.insert("type".to_string(), Value::from(kind));
+                map.insert("ms".to_string(), Value::from(self.ms() as u64));
+            }
+            output::emit(&object.to_string())
+        } else {
+            eprintln!("[qemu-machine +{} ms] {text}", self.ms());
+            Ok(())
+        }
+    }
+
+    fn console(&self, bytes: &[u8]) -> Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        if self.json {
+            let text = String::from_utf8_lossy(bytes);
+            output::emit(&json!({"type": "console", "text": text}).to_string())
+        } else {
+            let mut stdout = std::io::stdout().lock();
+            stdout
+                .write_all(bytes)
+                .and_then(|()| stdout.flush())
+                .map_err(|source| Error::Io {
+                    what: "writing to stdout",
+                    source,
+                })
+        }
+    }
+
+    fn event(&self, event: &machine_core::qmp_proto::Event) -> Result<()> {
+        let view = events_cmd::view(event);
+        if self.json {
+            let mut object = view.to_value();
+            if let Value::Object(map) = &mut object {
+                map.insert("type".to_string(), Value::from("event"));
+            }
+            output::emit(&object.to_string())
+        } else {
+            eprintln!("[qemu-machine event] {}", view.human_line());
+            Ok(())
+        }
+    }
+}
+
+/// Runs `run`; returns the exit status derived from how the VM ended.
+pub fn run(args: RunArgs) -> Result<u8> {
+    let reporter = Reporter {
+        json: args.json,
+        start: Instant::now(),
+    };
+    let (tx, rx) = mpsc::channel::<Msg>();
+    // First, before machine-core starts any thread: every thread must inherit the mask.
+    signals::install(tx.clone(), Msg::Signal)?;
+
+    let tiny = args.qemu_args.is_empty();
+    let listen = args.qmp_listen.as_deref().map(Address::parse);
+    let mut machine = build(&args, listen.as_ref())?;
+    if tiny {
+        let guest_machine = match args.machine.as_deref() {
+            None | Some("q35") => GuestMachine::Q35,
+            Some("pc") => GuestMachine::Pc,
+            Some(other) => {
+                return Err(Error::TinyGuestMachine {
+                    machine: other.to_string(),
+                })
+            }
+        };
+        let dir = machine.temp_dir().map_err(|source| Error::Machine {
+            what: "creating the temp dir",
+            source,
+        })?;
+        let kernel = guest::write_kernel(dir).map_err(|source| Error::File {
+            path: dir.join(guest::KERNEL_FILE_NAME),
+            source,
+        })?;
+        machine.add_args(guest::qemu_args(&kernel, guest_machine));
+    }
+
+    machine.launch().map_err(|source| Error::Launch {
+        binary: args.qemu.clone(),
+        source,
+    })?;
+    let pid = machine.pid().unwrap_or_default();
+    let command = machine
+        .command_line()
+        .map(|c| c.to_string())
+        .unwrap_or_default();
+    reporter.line(
+        "launched",
+        &format!("launched qemu pid {pid}: {command}"),
+        json!({"pid": pid, "command": command}),
+    )?;
+    if let Some(address) = &listen {
+        reporter.line(
+            "listening",
+            &format!("QMP clients can connect to {address}"),
+            json!({"qmp": address.to_string()}),
+        )?;
+    }
+    if std::io::stdin().is_terminal() {
+        forward_stdin(tx)?;
+    } else {
+        drop(tx);
+    }
+
+    let banner = args
+        .banner
+        .clone()
+        .or_else(|| tiny.then(|| guest::BANNER.to_string()));
+    let outcome = attach(&mut machine, &args, &reporter, &rx, banner.as_deref());
+    let result = match outcome {
+        Ok(ended) => finish(&mut machine, &reporter, ended),
+        Err(error) => {
+            // Never leave QEMU behind, whatever failed in the loop.
+            if machine.is_running() {
+                if let Err(kill) = machine.kill() {
+                    warn!("killing qemu after an error: {kill}");
+                }
+            }
+            Err(error)
+        }
+    };
+    if let Some(Address::Unix(path)) = &listen {
+        remove_stale_socket(path);
+    }
+    result
+}
+
+/// The machine as configured by the options (the tiny guest's arguments come later).
+fn build(args: &RunArgs, listen: Option<&Address>) -> Result<Machine> {
+    let mut builder = MachineBuilder::new(&args.qemu);
+    builder
+        .greeting_timeout(args.launch_timeout)
+        .command_timeout(args.shutdown_timeout)
+        .console();
+    if let Some(path) = &args.console_log {
+        builder.console_log(path);
+    }
+    if !args.qemu_args.is_empty() {
+        if let Some(machine) = &args.machine {
+            builder.machine_type(machine);
+        }
+    }
+    builder.args(accel_args(args.accel));
+    if let Some(memory) = &args.memory {
+        builder.args(["-m", memory.as_str()]);
+    }
+    if let Some(address) = listen {
+        builder.args(["-qmp".into(), qmp_listen_option(address)?]);
+    }
+    builder.args(args.qemu_args.iter().cloned());
+    Ok(builder.build())
+}
+
+/// `-accel` arguments: `auto` tries KVM and falls back to TCG (QEMU does the fallback).
+fn accel_args(accel: Accel) -> Vec<&'static str> {
+    match accel {
+        Accel::Tcg => vec!["-accel", "tcg"],
+        Accel::Kvm => vec!["-accel", "kvm"],
+        Accel::Auto => vec!["-accel", "kvm", "-accel", "tcg"],
+    }
+}
+
+/// The `-qmp` value for an extra QMP server socket, with the path or host escaped so it cannot
+/// add options.
+fn qmp_listen_option(address: &Address) -> Result<OsString> {
+    match address {
+        Address::Unix(path) => {
+            let len = path.as_os_str().len();
+            if len > machine_core::UNIX_PATH_MAX {
+                return Err(Error::ListenPathTooLong {
+                    path: path.clone(),
+                    len,
+                    limit: machine_core::UNIX_PATH_MAX,
+                });
+            }
+            let mut value = OsString::from("unix:");
+            value.push(machine_core::escape_os_value(path.as_os_str()));
+            value.push(",server=on,wait=off");
+            Ok(value)
+        }
+        Address::Tcp(addr) => Ok(format!(
+            "tcp:{},server=on,wait=off",
+            machine_core::escape_value(addr)
+        )
+        .into()),
+    }
+}
+
+/// Removes the `--qmp-listen` socket file QEMU may leave behind (only if it is a socket).
+fn remove_stale_socket(path: &Path) {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            if let Err(error) = std::fs::remove_file(path) {
+                debug!("removing {}: {error}", path.display());
+            }
+        }
+    }
+}
+
+/// Forwards what is typed on the terminal to the loop, a read at a time (whole lines, as the
+/// terminal stays in its normal line mode so Ctrl-C still raises SIGINT).
+fn forward_stdin(tx: mpsc::Sender<Msg>) -> Result<()> {
+    thread::Builder::new()
+        .name("stdin".to_string())
+        .spawn(move || {
+            let mut stdin = std::io::stdin();
+            let mut buf = [0u8; 4096];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if tx.send(Msg::Stdin(buf[..n].to_vec())).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|source| Error::Io {
+            what: "starting the stdin thread",
+            source,
+        })
+}
+
+/// How the loop ended.
+enum Ended {
+    /// QEMU exited (by itself or after our ladder steps); collect the report.
+    Exited,
+    /// The ladder ran out of gentle steps: SIGTERM, then SIGKILL.
+    Terminate,
+    /// A second Ctrl-C: kill now.
+    Kill,
+}
+
+/// The attached loop: console, events, signals, stdin, the banner and the stop ladder.
+fn attach(
+    machine: &mut Machine,
+    args: &RunArgs,
+    reporter: &Reporter,
+    rx: &mpsc::Receiver<Msg>,
+    banner: Option<&str>,
+) -> Result<Ended> {
+    let step = args.shutdown_timeout;
+    let stop_at = args.timeout.map(|t| Instant::now() + t);
+    let mut banner_seen = banner.is_none();
+    let mut sent_lines = false;
+    let mut window: Vec<u8> = Vec::new();
+    let mut stopping = Stopping::No;
+    let mut events_open = true;
+    loop {
+        // Console output.
+        let bytes = machine
+            .console()
+            .map(|c| c.read_available())
+            .unwrap_or_default();
+        reporter.console(&bytes)?;
+        if let (false, Some(banner)) = (banner_seen, banner) {
+            window.extend_from_slice(&bytes);
+            if contains(&window, banner.as_bytes()) {
+                banner_seen = true;
+                reporter.line(
+                    "banner",
+                    &format!("banner seen: {banner:?}"),
+                    json!({"banner": banner}),
+                )?;
+            } else {
+                let keep = banner.len().saturating_sub(1);
+                let cut = window.len().saturating_sub(keep);
+                window.drain(..cut);
+            }
+        }
+        if banner_seen && !sent_lines {
+            sent_lines = true;
+            for line in &args.send {
+                if let Ok(console) = machine.console() {
+                    console.send_line(line).map_err(|source| Error::Console {
+                        what: "sending a --send line",
+                        source,
+                    })?;
+                }
+            }
+            if args.exit_after_banner && stopping == Stopping::No {
+                stopping = begin_stop(machine, reporter, "the banner appeared", step)?;
+            }
+        }
+
+        // QMP events (an error here means the connection is gone: QEMU is ending).
+        while events_open {
+            match machine.event(Duration::ZERO) {
+                Ok(Some(event)) => reporter.event(&event)?,
+                Ok(None) => break,
+                Err(error) => {
+                    debug!("event stream ended: {error}");
+                    events_open = false;
+                }
+            }
+        }
+
+        if !machine.is_running() {
+            return Ok(Ended::Exited);
+        }
+
+        // The ladder's deadlines and the overall timeout.
+        let now = Instant::now();
+        match stopping {
+            Stopping::No if stop_at.is_some_and(|at| now >= at) => {
+                stopping = begin_stop(machine, reporter, "--timeout elapsed", step)?;
+            }
+            Stopping::Powerdown(deadline) if now >= deadline => {
+                stopping = send_quit(machine, reporter, step)?;
+            }
+            Stopping::Quit(deadline) if now >= deadline => return Ok(Ended::Terminate),
+            _ => {}
+        }
+
+        // Wait for a signal or typed input, at most one tick.
+        match rx.recv_timeout(TICK) {
+            Ok(Msg::Signal(signal)) => {
+                let what = match signal {
+                    Received::Interrupt => "Ctrl-C",
+                    Received::Terminate => "SIGTERM",
+                };
+                if stopping == Stopping::No {
+                    stopping = begin_stop(machine, reporter, what, step)?;
+                } else {
+                    reporter.line(
+                        "stopping",
+                        &format!("{what} again: killing qemu"),
+                        json!({"step": "kill", "reason": what}),
+                    )?;
+                    return Ok(Ended::Kill);
+                }
+            }
+            Ok(Msg::Stdin(bytes)) => {
+                if let Ok(console) = machine.console() {
+                    if let Err(error) = console.send(&bytes) {
+                        warn!("typed input not sent to the console: {error}");
+                    }
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) | Err(mpsc::RecvTimeoutError::Disconnected) => {}
+        }
+    }
+}
+
+/// First rung: `system_powerdown`. A machine that refuses it goes straight to `quit`.
+fn begin_stop(
+    machine: &mut Machine,
+    reporter: &Reporter,
+    why: &str,
+    step: Duration,
+) -> Result<Stopping> {
+    reporter.line(
+        "stopping",
+        &format!("{why}: system_powerdown (up to {step:?}; Ctrl-C again kills)"),
+        json!({"step": "system_powerdown", "reason": why}),
+    )?;
+    match machine.cmd_with_timeout("system_powerdown", (), step) {
+        Ok(_) => Ok(Stopping::Powerdown(Instant::now() + step)),
+        Err(error) => {
+            debug!("system_powerdown failed: {error}");
+            send_quit(machine, reporter, step)
+        }
+    }
+}
+
+/// Second rung: `quit`.
+fn send_quit(machine: &mut Machine, reporter: &Reporter, step: Duration) -> Result<Stopping> {
+    reporter.line(
+        "stopping",
+        &format!("quit (up to {step:?})"),
+        json!({"step": "quit"}),
+    )?;
+    if let Err(error) = machine.cmd_with_timeout("quit", (), step) {
+        // QEMU may already be gone; the exit check or the next rung decides.
+        debug!("quit failed: {error}");
+    }
+    Ok(Stopping::Quit(Instant::now() + step))
+}
+
+/// Collects the exit report (running the last rungs when needed), prints what is left of the
+/// console and events, then the report; returns the exit status.
+fn finish(machine: &mut Machine, reporter: &Reporter, ended: Ended) -> Result<u8> {
+    let ladder = match ended {
+        // Already exited: this only reaps and cleans up.
+        Ended::Exited => ShutdownLadder::wait(Duration::from_secs(5)),
+        Ended::Terminate => {
+            reporter.line(
+                "stopping",
+                "SIGTERM (then SIGKILL)",
+                json!({"step": "sigterm"}),
+            )?;
+            ShutdownLadder::new([Step::Signal {
+                signal: nix::sys::signal::Signal::SIGTERM as i32,
+                timeout: Duration::from_secs(5),
+            }])
+        }
+        Ended::Kill => ShutdownLadder::hard(),
+    };
+    let (report, abnormal) = match machine.shutdown_with(&ladder) {
+        Ok(report) => (report, None),
+        Err(machine_core::Error::AbnormalShutdown { report, cause }) => (*report, Some(cause)),
+        Err(source) => {
+            return Err(Error::Machine {
+                what: "ending qemu",
+                source,
+            })
+        }
+    };
+    // What arrived between the last tick and the exit.
+    if let Ok(console) = machine.console() {
+        let rest = console.read_available();
+        reporter.console(&rest)?;
+    }
+    while let Ok(Some(event)) = machine.event(Duration::ZERO) {
+        reporter.event(&event)?;
+    }
+    if let Some(cause) = &abnormal {
+        warn!("qemu had to be killed: {cause}");
+    }
+    let code = exit_code(&report);
+    print_report(reporter, &report, code)?;
+    Ok(code)
+}
+
+fn print_report(reporter: &Reporter, report: &ExitReport, code: u8) -> Result<()> {
+    if reporter.json {
+        let steps: Vec<Value> = report
+            .steps
+            .iter()
+            .map(|s| {
+                json!({
+                    "step": s.step.to_string(),
+                    "started_ms": s.started.as_millis() as u64,
+                    "elapsed_ms": s.elapsed.as_millis() as u64,
+                    "outcome": format!("{:?}", s.outcome),
+                })
+            })
+            .collect();
+        reporter.line(
+            "exit",
+            "",
+            json!({
+                "ended_by": report.ended_by.to_string(),
+                "status": report.status.to_string(),
+                "exit_code": code,
+                "uptime_ms": report.uptime.as_millis() as u64,
+                "steps": steps,
+                "shutdown_reason": report.shutdown_event.as_ref().map(|s| s.reason.clone()),
+                "output_tail": report.output_tail,
+            }),
+        )
+    } else {
+        // The console may have left the cursor mid-line.
+        eprintln!();
+        reporter.line("exit", &format!("exit status {code}"), Value::Null)?;
+        eprintln!("{}", report.to_string().trim_end());
+        Ok(())
+    }
+}
+
+/// The exit status for how the VM ended (see the module docs).
+pub fn exit_code(report: &ExitReport) -> u8 {
+    match &report.ended_by {
+        EndedBy::Quit
+        | EndedBy::Powerdown { .. }
+        | EndedBy::OurSignal { .. }
+        | EndedBy::Host { .. } => 0,
+        EndedBy::Guest { reason } if reason == "guest-shutdown" => 0,
+        EndedBy::Guest { .. } => 1,
+        EndedBy::Kill => EXIT_KILLED,
+        EndedBy::Exited { code } => u8::try_from(*code).ok().filter(|c| *c != 0).unwrap_or(1),
+        EndedBy::ExternalSignal { signal } | EndedBy::Crash { signal } => {
+            u8::try_from(128 + signal).unwrap_or(1)
+        }
+        _ => 1,
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accel_choices() {
+        assert_eq!(accel_args(Accel::Tcg), ["-accel", "tcg"]);
+        assert_eq!(accel_args(Accel::Auto), ["-accel", "kvm", "-accel", "tcg"]);
+    }
+
+    #[test]
+    fn listen_options_are_escaped() {
+        assert_eq!(
+            qmp_listen_option(&Address::Unix("/tmp/a,wait=on".into())).unwrap(),
+            "unix:/tmp/a,,wait=on,server=on,wait=off"
+        );
+        assert_eq!(
+            qmp_listen_option(&Address::Tcp("127.0.0.1:4444".into())).unwrap(),
+            "tcp:127.0.0.1:4444,server=on,wait=off"
+        );
+        let long = format!("/tmp/{}", "x".repeat(120));
+        assert!(matches!(
+            qmp_listen_option(&Address::Unix(long.into())),
+            Err(Error::ListenPathTooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn banner_search() {
+        assert!(contains(b"xx ready yy", b"ready"));
+        assert!(!contains(b"rea", b"ready"));
+        assert!(!contains(b"abc", b""));
+    }
+}

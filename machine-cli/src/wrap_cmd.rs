@@ -1,0 +1,103 @@
+//! `qemu-machine wrap -- QEMU ARGS...`: launch QEMU through `machine-core` and open the shell
+//! on its QMP monitor (qmp-shell-wrap, without its socket file in the current directory: the
+//! monitor is a socketpair).
+//!
+//! When the shell ends (Ctrl-D, or `quit`), a QEMU still running is shut down (`quit`, then
+//! SIGKILL after the timeout) and the exit report goes to stderr.
+
+use std::time::Duration;
+
+use log::warn;
+use machine_core::qmp_proto::Event;
+use machine_core::{Args, Machine, MachineBuilder, ShutdownLadder};
+use serde_json::Value;
+
+use crate::args::WrapArgs;
+use crate::error::{Error, Result};
+use crate::lang::Request;
+use crate::shell::{self, Monitor, MonitorError};
+
+/// How long QEMU gets to exit after `quit` when the shell ends with QEMU still running.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Monitor for Machine {
+    fn request(&mut self, request: &Request) -> std::result::Result<Value, MonitorError> {
+        let args = match &request.arguments {
+            Some(map) => Args::exact(Value::Object(map.clone())),
+            None => Args::none(),
+        };
+        self.qmp(&request.execute, args)
+            .map_err(|e| from_machine(&request.execute, e))
+    }
+
+    fn poll_events(&mut self) -> std::result::Result<Vec<Event>, MonitorError> {
+        let mut events = Vec::new();
+        loop {
+            match self.event(Duration::ZERO) {
+                Ok(Some(event)) => events.push(event),
+                Ok(None) => return Ok(events),
+                Err(_) if !events.is_empty() => return Ok(events),
+                Err(e) => return Err(from_machine("events", e)),
+            }
+        }
+    }
+}
+
+/// Sorts a machine error into closed, lost or failed, like a client error.
+fn from_machine(command: &str, error: machine_core::Error) -> MonitorError {
+    match error {
+        machine_core::Error::Qmp { source, .. } => MonitorError::from_client(command, source),
+        machine_core::Error::NotRunning => MonitorError::Closed,
+        other => MonitorError::Failed(Error::Machine {
+            what: "the QMP command",
+            source: other,
+        }),
+    }
+}
+
+/// Runs `wrap`.
+pub fn run(args: WrapArgs) -> Result<u8> {
+    let mut builder = MachineBuilder::new(&args.qemu);
+    builder
+        .greeting_timeout(args.launch_timeout)
+        .command_timeout(args.shell.timeout)
+        .args(args.qemu_args.iter().cloned());
+    let mut machine = builder.build();
+    machine.launch().map_err(|source| Error::Launch {
+        binary: args.qemu.clone(),
+        source,
+    })?;
+    let banner = match machine
+        .qmp_connection()
+        .ok()
+        .and_then(|c| c.greeting().cloned())
+    {
+        Some(greeting) => {
+            let v = greeting.version.qemu;
+            format!(
+                "Connected to QEMU {}.{}.{} (pid {})",
+                v.major,
+                v.minor,
+                v.micro,
+                machine.pid().unwrap_or_default()
+            )
+        }
+        None => "Connected to QEMU".to_string(),
+    };
+    let peer = format!("qemu pid {}", machine.pid().unwrap_or_default());
+    let outcome = shell::run(&mut machine, &args.shell, &banner, &peer);
+    let ended = if machine.is_running() {
+        machine.shutdown_with(&ShutdownLadder::graceful(QUIT_TIMEOUT))
+    } else {
+        machine.wait(Duration::from_secs(5))
+    };
+    match ended {
+        Ok(report) => eprintln!("{}", report.to_string().trim_end()),
+        Err(machine_core::Error::AbnormalShutdown { report, cause }) => {
+            warn!("qemu had to be killed: {cause}");
+            eprintln!("{}", report.to_string().trim_end());
+        }
+        Err(error) => warn!("ending qemu: {error}"),
+    }
+    outcome
+}
