@@ -445,12 +445,13 @@ mod tests {
 
     #[test]
     fn encodings_match_the_manual() {
-        // Reference bytes checked against GNU as (`as --32`) while writing the emitter.
+        // Reference bytes checked against GNU as (`as --32`) while writing the emitter; for
+        // `and eax, imm32` as picks the equivalent short `25 id` form, which we never emit.
         let mut asm = Asm::new(0x100000);
         asm.mov_imm(R32::Esp, 0x0010_2000); // bc 00 20 10 00
         asm.mov(R32::Ecx, R32::Edi); // 89 f9
         asm.cmp_imm(R32::Ecx, 9); // 83 f9 09
-        asm.and_imm(R32::Eax, 0xffc0); // 81 e0 c0 ff 00 00 (we never use the short A-forms)
+        asm.and_imm(R32::Eax, 0xffc0); // 81 e0 c0 ff 00 00
         asm.imul_imm8(R32::Eax, R32::Eax, 10); // 6b c0 0a
         asm.movzx_byte(R32::Ecx, R32::Esi); // 0f b6 0e
         asm.test_ax(0x100); // 66 a9 00 01

@@ -79,6 +79,12 @@ pub fn scenarios() -> Vec<Scenario> {
             run: |ctx| system_powerdown(ctx, GuestMachine::Pc),
         },
         Scenario {
+            name: "guest-error-paths-without-devices",
+            accels: BOTH,
+            timeout: seabios,
+            run: error_paths,
+        },
+        Scenario {
             name: "guest-panic-reboots",
             accels: BOTH,
             timeout,
@@ -112,10 +118,20 @@ impl GuestVm {
     /// arguments; returns once QMP is negotiated (the guest may still be booting).
     pub fn launch(ctx: &Ctx, machine: GuestMachine, extra: &[&str]) -> Result<GuestVm, String> {
         let kernel = ctx.write_guest_kernel()?;
+        GuestVm::launch_with(ctx, guest::qemu_args(&kernel, machine), extra)
+    }
+
+    /// Like [`GuestVm::launch`], with the machine arguments given in full (for machines
+    /// [`guest::qemu_args`] does not describe, e.g. without the `isa-debug-exit` device).
+    pub fn launch_with(
+        ctx: &Ctx,
+        machine_args: Vec<std::ffi::OsString>,
+        extra: &[&str],
+    ) -> Result<GuestVm, String> {
         let (console_ours, console_theirs) = socketpair()?;
         let (qmp_ours, qmp_theirs) = socketpair()?;
         let mut cmd = ctx.qemu_command();
-        cmd.args(guest::qemu_args(&kernel, machine))
+        cmd.args(machine_args)
             .args(ctx.accel_args())
             .args(["-nodefaults", "-display", "none"]);
         let console_fd = cmd.pass_fd(console_theirs);
@@ -527,6 +543,46 @@ fn panic_no_reboot(ctx: &Ctx) -> Result<(), String> {
     vm.send(Command::Panic)?;
     let shutdown = vm.qmp.wait_event("SHUTDOWN", ctx.deadline)?;
     expect_data(&shutdown, &json!({"guest": true, "reason": "guest-reset"}))?;
+    let status = vm.qemu.wait_until(ctx.deadline)?;
+    if status.code() != Some(0) {
+        return Err(format!("expected exit 0, got {}", describe_status(status)));
+    }
+    Ok(())
+}
+
+/// Without an `isa-debug-exit` device and without ACPI (`-M pc,acpi=off` has no PIIX4 PM
+/// function), `exit` and `poweroff` report errors and the guest keeps serving; QMP `quit` then
+/// ends it.
+fn error_paths(ctx: &Ctx) -> Result<(), String> {
+    let kernel = ctx.write_guest_kernel()?;
+    let args = ["-M", "pc,acpi=off", "-kernel"]
+        .iter()
+        .map(Into::into)
+        .chain([kernel.into_os_string()])
+        .collect();
+    let mut vm = GuestVm::launch_with(ctx, args, &[])?;
+    vm.wait_ready(ctx)?;
+    let steps = [
+        (Command::Exit(3), "ERR no isa-debug-exit device"),
+        (Command::Poweroff, "ERR no ACPI PM found"),
+    ];
+    for (command, error) in steps {
+        vm.send(command)?;
+        let found = vm.wait_console(guest::PROMPT, ctx)?;
+        let expected = format!("{command}\r\n{error}\r\n{}", guest::PROMPT);
+        if found.text() != expected.as_bytes() {
+            return Err(format!(
+                "{command}: expected {expected:?}, got {:?}",
+                found.text_lossy()
+            ));
+        }
+    }
+    vm.qmp.execute("quit", ctx.deadline)?;
+    let shutdown = vm.qmp.wait_event("SHUTDOWN", ctx.deadline)?;
+    expect_data(
+        &shutdown,
+        &json!({"guest": false, "reason": "host-qmp-quit"}),
+    )?;
     let status = vm.qemu.wait_until(ctx.deadline)?;
     if status.code() != Some(0) {
         return Err(format!("expected exit 0, got {}", describe_status(status)));
