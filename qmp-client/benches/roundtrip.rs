@@ -50,7 +50,15 @@ fn spawn_qemu() -> (Qemu, UnixStream, UnixStream) {
     let a = inheritable(&client_peer);
     let b = inheritable(&raw_peer);
     let child = Command::new(qemu)
-        .args(["-M", "none", "-nodefaults", "-display", "none", "-accel", "tcg"])
+        .args([
+            "-M",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-accel",
+            "tcg",
+        ])
         .args(["-chardev", &format!("socket,id=mon0,fd={a}")])
         .args(["-mon", "chardev=mon0,mode=control"])
         .args(["-chardev", &format!("socket,id=mon1,fd={b}")])
@@ -101,9 +109,8 @@ impl Raw {
 /// CPU time of this thread so far: (user, system).
 fn thread_cpu() -> Cpu {
     let usage = getrusage(UsageWho::RUSAGE_THREAD).expect("getrusage");
-    let tv = |t: nix::sys::time::TimeVal| {
-        Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000)
-    };
+    let tv =
+        |t: nix::sys::time::TimeVal| Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000);
     Cpu {
         user: tv(usage.user_time()),
         system: tv(usage.system_time()),
@@ -187,8 +194,16 @@ fn main() {
         )
     };
     println!("qmp-client roundtrip: {n} query-status round trips per side, QEMU -M none (tcg)");
-    println!("  raw blocking loop : {:8.1} us/round trip, {}", us(raw_wall), cpu(raw_cpu));
-    println!("  qmp_client        : {:8.1} us/round trip, {}", us(client_wall), cpu(client_cpu));
+    println!(
+        "  raw blocking loop : {:8.1} us/round trip, {}",
+        us(raw_wall),
+        cpu(raw_cpu)
+    );
+    println!(
+        "  qmp_client        : {:8.1} us/round trip, {}",
+        us(client_wall),
+        cpu(client_cpu)
+    );
     println!(
         "  ratio client/raw  : {ratio:.3}x (target <= 1.1x); client CPU {:.2} us/round trip (target <= 10 us)",
         us(client_cpu.user + client_cpu.system)

@@ -16,14 +16,24 @@ use crate::util::{args, assert_near, config, connect, connect_with, timed};
 #[test]
 fn execute_returns_value_and_typed_errors() {
     let script = Script::new()
-        .on("query-status", vec![Action::reply(json!({"status": "running", "running": true}))])
+        .on(
+            "query-status",
+            vec![Action::reply(json!({"status": "running", "running": true}))],
+        )
         .on("query-list", vec![Action::reply(json!([1, 2, 3]))])
-        .on("device_del", vec![Action::error("DeviceNotFound", "Device 'x' not found")]);
+        .on(
+            "device_del",
+            vec![Action::error("DeviceNotFound", "Device 'x' not found")],
+        );
     let (_server, mut conn) = connect(script);
     assert_eq!(conn.execute("query-status", None).unwrap()["running"], true);
     assert_eq!(conn.execute("query-list", None).unwrap(), json!([1, 2, 3]));
     match conn.execute("device_del", Some(args(json!({"id": "x"})))) {
-        Err(Error::Command { command, class, desc }) => {
+        Err(Error::Command {
+            command,
+            class,
+            desc,
+        }) => {
             assert_eq!(command, "device_del");
             assert_eq!(class, ErrorClass::DeviceNotFound);
             assert_eq!(desc, "Device 'x' not found");
@@ -99,16 +109,30 @@ fn in_flight_limit_is_eight() {
     assert_eq!(conn.session().in_flight(), MAX_IN_FLIGHT);
     // The 9th cannot be sent: it times out waiting for a slot, and was never written.
     let (res, took) = timed(|| conn.execute_with_timeout("hold", None, Duration::from_millis(200)));
-    assert!(matches!(res, Err(Error::CommandTimeout { ref command, .. }) if command == "hold"), "{res:?}");
+    assert!(
+        matches!(res, Err(Error::CommandTimeout { ref command, .. }) if command == "hold"),
+        "{res:?}"
+    );
     assert_near(took, Duration::from_millis(200));
-    assert_eq!(server.wait_commands(1 + MAX_IN_FLIGHT, Duration::from_secs(5)).len(), 1 + MAX_IN_FLIGHT);
+    assert_eq!(
+        server
+            .wait_commands(1 + MAX_IN_FLIGHT, Duration::from_secs(5))
+            .len(),
+        1 + MAX_IN_FLIGHT
+    );
     // Release one: its reply frees a slot.
     let first = held.lock().unwrap()[0].clone();
     server.inject(vec![Action::Send(json!({"return": {}, "id": first}))]);
-    conn.wait_reply(ids[0], Instant::now() + Duration::from_secs(5)).unwrap();
+    conn.wait_reply(ids[0], Instant::now() + Duration::from_secs(5))
+        .unwrap();
     assert_eq!(conn.session().in_flight(), MAX_IN_FLIGHT - 1);
     conn.send(Command::new("release")).unwrap();
-    assert_eq!(server.wait_commands(2 + MAX_IN_FLIGHT, Duration::from_secs(5)).len(), 2 + MAX_IN_FLIGHT);
+    assert_eq!(
+        server
+            .wait_commands(2 + MAX_IN_FLIGHT, Duration::from_secs(5))
+            .len(),
+        2 + MAX_IN_FLIGHT
+    );
 }
 
 /// exec-oob replies may overtake in-band ones; each still reaches its caller.
@@ -133,11 +157,16 @@ fn oob_reply_overtakes_inband() {
     let (server, mut conn) = connect(script);
     let slow = conn.send(Command::new("slow")).unwrap();
     assert_eq!(conn.execute_oob("fast", None).unwrap(), json!("fast"));
-    match conn.wait_reply(slow, Instant::now() + Duration::from_secs(5)).unwrap() {
+    match conn
+        .wait_reply(slow, Instant::now() + Duration::from_secs(5))
+        .unwrap()
+    {
         ServerMessage::Return(r) => assert_eq!(r.ret, json!("slow")),
         other => panic!("{other:?}"),
     }
-    assert!(String::from_utf8(server.received()).unwrap().contains(r#"{"exec-oob":"fast","id":3}"#));
+    assert!(String::from_utf8(server.received())
+        .unwrap()
+        .contains(r#"{"exec-oob":"fast","id":3}"#));
 }
 
 /// #14 and #23: unknown ids (and ids of another JSON type) are dropped and counted.
@@ -164,11 +193,20 @@ fn unknown_ids_are_dropped_and_counted() {
 #[test]
 fn late_reply_after_timeout_is_dropped() {
     let script = Script::new()
-        .on("slow", vec![Action::Sleep(Duration::from_millis(300)), Action::reply(json!("late"))])
+        .on(
+            "slow",
+            vec![
+                Action::Sleep(Duration::from_millis(300)),
+                Action::reply(json!("late")),
+            ],
+        )
         .on("next", vec![Action::reply(json!("next"))]);
     let (_server, mut conn) = connect(script);
     let (res, took) = timed(|| conn.execute_with_timeout("slow", None, Duration::from_millis(100)));
-    assert!(matches!(res, Err(Error::CommandTimeout { ref command, .. }) if command == "slow"), "{res:?}");
+    assert!(
+        matches!(res, Err(Error::CommandTimeout { ref command, .. }) if command == "slow"),
+        "{res:?}"
+    );
     assert_near(took, Duration::from_millis(100));
     assert_eq!(conn.execute("next", None).unwrap(), json!("next"));
     assert_eq!(conn.unknown_replies(), 1);
@@ -179,31 +217,50 @@ fn late_reply_after_timeout_is_dropped() {
 /// calls fail at once with Disconnected carrying it.
 #[test]
 fn idless_error_ends_session() {
-    let script = Script::new()
-        .on("held", vec![])
-        .on("boom", vec![Action::Send(json!({"error": {"class": "GenericError", "desc": "JSON parse error"}}))]);
+    let script = Script::new().on("held", vec![]).on(
+        "boom",
+        vec![Action::Send(
+            json!({"error": {"class": "GenericError", "desc": "JSON parse error"}}),
+        )],
+    );
     let (_server, mut conn) = connect(script);
     let held = conn.send(Command::new("held")).unwrap();
     match conn.execute("boom", None) {
         Err(Error::Disconnected { cause }) => {
-            assert!(matches!(*cause, Error::ServerParse { ref desc, .. } if desc == "JSON parse error"))
+            assert!(
+                matches!(*cause, Error::ServerParse { ref desc, .. } if desc == "JSON parse error")
+            )
         }
         other => panic!("expected Disconnected(ServerParse), got {other:?}"),
     }
     let (res, took) = timed(|| conn.wait_reply(held, Instant::now() + Duration::from_secs(5)));
     assert!(matches!(res, Err(Error::Disconnected { .. })), "{res:?}");
     assert!(took < Duration::from_millis(50));
-    assert!(matches!(conn.execute("x", None), Err(Error::Disconnected { .. })));
+    assert!(matches!(
+        conn.execute("x", None),
+        Err(Error::Disconnected { .. })
+    ));
     assert!(!conn.is_connected());
 }
 
 /// #15: an id-less error goes to the pending id-less command.
 #[test]
 fn idless_error_goes_to_idless_command() {
-    let script = Script::new().on("parse-me", vec![Action::Send(json!({"error": {"class": "GenericError", "desc": "bad"}}))]);
+    let script = Script::new().on(
+        "parse-me",
+        vec![Action::Send(
+            json!({"error": {"class": "GenericError", "desc": "bad"}}),
+        )],
+    );
     let (server, mut conn) = connect(script);
-    let id = conn.session_mut().send_without_id(Command::new("parse-me")).unwrap();
-    match conn.wait_reply(id, Instant::now() + Duration::from_secs(5)).unwrap() {
+    let id = conn
+        .session_mut()
+        .send_without_id(Command::new("parse-me"))
+        .unwrap();
+    match conn
+        .wait_reply(id, Instant::now() + Duration::from_secs(5))
+        .unwrap()
+    {
         ServerMessage::Error(e) => assert_eq!(e.error.desc, "bad"),
         other => panic!("{other:?}"),
     }
@@ -216,7 +273,9 @@ fn idless_error_goes_to_idless_command() {
 fn malformed_reply_fails_only_that_command() {
     let script = Script::new()
         .on_fn("no-return", |cmd| vec![Action::Send(json!({"id": cmd.id}))])
-        .on_fn("bad-error", |cmd| vec![Action::Send(json!({"error": {"desc": 1}, "id": cmd.id}))])
+        .on_fn("bad-error", |cmd| {
+            vec![Action::Send(json!({"error": {"desc": 1}, "id": cmd.id}))]
+        })
         .on("good", vec![Action::reply(json!(1))]);
     let (_server, mut conn) = connect(script);
     for name in ["no-return", "bad-error"] {
@@ -249,11 +308,15 @@ fn quit_then_connection_reset_is_clean() {
     let (client, server) = UnixStream::pair().unwrap();
     let peer = std::thread::spawn(move || {
         let mut server = server;
-        server.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n").unwrap();
+        server
+            .write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n")
+            .unwrap();
         let mut buf = [0u8; 256];
         let n = server.read(&mut buf).unwrap();
         assert!(n > 0);
-        server.write_all(b"{\"return\": {}, \"id\": 1}\r\n").unwrap();
+        server
+            .write_all(b"{\"return\": {}, \"id\": 1}\r\n")
+            .unwrap();
         // Read only part of `quit` and exit: the unread rest makes the kernel reset.
         let mut part = [0u8; 4];
         server.read_exact(&mut part).unwrap();
@@ -268,11 +331,15 @@ fn quit_then_connection_reset_is_clean() {
 /// EOF without quit: pending calls fail at once with Disconnected(Eof).
 #[test]
 fn eof_fails_pending_commands() {
-    let script = Script::new().on("held", vec![]).on("die", vec![Action::Close]);
+    let script = Script::new()
+        .on("held", vec![])
+        .on("die", vec![Action::Close]);
     let (_server, mut conn) = connect(script);
     let held = conn.send(Command::new("held")).unwrap();
     match conn.execute("die", None) {
-        Err(Error::Disconnected { cause }) => assert!(matches!(*cause, Error::Eof { .. }), "{cause:?}"),
+        Err(Error::Disconnected { cause }) => {
+            assert!(matches!(*cause, Error::Eof { .. }), "{cause:?}")
+        }
         other => panic!("{other:?}"),
     }
     assert!(matches!(
@@ -297,7 +364,10 @@ fn close_is_clean() {
 /// here: a server that never answers a command gives CommandTimeout on time.
 #[test]
 fn command_timeout_is_accurate() {
-    let (_server, conn) = connect_with(Script::new().on("stuck", vec![]), &config().with_command_timeout(Duration::from_millis(250)));
+    let (_server, conn) = connect_with(
+        Script::new().on("stuck", vec![]),
+        &config().with_command_timeout(Duration::from_millis(250)),
+    );
     let mut conn = conn.unwrap();
     let (res, took) = timed(|| conn.execute("stuck", None));
     assert!(matches!(res, Err(Error::CommandTimeout { .. })), "{res:?}");

@@ -55,7 +55,10 @@ fn sixteen_threads_each_get_their_own_replies() {
     }
     let sent = server.commands();
     assert_eq!(sent.len(), 1 + THREADS * PER_THREAD);
-    let ids: HashSet<u64> = sent.iter().map(|c| c.id.as_ref().unwrap().as_u64().unwrap()).collect();
+    let ids: HashSet<u64> = sent
+        .iter()
+        .map(|c| c.id.as_ref().unwrap().as_u64().unwrap())
+        .collect();
     assert_eq!(ids.len(), sent.len(), "ids are unique");
     assert!(!shared.drain_events().is_empty());
     assert_eq!(shared.unknown_replies(), 0);
@@ -75,11 +78,18 @@ fn threads_respect_the_in_flight_limit() {
     let threads: Vec<_> = (0..12)
         .map(|_| {
             let shared = shared.clone();
-            std::thread::spawn(move || shared.execute_with_timeout("hold", None, Duration::from_millis(300)))
+            std::thread::spawn(move || {
+                shared.execute_with_timeout("hold", None, Duration::from_millis(300))
+            })
         })
         .collect();
     let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-    assert!(results.iter().all(|r| matches!(r, Err(Error::CommandTimeout { .. }))), "{results:?}");
+    assert!(
+        results
+            .iter()
+            .all(|r| matches!(r, Err(Error::CommandTimeout { .. }))),
+        "{results:?}"
+    );
     assert_eq!(in_server.load(Ordering::SeqCst), MAX_IN_FLIGHT);
     assert_eq!(server.commands().len(), 1 + MAX_IN_FLIGHT);
 }
@@ -87,7 +97,9 @@ fn threads_respect_the_in_flight_limit() {
 /// Shared: a failure reaches every waiting thread at once.
 #[test]
 fn shared_failure_reaches_all_waiters() {
-    let script = Script::new().on("hold", vec![]).on("die", vec![Action::Close]);
+    let script = Script::new()
+        .on("hold", vec![])
+        .on("die", vec![Action::Close]);
     let (server, conn) = connect(script);
     let shared = Shared::new(conn).unwrap();
     let waiters: Vec<_> = (0..4)
@@ -114,7 +126,10 @@ fn large_command_to_slow_reader() {
     let script = Script::new()
         .read_slowly(64 * 1024, Duration::from_millis(10))
         .on_fn("big", |cmd| {
-            let len = cmd.arguments.as_ref().unwrap()["data"].as_str().unwrap().len();
+            let len = cmd.arguments.as_ref().unwrap()["data"]
+                .as_str()
+                .unwrap()
+                .len();
             vec![Action::reply(json!(len))]
         });
     let (server, mut conn) = connect(script);
@@ -122,7 +137,10 @@ fn large_command_to_slow_reader() {
     let (res, took) = timed(|| conn.execute("big", Some(args(json!({"data": big})))));
     let cpu = thread_cpu() - cpu_before;
     assert_eq!(res.unwrap(), json!(1024 * 1024));
-    assert!(took >= Duration::from_millis(100), "the peer was slow: {took:?}");
+    assert!(
+        took >= Duration::from_millis(100),
+        "the peer was slow: {took:?}"
+    );
     assert!(cpu < took / 2, "no busy spin: {cpu:?} of CPU in {took:?}");
     assert_eq!(server.commands().len(), 2);
 }
@@ -138,12 +156,20 @@ fn thread_cpu() -> Duration {
 /// (signal(7)), with no handler needed; the wait resumes and the reply still arrives.
 #[test]
 fn eintr_is_retried() {
-    let script = Script::new().on("slow", vec![Action::Sleep(Duration::from_millis(400)), Action::reply(json!("ok"))]);
+    let script = Script::new().on(
+        "slow",
+        vec![
+            Action::Sleep(Duration::from_millis(400)),
+            Action::reply(json!("ok")),
+        ],
+    );
     let (_server, mut conn) = connect(script);
     let pid = std::process::id();
     let mut kicker = std::process::Command::new("sh")
         .arg("-c")
-        .arg(format!("sleep 0.1; kill -STOP {pid}; sleep 0.05; kill -CONT {pid}"))
+        .arg(format!(
+            "sleep 0.1; kill -STOP {pid}; sleep 0.05; kill -CONT {pid}"
+        ))
         .spawn()
         .unwrap();
     let res = conn.execute("slow", None);
@@ -159,7 +185,11 @@ fn caller_driven_poll() {
     let mut poll = Poll::new().unwrap();
     let raw = conn.as_raw_fd();
     poll.registry()
-        .register(&mut SourceFd(&raw), Token(7), Interest::READABLE | Interest::WRITABLE)
+        .register(
+            &mut SourceFd(&raw),
+            Token(7),
+            Interest::READABLE | Interest::WRITABLE,
+        )
         .unwrap();
     let id = conn.session_mut().send(Command::new("q")).unwrap();
     let mut events = Events::with_capacity(4);
@@ -170,8 +200,12 @@ fn caller_driven_poll() {
             break reply.unwrap();
         }
         assert!(Instant::now() < deadline, "no reply");
-        poll.poll(&mut events, Some(Duration::from_millis(100))).unwrap();
+        poll.poll(&mut events, Some(Duration::from_millis(100)))
+            .unwrap();
     };
-    assert!(matches!(reply, ServerMessage::Return(ref r) if r.ret == json!(7)), "{reply:?}");
+    assert!(
+        matches!(reply, ServerMessage::Return(ref r) if r.ret == json!(7)),
+        "{reply:?}"
+    );
     assert_eq!(conn.session_mut().pop_event().unwrap().event, "E");
 }

@@ -14,7 +14,11 @@ use crate::util::{args, assert_near, config, connect, connect_with, timed};
 fn events_between_command_and_reply_are_queued_in_order() {
     let script = Script::new().on(
         "stop",
-        vec![Action::event("A", None), Action::event("STOP", None), Action::reply(json!({}))],
+        vec![
+            Action::event("A", None),
+            Action::event("STOP", None),
+            Action::reply(json!({})),
+        ],
     );
     let (_server, mut conn) = connect(script);
     conn.execute("stop", None).unwrap();
@@ -52,8 +56,12 @@ fn wait_event_total_deadline_keeps_other_events() {
     );
     let (server, mut conn) = connect(script);
     conn.send(qmp_proto::Command::new("noise")).unwrap();
-    let (res, took) = timed(|| conn.wait_event(&[EventFilter::new("WANTED")], Duration::from_millis(250)));
-    assert!(matches!(res, Err(Error::EventTimeout { ref names, .. }) if names == "WANTED"), "{res:?}");
+    let (res, took) =
+        timed(|| conn.wait_event(&[EventFilter::new("WANTED")], Duration::from_millis(250)));
+    assert!(
+        matches!(res, Err(Error::EventTimeout { ref names, .. }) if names == "WANTED"),
+        "{res:?}"
+    );
     assert_near(took, Duration::from_millis(250));
     drop(server);
     let queued: Vec<i64> = conn
@@ -62,7 +70,10 @@ fn wait_event_total_deadline_keeps_other_events() {
         .map(|e| e.data.as_ref().unwrap()["i"].as_i64().unwrap())
         .collect();
     assert!(queued.len() >= 5, "{queued:?}");
-    assert!(queued.windows(2).all(|w| w[0] + 1 == w[1]), "in order: {queued:?}");
+    assert!(
+        queued.windows(2).all(|w| w[0] + 1 == w[1]),
+        "in order: {queued:?}"
+    );
 }
 
 #[test]
@@ -87,7 +98,10 @@ fn wait_event_matches_name_and_pattern_among_alternatives() {
 #[test]
 fn execute_and_wait_sees_event_before_reply_and_ignores_stale_ones() {
     let script = Script::new()
-        .after_greeting(vec![Action::event("DEVICE_DELETED", Some(json!({"device": "old"})))])
+        .after_greeting(vec![Action::event(
+            "DEVICE_DELETED",
+            Some(json!({"device": "old"})),
+        )])
         .on_fn("device_del", |cmd| {
             let id = cmd.arguments.as_ref().unwrap()["id"].clone();
             vec![
@@ -97,13 +111,21 @@ fn execute_and_wait_sees_event_before_reply_and_ignores_stale_ones() {
         });
     let (_server, mut conn) = connect(script);
     // Make sure the stale event has arrived before we start.
-    let stale = conn.wait_event(&[EventFilter::new("DEVICE_DELETED")], Duration::from_secs(5)).unwrap();
+    let stale = conn
+        .wait_event(
+            &[EventFilter::new("DEVICE_DELETED")],
+            Duration::from_secs(5),
+        )
+        .unwrap();
     assert_eq!(stale.data.unwrap()["device"], "old");
     let (ret, event) = conn
         .execute_and_wait(
             "device_del",
             Some(args(json!({"id": "kbd0"}))),
-            &[EventFilter::new("DEVICE_DELETED").with_pattern(json!({"data": {"device": "kbd0"}}))],
+            &[
+                EventFilter::new("DEVICE_DELETED")
+                    .with_pattern(json!({"data": {"device": "kbd0"}})),
+            ],
             Duration::from_secs(5),
         )
         .unwrap();
@@ -117,11 +139,21 @@ fn execute_and_wait_ignores_events_queued_before_the_send() {
         .after_greeting(vec![Action::event("STOP", None)])
         .on("stop", vec![Action::reply(json!({}))]);
     let (_server, mut conn) = connect(script);
-    conn.wait_event(&[EventFilter::new("NONE")], Duration::from_millis(50)).unwrap_err();
+    conn.wait_event(&[EventFilter::new("NONE")], Duration::from_millis(50))
+        .unwrap_err();
     assert_eq!(conn.session().queued_events(), 1);
-    let res = conn.execute_and_wait("stop", None, &[EventFilter::new("STOP")], Duration::from_millis(200));
+    let res = conn.execute_and_wait(
+        "stop",
+        None,
+        &[EventFilter::new("STOP")],
+        Duration::from_millis(200),
+    );
     assert!(matches!(res, Err(Error::EventTimeout { .. })), "{res:?}");
-    assert_eq!(conn.session().queued_events(), 1, "the old STOP is still queued");
+    assert_eq!(
+        conn.session().queued_events(),
+        1,
+        "the old STOP is still queued"
+    );
 }
 
 /// #24/#25: a flood of 100k 1 KiB events before a reply: the reply arrives in time, memory is
@@ -136,7 +168,13 @@ fn event_flood_never_delays_the_reply() {
         flood.extend_from_slice(line.to_string().as_bytes());
         flood.extend_from_slice(b"\r\n");
     }
-    let script = Script::new().on("query-status", vec![Action::Raw(flood), Action::reply(json!({"status": "running"}))]);
+    let script = Script::new().on(
+        "query-status",
+        vec![
+            Action::Raw(flood),
+            Action::reply(json!({"status": "running"})),
+        ],
+    );
     let cfg = config()
         .with_event_queue(1000, OverflowPolicy::DropOldest)
         .with_command_timeout(Duration::from_secs(30));
@@ -148,15 +186,24 @@ fn event_flood_never_delays_the_reply() {
     assert_eq!(conn.session().queued_events(), 1000);
     assert_eq!(conn.events_dropped(), (N - 1000) as u64);
     let first = conn.pull_event(Duration::ZERO).unwrap().unwrap();
-    assert_eq!(first.data.unwrap()["i"], (N - 1000) as u64, "drop-oldest keeps the newest");
+    assert_eq!(
+        first.data.unwrap()["i"],
+        (N - 1000) as u64,
+        "drop-oldest keeps the newest"
+    );
     // Commands still work.
-    assert_eq!(conn.execute("query-status", None).unwrap()["status"], "running");
+    assert_eq!(
+        conn.execute("query-status", None).unwrap()["status"],
+        "running"
+    );
 }
 
 /// OverflowPolicy::Error: newcomers are discarded and the loss is reported once.
 #[test]
 fn overflow_error_policy_reports_loss_once() {
-    let events: Vec<Action> = (0..10).map(|i| Action::event("E", Some(json!({"i": i})))).collect();
+    let events: Vec<Action> = (0..10)
+        .map(|i| Action::event("E", Some(json!({"i": i}))))
+        .collect();
     let mut actions = events;
     actions.push(Action::reply(json!({})));
     let script = Script::new().on("go", actions);
@@ -165,7 +212,10 @@ fn overflow_error_policy_reports_loss_once() {
     let mut conn = conn.unwrap();
     conn.execute("go", None).unwrap();
     match conn.pull_event(Duration::ZERO) {
-        Err(Error::EventsLost { dropped: 6, capacity: 4 }) => {}
+        Err(Error::EventsLost {
+            dropped: 6,
+            capacity: 4,
+        }) => {}
         other => panic!("expected EventsLost, got {other:?}"),
     }
     let kept: Vec<u64> = std::iter::from_fn(|| conn.pull_event(Duration::ZERO).unwrap())
@@ -177,7 +227,8 @@ fn overflow_error_policy_reports_loss_once() {
 
 #[test]
 fn clear_events_empties_the_queue() {
-    let script = Script::new().after_greeting(vec![Action::event("A", None), Action::event("B", None)]);
+    let script =
+        Script::new().after_greeting(vec![Action::event("A", None), Action::event("B", None)]);
     let (_server, mut conn) = connect(script);
     let deadline = Instant::now() + Duration::from_secs(5);
     while conn.session().queued_events() < 2 && Instant::now() < deadline {

@@ -11,7 +11,9 @@ use crate::util::{config, connect, connect_with};
 
 /// Sends `bytes` in reply to `go` and returns the error `go` got.
 fn go_error(bytes: Vec<u8>) -> Error {
-    let script = Script::new().on("held", vec![]).on("go", vec![Action::Raw(bytes)]);
+    let script = Script::new()
+        .on("held", vec![])
+        .on("go", vec![Action::Raw(bytes)]);
     let (_server, mut conn) = connect(script);
     let held = conn.send(Command::new("held")).unwrap();
     let err = conn.execute("go", None).unwrap_err();
@@ -36,7 +38,10 @@ fn decode_cause(err: &Error) -> &qmp_proto::Error {
 fn malformed_json_mid_session() {
     let err = go_error(b"{\"return\": nope}\r\n".to_vec());
     let cause = decode_cause(&err);
-    assert!(matches!(cause, qmp_proto::Error::Malformed { .. }), "{cause:?}");
+    assert!(
+        matches!(cause, qmp_proto::Error::Malformed { .. }),
+        "{cause:?}"
+    );
     assert!(cause.raw().unwrap().starts_with(b"{\"return\""));
 }
 
@@ -45,7 +50,10 @@ fn malformed_json_mid_session() {
 fn not_an_object() {
     for bytes in [&b"[]\r\n"[..], b"null\r\n", b"42\r\n", b"\"x\"\r\n"] {
         let err = go_error(bytes.to_vec());
-        assert!(matches!(decode_cause(&err), qmp_proto::Error::NotAnObject { .. }), "{err:?}");
+        assert!(
+            matches!(decode_cause(&err), qmp_proto::Error::NotAnObject { .. }),
+            "{err:?}"
+        );
     }
 }
 
@@ -53,17 +61,29 @@ fn not_an_object() {
 #[test]
 fn bad_bytes() {
     let err = go_error(b"\xff\r\n".to_vec());
-    assert!(matches!(decode_cause(&err), qmp_proto::Error::InvalidUtf8 { .. }), "{err:?}");
+    assert!(
+        matches!(decode_cause(&err), qmp_proto::Error::InvalidUtf8 { .. }),
+        "{err:?}"
+    );
     let err = go_error(b"{\"return\": \"\xc3\x28\"}\r\n".to_vec());
-    assert!(matches!(decode_cause(&err), qmp_proto::Error::InvalidUtf8 { .. }), "{err:?}");
+    assert!(
+        matches!(decode_cause(&err), qmp_proto::Error::InvalidUtf8 { .. }),
+        "{err:?}"
+    );
     let err = go_error(b"{\"return\": \"\\ud800\"}\r\n".to_vec());
-    assert!(matches!(decode_cause(&err), qmp_proto::Error::Malformed { .. }), "{err:?}");
+    assert!(
+        matches!(decode_cause(&err), qmp_proto::Error::Malformed { .. }),
+        "{err:?}"
+    );
 }
 
 /// #17: EOF in the middle of a message.
 #[test]
 fn eof_mid_message() {
-    let script = Script::new().on("go", vec![Action::raw(&b"{\"return\": {\"sta"[..]), Action::Close]);
+    let script = Script::new().on(
+        "go",
+        vec![Action::raw(&b"{\"return\": {\"sta"[..]), Action::Close],
+    );
     let (_server, mut conn) = connect(script);
     match conn.execute("go", None) {
         Err(Error::Disconnected { cause }) => match &*cause {
@@ -104,7 +124,10 @@ fn chunking_and_line_endings() {
     assert_eq!(conn.execute("many", None).unwrap(), json!(1000));
     let events = conn.drain_events();
     assert_eq!(events.len(), 1000);
-    assert!(events.iter().enumerate().all(|(i, e)| e.data.as_ref().unwrap()["i"] == i));
+    assert!(events
+        .iter()
+        .enumerate()
+        .all(|(i, e)| e.data.as_ref().unwrap()["i"] == i));
 }
 
 /// `-mon pretty=on` output (multi-line JSON) parses (W16).
@@ -133,11 +156,24 @@ fn message_size_cap() {
         format!("{{\"return\":\"{body}\",\"id\":{id}}}\r\n").into_bytes()
     };
     let script = Script::new()
-        .on_fn("exact", move |cmd| vec![Action::Raw(exact(cmd.id.as_ref().unwrap().as_u64().unwrap(), 0))])
-        .on_fn("over", move |cmd| vec![Action::Raw(exact(cmd.id.as_ref().unwrap().as_u64().unwrap(), 1))]);
+        .on_fn("exact", move |cmd| {
+            vec![Action::Raw(exact(
+                cmd.id.as_ref().unwrap().as_u64().unwrap(),
+                0,
+            ))]
+        })
+        .on_fn("over", move |cmd| {
+            vec![Action::Raw(exact(
+                cmd.id.as_ref().unwrap().as_u64().unwrap(),
+                1,
+            ))]
+        });
     let (_server, conn) = connect_with(script, &config().with_max_message_size(CAP));
     let mut conn = conn.unwrap();
-    assert_eq!(conn.execute("exact", None).unwrap().as_str().unwrap().len(), CAP - 20);
+    assert_eq!(
+        conn.execute("exact", None).unwrap().as_str().unwrap().len(),
+        CAP - 20
+    );
     let err = conn.execute("over", None).unwrap_err();
     match decode_cause(&err) {
         qmp_proto::Error::MessageTooLarge { limit, .. } => assert_eq!(*limit, CAP),
@@ -152,10 +188,19 @@ fn ten_mib_reply_parses() {
     let script = Script::new().on_fn("big", |cmd| {
         let id = cmd.id.as_ref().unwrap().to_string();
         let overhead = format!("{{\"return\":\"\",\"id\":{id}}}").len();
-        vec![Action::Raw(format!("{{\"return\":\"{}\",\"id\":{id}}}\r\n", "y".repeat(CAP - overhead)).into_bytes())]
+        vec![Action::Raw(
+            format!(
+                "{{\"return\":\"{}\",\"id\":{id}}}\r\n",
+                "y".repeat(CAP - overhead)
+            )
+            .into_bytes(),
+        )]
     });
     let (_server, mut conn) = connect(script);
-    assert_eq!(conn.execute("big", None).unwrap().as_str().unwrap().len(), CAP - 20);
+    assert_eq!(
+        conn.execute("big", None).unwrap().as_str().unwrap().len(),
+        CAP - 20
+    );
 }
 
 /// #20: endless bytes without a newline are bounded by the cap.
@@ -170,7 +215,10 @@ fn slowloris_is_bounded() {
     let (_server, conn) = connect_with(script, &config().with_max_message_size(CAP));
     let mut conn = conn.unwrap();
     let err = conn.execute("go", None).unwrap_err();
-    assert!(matches!(decode_cause(&err), qmp_proto::Error::MessageTooLarge { .. }), "{err:?}");
+    assert!(
+        matches!(decode_cause(&err), qmp_proto::Error::MessageTooLarge { .. }),
+        "{err:?}"
+    );
 }
 
 /// #23: odd values are data, not failures; an id beyond u64 is an unknown id.

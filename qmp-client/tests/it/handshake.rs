@@ -19,7 +19,10 @@ fn greeting_and_negotiation_enable_oob_when_offered() {
     assert!(conn.oob_enabled());
     let sent = server.wait_commands(1, Duration::from_secs(5));
     assert_eq!(sent[0].execute, "qmp_capabilities");
-    assert_eq!(sent[0].arguments, Some(crate::util::args(json!({"enable": ["oob"]}))));
+    assert_eq!(
+        sent[0].arguments,
+        Some(crate::util::args(json!({"enable": ["oob"]})))
+    );
 }
 
 #[test]
@@ -27,12 +30,18 @@ fn oob_not_enabled_when_off_or_not_offered() {
     let (server, conn) = connect_with(Script::new(), &config().with_oob(OobPolicy::Off));
     let conn = conn.unwrap();
     assert!(!conn.oob_enabled());
-    assert_eq!(server.wait_commands(1, Duration::from_secs(5))[0].arguments, None);
+    assert_eq!(
+        server.wait_commands(1, Duration::from_secs(5))[0].arguments,
+        None
+    );
 
     let greeting = json!({"QMP": {"version": {"qemu": {"major": 9, "minor": 0, "micro": 0}, "package": ""}, "capabilities": []}});
     let (server, conn) = connect(Script::new().greeting(greeting));
     assert!(!conn.oob_enabled());
-    assert_eq!(server.wait_commands(1, Duration::from_secs(5))[0].arguments, None);
+    assert_eq!(
+        server.wait_commands(1, Duration::from_secs(5))[0].arguments,
+        None
+    );
 }
 
 #[test]
@@ -40,13 +49,18 @@ fn unknown_greeting_keys_are_accepted() {
     let greeting = json!({"QMP": {"version": {"qemu": {"major": 8, "minor": 1, "micro": 0}, "package": "x", "new": 1},
         "capabilities": ["oob", "future-cap"], "extra": {"a": [1]}}, "also": true});
     let (_server, conn) = connect(Script::new().greeting(greeting));
-    assert_eq!(conn.greeting().unwrap().capabilities, vec!["oob", "future-cap"]);
+    assert_eq!(
+        conn.greeting().unwrap().capabilities,
+        vec!["oob", "future-cap"]
+    );
 }
 
 #[test]
 fn guest_agent_mode_skips_greeting_and_negotiation() {
     let cfg = config().with_await_greeting(false).with_negotiate(false);
-    let script = Script::new().no_greeting().on("guest-ping", vec![Action::reply(json!({}))]);
+    let script = Script::new()
+        .no_greeting()
+        .on("guest-ping", vec![Action::reply(json!({}))]);
     let (server, conn) = connect_with(script, &cfg);
     let mut conn = conn.unwrap();
     assert!(conn.greeting().is_none());
@@ -67,10 +81,15 @@ fn negotiation_without_greeting_wait() {
 /// #3: the server dies before the greeting.
 #[test]
 fn eof_before_greeting() {
-    let script = Script::new().no_greeting().before_greeting(vec![Action::Close]);
+    let script = Script::new()
+        .no_greeting()
+        .before_greeting(vec![Action::Close]);
     let (_server, conn) = connect_with(script, &config());
     match conn {
-        Err(Error::Eof { phase: Phase::Greeting, partial_len: 0 }) => {}
+        Err(Error::Eof {
+            phase: Phase::Greeting,
+            partial_len: 0,
+        }) => {}
         other => panic!("expected Eof in greeting, got {other:?}"),
     }
 }
@@ -78,12 +97,16 @@ fn eof_before_greeting() {
 /// #3 with a partial greeting cut by EOF.
 #[test]
 fn eof_mid_greeting() {
-    let script = Script::new()
-        .no_greeting()
-        .before_greeting(vec![Action::raw(&b"{\"QMP\": {\"version\""[..]), Action::Close]);
+    let script = Script::new().no_greeting().before_greeting(vec![
+        Action::raw(&b"{\"QMP\": {\"version\""[..]),
+        Action::Close,
+    ]);
     let (_server, conn) = connect_with(script, &config());
     match conn {
-        Err(Error::Eof { phase: Phase::Greeting, partial_len }) => assert!(partial_len > 0),
+        Err(Error::Eof {
+            phase: Phase::Greeting,
+            partial_len,
+        }) => assert!(partial_len > 0),
         other => panic!("expected Eof in greeting, got {other:?}"),
     }
 }
@@ -101,7 +124,9 @@ fn greeting_timeout_is_accurate_and_closes_the_socket() {
     }
     assert_near(took, timeout);
     // The client's fd is closed: the peer sees EOF, so nothing leaked (#11).
-    server_end.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    server_end
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let mut buf = [0u8; 16];
     assert_eq!(server_end.read(&mut buf).unwrap(), 0);
 }
@@ -118,9 +143,8 @@ fn abort_fd_ends_the_greeting_wait() {
         abort_tx
     });
     let cfg = config().with_greeting_timeout(Duration::from_secs(10));
-    let (res, took) = timed(|| {
-        Connection::from_unix_stream_with_abort(client, &cfg, Some(abort_rx.as_fd()))
-    });
+    let (res, took) =
+        timed(|| Connection::from_unix_stream_with_abort(client, &cfg, Some(abort_rx.as_fd())));
     assert!(matches!(res, Err(Error::Aborted)), "{res:?}");
     assert!(took < Duration::from_secs(2), "took {took:?}");
     drop(writer.join());
@@ -133,12 +157,20 @@ fn malformed_greetings() {
         ("not json", b"hello there\r\n".to_vec()),
         ("array", b"[1, 2]\r\n".to_vec()),
         ("missing QMP", b"{\"return\": {}}\r\n".to_vec()),
-        ("capabilities not an array", b"{\"QMP\": {\"version\": {}, \"capabilities\": \"oob\"}}\r\n".to_vec()),
-        ("version not an object", b"{\"QMP\": {\"version\": 7, \"capabilities\": []}}\r\n".to_vec()),
+        (
+            "capabilities not an array",
+            b"{\"QMP\": {\"version\": {}, \"capabilities\": \"oob\"}}\r\n".to_vec(),
+        ),
+        (
+            "version not an object",
+            b"{\"QMP\": {\"version\": 7, \"capabilities\": []}}\r\n".to_vec(),
+        ),
         ("invalid utf-8", b"{\"QMP\": \"\xff\"}\r\n".to_vec()),
     ];
     for (name, bytes) in cases {
-        let script = Script::new().no_greeting().before_greeting(vec![Action::Raw(bytes)]);
+        let script = Script::new()
+            .no_greeting()
+            .before_greeting(vec![Action::Raw(bytes)]);
         let (_server, conn) = connect_with(script, &config());
         match conn {
             Err(Error::Greeting { raw, .. }) => assert!(!raw.is_empty(), "{name}"),
@@ -150,21 +182,34 @@ fn malformed_greetings() {
 /// #6: negotiation failures are NegotiationError with the cause.
 #[test]
 fn negotiation_failures() {
-    let error_reply = Script::new().on("qmp_capabilities", vec![Action::error("GenericError", "nope")]);
+    let error_reply = Script::new().on(
+        "qmp_capabilities",
+        vec![Action::error("GenericError", "nope")],
+    );
     match connect_with(error_reply, &config()).1 {
         Err(Error::Negotiation { cause }) => {
-            assert!(matches!(*cause, Error::Command { ref desc, .. } if desc == "nope"), "{cause:?}")
+            assert!(
+                matches!(*cause, Error::Command { ref desc, .. } if desc == "nope"),
+                "{cause:?}"
+            )
         }
         other => panic!("expected Negotiation, got {other:?}"),
     }
     let eof = Script::new().on("qmp_capabilities", vec![Action::Close]);
     match connect_with(eof, &config()).1 {
-        Err(Error::Negotiation { cause }) => assert!(matches!(*cause, Error::Eof { .. }), "{cause:?}"),
+        Err(Error::Negotiation { cause }) => {
+            assert!(matches!(*cause, Error::Eof { .. }), "{cause:?}")
+        }
         other => panic!("expected Negotiation, got {other:?}"),
     }
-    let garbage = Script::new().on("qmp_capabilities", vec![Action::raw(&b"}}garbage{{\r\n"[..])]);
+    let garbage = Script::new().on(
+        "qmp_capabilities",
+        vec![Action::raw(&b"}}garbage{{\r\n"[..])],
+    );
     match connect_with(garbage, &config()).1 {
-        Err(Error::Negotiation { cause }) => assert!(matches!(*cause, Error::Decode { .. }), "{cause:?}"),
+        Err(Error::Negotiation { cause }) => {
+            assert!(matches!(*cause, Error::Decode { .. }), "{cause:?}")
+        }
         other => panic!("expected Negotiation, got {other:?}"),
     }
     let silent = Script::new().on("qmp_capabilities", vec![]);
@@ -202,7 +247,11 @@ fn path_too_long_is_typed_and_creates_nothing() {
     let dir = short_tempdir();
     let path = dir.path().join("x".repeat(120));
     match Connection::connect_unix(&path, &config()) {
-        Err(Error::PathTooLong { path: p, len, limit }) => {
+        Err(Error::PathTooLong {
+            path: p,
+            len,
+            limit,
+        }) => {
             assert_eq!(p, path);
             assert_eq!(limit, 107);
             assert!(len > limit);
@@ -232,7 +281,10 @@ fn bind_refuses_existing_path() {
     let dir = short_tempdir();
     let path = dir.path().join("taken");
     std::fs::write(&path, b"user data").unwrap();
-    assert!(matches!(Listener::bind_unix(&path), Err(Error::Bind { .. })));
+    assert!(matches!(
+        Listener::bind_unix(&path),
+        Err(Error::Bind { .. })
+    ));
     assert_eq!(std::fs::read(&path).unwrap(), b"user data");
 }
 
@@ -246,7 +298,10 @@ fn connect_refused() {
         Err(Error::Connect { .. })
     ));
     // A port that was just free: bind, note it, close.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     match Connection::connect_tcp(port, &config()) {
         Err(Error::Connect { address, .. }) => assert_eq!(address, port.to_string()),
         other => panic!("expected Connect, got {other:?}"),
@@ -259,11 +314,17 @@ fn connect_unix_path() {
     let dir = short_tempdir();
     let path = dir.path().join("qmp.sock");
     let server = Script::new()
-        .on("query-status", vec![Action::reply(json!({"status": "running"}))])
+        .on(
+            "query-status",
+            vec![Action::reply(json!({"status": "running"}))],
+        )
         .start_unix(&path)
         .unwrap();
     let mut conn = Connection::connect_unix(&path, &config()).unwrap();
-    assert_eq!(conn.execute("query-status", None).unwrap()["status"], "running");
+    assert_eq!(
+        conn.execute("query-status", None).unwrap()["status"],
+        "running"
+    );
     drop(server);
 }
 
@@ -279,7 +340,9 @@ fn listener_accepts_one_peer_and_cleans_up() {
         let stream = UnixStream::connect(&peer_path).unwrap();
         Script::new().start_on(stream).unwrap()
     });
-    let mut conn = listener.accept(Duration::from_secs(5), None, &config()).unwrap();
+    let mut conn = listener
+        .accept(Duration::from_secs(5), None, &config())
+        .unwrap();
     let server = peer.join().unwrap();
     assert!(conn.is_connected());
     assert!(!path.exists(), "socket file removed after accept");
@@ -297,15 +360,21 @@ fn tcp_listener_and_connect() {
     let addr = listener.local_addr().unwrap();
     let peer = std::thread::spawn(move || {
         let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n").unwrap();
+        s.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n")
+            .unwrap();
         let mut buf = [0u8; 256];
         let n = s.read(&mut buf).unwrap();
         let sent = String::from_utf8_lossy(&buf[..n]).into_owned();
         s.write_all(b"{\"return\": {}, \"id\": 1}\r\n").unwrap();
         sent
     });
-    let conn = listener.accept(Duration::from_secs(5), None, &config()).unwrap();
-    assert_eq!(peer.join().unwrap(), r#"{"execute":"qmp_capabilities","id":1}"#);
+    let conn = listener
+        .accept(Duration::from_secs(5), None, &config())
+        .unwrap();
+    assert_eq!(
+        peer.join().unwrap(),
+        r#"{"execute":"qmp_capabilities","id":1}"#
+    );
     assert!(conn.session().is_ready());
 }
 
@@ -321,7 +390,8 @@ fn accept_timeout_and_abort() {
     let listener = Listener::bind_unix(&dir.path().join("b.sock")).unwrap();
     let (abort_rx, abort_tx) = UnixStream::pair().unwrap();
     drop(abort_tx); // EOF: readable at once
-    let (res, took) = timed(|| listener.accept(Duration::from_secs(10), Some(abort_rx.as_fd()), &config()));
+    let (res, took) =
+        timed(|| listener.accept(Duration::from_secs(10), Some(abort_rx.as_fd()), &config()));
     assert!(matches!(res, Err(Error::Aborted)), "{res:?}");
     assert!(took < Duration::from_secs(1));
 }
@@ -340,7 +410,11 @@ fn reconnect_after_failed_handshake() {
     ));
     let (first, _) = listener.accept().unwrap();
     let mut buf = [0u8; 8];
-    assert_eq!((&first).read(&mut buf).unwrap(), 0, "timed-out client closed its socket");
+    assert_eq!(
+        (&first).read(&mut buf).unwrap(),
+        0,
+        "timed-out client closed its socket"
+    );
     drop(listener);
     std::fs::remove_file(&path).unwrap();
     let server = Script::new().start_unix(&path).unwrap();
