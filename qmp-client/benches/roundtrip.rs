@@ -145,7 +145,7 @@ fn main() {
     let config = Config::default().with_greeting_timeout(Duration::from_secs(10));
     let mut conn = Connection::from_unix_stream(client_stream, &config).expect("handshake");
     let mut raw = Raw::new(raw_stream);
-    assert_eq!(conn.oob_enabled(), true, "QEMU 7.2 offers oob");
+    assert!(conn.oob_enabled(), "QEMU 7.2 offers oob");
 
     // The client's ids start at 2 (1 was qmp_capabilities); the raw loop sends the same ids.
     let mut raw_id = 2u64;

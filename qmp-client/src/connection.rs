@@ -411,7 +411,7 @@ impl Connection {
         let deadline = start + timeout;
         let since = self.session.event_seq();
         let value = into_return(cmd, self.run(command(cmd, args, false), deadline)?)?;
-        let event = self.wait_event_since(filters, since, start, deadline, timeout)?;
+        let event = self.wait_event_since(filters, since, deadline, timeout)?;
         Ok((value, event))
     }
 
@@ -441,18 +441,16 @@ impl Connection {
     /// order.
     pub fn wait_event(&mut self, filters: &[EventFilter], timeout: Duration) -> Result<Event> {
         let start = Instant::now();
-        self.wait_event_since(filters, 0, start, start + timeout, timeout)
+        self.wait_event_since(filters, 0, start + timeout, timeout)
     }
 
     fn wait_event_since(
         &mut self,
         filters: &[EventFilter],
         since: u64,
-        start: Instant,
         deadline: Instant,
         timeout: Duration,
     ) -> Result<Event> {
-        let _ = start;
         if let Some(lost) = self.session.take_events_lost() {
             return Err(lost);
         }

@@ -754,3 +754,192 @@ pub(crate) fn excerpt(text: &str) -> String {
     }
     format!("{}... ({} bytes)", &text[..end], text.len())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GREETING: &[u8] =
+        b"{\"QMP\": {\"version\": {\"qemu\": {\"major\": 7, \"minor\": 2, \"micro\": 0}, \"package\": \"\"}, \"capabilities\": [\"oob\"]}}\r\n";
+
+    fn out(s: &mut Session) -> String {
+        let text = String::from_utf8(s.pending_output().to_vec()).unwrap();
+        let n = s.pending_output().len();
+        s.consume_output(n);
+        text
+    }
+
+    fn ready() -> Session {
+        let mut s = Session::new(&Config::default());
+        s.feed(GREETING);
+        assert_eq!(s.phase(), Phase::Negotiation);
+        assert_eq!(
+            out(&mut s),
+            r#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]},"id":1}"#
+        );
+        s.feed(b"{\"return\": {}, \"id\": 1}\r\n");
+        assert!(s.is_ready());
+        s
+    }
+
+    fn event(name: &str, i: u64) -> Vec<u8> {
+        format!("{{\"event\": \"{name}\", \"data\": {{\"i\": {i}}}, \"timestamp\": {{\"seconds\": 1, \"microseconds\": 0}}}}\r\n").into_bytes()
+    }
+
+    #[test]
+    fn ids_are_fresh_small_integers() {
+        let mut s = ready();
+        let a = s.send(Command::new("a")).unwrap();
+        let b = s.send(Command::new("b").with_id("ignored")).unwrap();
+        assert_eq!((a.as_u64(), b.as_u64()), (2, 3));
+        assert_eq!(
+            out(&mut s),
+            r#"{"execute":"a","id":2}{"execute":"b","id":3}"#
+        );
+    }
+
+    #[test]
+    fn replies_are_routed_by_id_in_any_order() {
+        let mut s = ready();
+        let a = s.send(Command::new("a")).unwrap();
+        let b = s.send(Command::new("b")).unwrap();
+        assert!(s.take_reply(a).is_none());
+        s.feed(b"{\"return\": \"B\", \"id\": 3}\r\n{\"return\": \"A\", \"id\": 2}\r\n");
+        let ret = |m: ServerMessage| match m {
+            ServerMessage::Return(r) => r.ret,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(ret(s.take_reply(a).unwrap().unwrap()), "A");
+        assert_eq!(ret(s.take_reply(b).unwrap().unwrap()), "B");
+        assert_eq!(s.in_flight(), 0);
+    }
+
+    #[test]
+    fn in_flight_limit_counts_inband_and_timed_out() {
+        let mut s = ready();
+        let ids: Vec<_> = (0..MAX_IN_FLIGHT)
+            .map(|_| s.send(Command::new("x")).unwrap())
+            .collect();
+        assert!(matches!(
+            s.send(Command::new("x")),
+            Err(Error::TooManyInFlight { limit: 8 })
+        ));
+        assert!(s.send(Command::new("y").with_oob(true)).is_ok());
+        s.abandon(ids[0]);
+        assert!(
+            !s.has_slot(false),
+            "a timed-out command still occupies the server"
+        );
+        s.feed(b"{\"return\": {}, \"id\": 2}\r\n");
+        assert!(s.has_slot(false));
+        assert_eq!(s.unknown_replies(), 1);
+    }
+
+    #[test]
+    fn events_are_queued_in_every_phase() {
+        let mut s = Session::new(&Config::default());
+        s.feed(&event("BEFORE", 0));
+        s.feed(GREETING);
+        s.feed(&event("DURING", 1));
+        s.feed(b"{\"return\": {}, \"id\": 1}\r\n");
+        let id = s.send(Command::new("c")).unwrap();
+        s.feed(&event("AFTER", 2));
+        s.feed(b"{\"return\": 5, \"id\": 2}\r\n");
+        assert!(s.take_reply(id).unwrap().is_ok());
+        let names: Vec<_> = s.drain_events().into_iter().map(|e| e.event).collect();
+        assert_eq!(names, ["BEFORE", "DURING", "AFTER"]);
+    }
+
+    #[test]
+    fn drop_oldest_is_bounded_and_counted() {
+        let mut s =
+            Session::new(&Config::default().with_event_queue(3, OverflowPolicy::DropOldest));
+        for i in 0..10 {
+            s.feed(&event("E", i));
+        }
+        assert_eq!(s.queued_events(), 3);
+        assert_eq!(s.events_dropped(), 7);
+        assert!(s.take_events_lost().is_none());
+        assert_eq!(s.pop_event().unwrap().data.unwrap()["i"], 7);
+    }
+
+    #[test]
+    fn matching_event_respects_sequence_and_keeps_order() {
+        let mut s = ready();
+        s.feed(&event("A", 0));
+        let since = s.event_seq();
+        s.feed(&event("B", 1));
+        s.feed(&event("A", 2));
+        let filters = [EventFilter::new("A")];
+        let found = s.take_matching_event(&filters, since).unwrap();
+        assert_eq!(found.data.unwrap()["i"], 2);
+        let left: Vec<_> = s.drain_events().into_iter().map(|e| e.event).collect();
+        assert_eq!(left, ["A", "B"]);
+    }
+
+    #[test]
+    fn sticky_failure_after_eof() {
+        let mut s = ready();
+        let id = s.send(Command::new("c")).unwrap();
+        s.feed(b"{\"return\"");
+        s.feed_eof();
+        match s.failure().map(|f| &**f) {
+            Some(Error::Eof {
+                phase: Phase::Ready,
+                partial_len: 9,
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            s.take_reply(id),
+            Some(Err(Error::Disconnected { .. }))
+        ));
+        assert!(matches!(
+            s.send(Command::new("d")),
+            Err(Error::Disconnected { .. })
+        ));
+    }
+
+    #[test]
+    fn quit_then_reset_is_clean_and_completes_quit() {
+        let mut s = ready();
+        let other = s.send(Command::new("other")).unwrap();
+        let quit = s.send(Command::new("quit")).unwrap();
+        s.feed_io_error("read", io::ErrorKind::ConnectionReset.into());
+        assert!(matches!(
+            s.take_reply(quit),
+            Some(Ok(ServerMessage::Return(_)))
+        ));
+        match s.take_reply(other) {
+            Some(Err(e)) => assert!(e.is_closed(), "{e:?}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn reset_without_quit_is_an_error() {
+        let mut s = ready();
+        s.feed_io_error("read", io::ErrorKind::ConnectionReset.into());
+        assert!(matches!(
+            s.failure().map(|f| &**f),
+            Some(Error::Io { op: "read", .. })
+        ));
+    }
+
+    #[test]
+    fn greeting_shape_is_checked() {
+        let mut s = Session::new(&Config::default());
+        s.feed(b"{\"QMP\": {\"version\": {}, \"capabilities\": {}}}\r\n");
+        assert!(matches!(
+            s.failure().map(|f| &**f),
+            Some(Error::Greeting { .. })
+        ));
+    }
+
+    #[test]
+    fn excerpt_is_bounded_on_char_boundaries() {
+        let long = "é".repeat(1000);
+        let e = excerpt(&long);
+        assert!(e.len() < 600 && e.ends_with("(2000 bytes)"), "{e}");
+    }
+}

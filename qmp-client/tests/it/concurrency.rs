@@ -146,7 +146,8 @@ fn large_command_to_slow_reader() {
 }
 
 fn thread_cpu() -> Duration {
-    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_THREAD).unwrap();
+    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_THREAD)
+        .expect("getrusage");
     let (u, s) = (usage.user_time(), usage.system_time());
     Duration::new(u.tv_sec() as u64, u.tv_usec() as u32 * 1000)
         + Duration::new(s.tv_sec() as u64, s.tv_usec() as u32 * 1000)

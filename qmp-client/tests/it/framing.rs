@@ -15,12 +15,12 @@ fn go_error(bytes: Vec<u8>) -> Error {
         .on("held", vec![])
         .on("go", vec![Action::Raw(bytes)]);
     let (_server, mut conn) = connect(script);
-    let held = conn.send(Command::new("held")).unwrap();
-    let err = conn.execute("go", None).unwrap_err();
+    let held = conn.send(Command::new("held")).expect("send held");
+    let err = conn.execute("go", None).expect_err("go must fail");
     // The sticky failure reaches the other pending command too, at once.
     let other = conn
         .wait_reply(held, std::time::Instant::now() + Duration::from_secs(5))
-        .unwrap_err();
+        .expect_err("held must fail");
     assert!(matches!(other, Error::Disconnected { .. }), "{other:?}");
     assert!(!conn.is_connected());
     err
@@ -214,7 +214,7 @@ fn slowloris_is_bounded() {
     let script = Script::new().on("go", actions);
     let (_server, conn) = connect_with(script, &config().with_max_message_size(CAP));
     let mut conn = conn.unwrap();
-    let err = conn.execute("go", None).unwrap_err();
+    let err = conn.execute("go", None).expect_err("go must fail");
     assert!(
         matches!(decode_cause(&err), qmp_proto::Error::MessageTooLarge { .. }),
         "{err:?}"
