@@ -37,6 +37,12 @@ pub fn scenarios() -> Vec<Scenario> {
         s("client-connect-unix", connect_unix),
         s("client-threads", threads),
         s("client-pipelined-events", pipelined_events),
+        s("client-qemu-dies-before-greeting", dies_before_greeting),
+        s(
+            "client-second-client-greeting-timeout",
+            second_client_timeout,
+        ),
+        s("client-device-del-event", device_del_event),
     ]
 }
 
@@ -49,12 +55,22 @@ impl Qemu {
     /// Spawns `qemu -M none -nodefaults -display none -accel A <extra>`; `inherit` fds are
     /// passed to QEMU under their own numbers (and closed here once QEMU has them).
     fn spawn(ctx: &Ctx, extra: &[String], inherit: Vec<OwnedFd>) -> Result<Qemu, String> {
+        Qemu::spawn_machine(ctx, "none", extra, inherit)
+    }
+
+    /// [`Qemu::spawn`] with another machine type.
+    fn spawn_machine(
+        ctx: &Ctx,
+        machine: &str,
+        extra: &[String],
+        inherit: Vec<OwnedFd>,
+    ) -> Result<Qemu, String> {
         for fd in &inherit {
             fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty()))
                 .map_err(|e| format!("cannot make fd inheritable: {e}"))?;
         }
         let child = Command::new(&ctx.qemu)
-            .args(["-M", "none", "-nodefaults", "-display", "none"])
+            .args(["-M", machine, "-nodefaults", "-display", "none"])
             .args(["-accel", ctx.accel.as_str()])
             .args(extra)
             .stdin(Stdio::null())
@@ -411,5 +427,114 @@ fn pipelined_events(ctx: &Ctx) -> Result<(), String> {
     let resumes = events.iter().filter(|e| e.event == "RESUME").count();
     check(stops == 500 && resumes == 500, || {
         format!("{stops} STOP, {resumes} RESUME")
+    })
+}
+
+/// Catalogue #2/#3: QEMU exits during the handshake (bad arguments, or SIGKILL): it ends at
+/// once with EOF, not at the greeting timeout.
+fn dies_before_greeting(ctx: &Ctx) -> Result<(), String> {
+    let (ours, theirs) = UnixStream::pair().map_err(|e| e.to_string())?;
+    let fd = theirs.as_raw_fd();
+    let args = [
+        "-chardev".to_string(),
+        format!("socket,id=mon,fd={fd}"),
+        "-mon".to_string(),
+        "chardev=mon,mode=control".to_string(),
+        "-device".to_string(),
+        "no-such-device".to_string(),
+    ];
+    let _qemu = Qemu::spawn(ctx, &args, vec![OwnedFd::from(theirs)])?;
+    let start = Instant::now();
+    // QEMU sends its greeting before it builds the machine, so the EOF lands in the
+    // greeting or, usually, in the negotiation.
+    match Connection::from_unix_stream(ours, &config(ctx)) {
+        Err(Error::Eof { .. }) => {}
+        Err(Error::Negotiation { cause }) if matches!(*cause, Error::Eof { .. }) => {}
+        other => return Err(format!("expected Eof, got {other:?}")),
+    }
+    check(start.elapsed() < Duration::from_secs(3), || {
+        format!("took {:?}", start.elapsed())
+    })?;
+
+    let (mut qemu, stream) = Qemu::with_monitor(ctx, false)?;
+    qemu.child.kill().map_err(|e| e.to_string())?;
+    match Connection::from_unix_stream(stream, &config(ctx)) {
+        // The greeting may have been written before the kill landed.
+        Err(Error::Eof { .. }) => Ok(()),
+        Err(Error::Negotiation { cause }) if matches!(*cause, Error::Eof { .. }) => Ok(()),
+        other => Err(format!("expected Eof after SIGKILL, got {other:?}")),
+    }
+}
+
+/// Catalogue #4: a second client sits in QEMU's backlog while the first holds the monitor,
+/// so no greeting comes: GreetingTimeout on time; after the first leaves, it works.
+fn second_client_timeout(ctx: &Ctx) -> Result<(), String> {
+    let dir = TempDir::new("second")?;
+    let path = dir.path().join("qmp.sock");
+    let _qemu = Qemu::spawn(
+        ctx,
+        &[
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", path.display()),
+        ],
+        Vec::new(),
+    )?;
+    while !path.exists() {
+        if Instant::now() >= ctx.deadline {
+            return Err("QEMU never created its socket".into());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let first = Connection::connect_unix(&path, &config(ctx)).map_err(err)?;
+    let timeout = Duration::from_millis(500);
+    let start = Instant::now();
+    match Connection::connect_unix(&path, &config(ctx).with_greeting_timeout(timeout)) {
+        Err(Error::GreetingTimeout { .. }) => {}
+        other => return Err(format!("expected GreetingTimeout, got {other:?}")),
+    }
+    let took = start.elapsed();
+    check(
+        took >= timeout && took < timeout + Duration::from_millis(100),
+        || format!("greeting timeout fired after {took:?}"),
+    )?;
+    first.close().map_err(err)?;
+    let mut again = Connection::connect_unix(&path, &config(ctx)).map_err(err)?;
+    again.execute("query-status", None).map_err(err)?;
+    Ok(())
+}
+
+/// execute_and_wait without the subscribe-after race: USB unplug needs no guest.
+fn device_del_event(ctx: &Ctx) -> Result<(), String> {
+    let (ours, theirs) = UnixStream::pair().map_err(|e| e.to_string())?;
+    let fd = theirs.as_raw_fd();
+    let qemu_args = [
+        "-chardev".to_string(),
+        format!("socket,id=mon,fd={fd}"),
+        "-mon".to_string(),
+        "chardev=mon,mode=control".to_string(),
+        "-device".to_string(),
+        "qemu-xhci,id=usb".to_string(),
+        "-S".to_string(),
+    ];
+    let _qemu = Qemu::spawn_machine(ctx, "q35", &qemu_args, vec![OwnedFd::from(theirs)])?;
+    let mut conn = Connection::from_unix_stream(ours, &config(ctx)).map_err(err)?;
+    conn.execute(
+        "device_add",
+        args(json!({"driver": "usb-kbd", "id": "kbd0", "bus": "usb.0"})),
+    )
+    .map_err(err)?;
+    let (_, event) = conn
+        .execute_and_wait(
+            "device_del",
+            args(json!({"id": "kbd0"})),
+            &[
+                EventFilter::new("DEVICE_DELETED")
+                    .with_pattern(json!({"data": {"device": "kbd0"}})),
+            ],
+            Duration::from_secs(5),
+        )
+        .map_err(err)?;
+    check(event.data.is_some_and(|d| d["device"] == "kbd0"), || {
+        "wrong device".into()
     })
 }
