@@ -81,8 +81,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub console_log: Option<PathBuf>,
     /// Let QEMU also listen for QMP clients on ADDR (unix path or host:port), for other tools.
+    /// Repeatable: QEMU serves one client per address at a time.
     #[arg(long, value_name = "ADDR")]
-    pub qmp_listen: Option<String>,
+    pub qmp_listen: Vec<String>,
     /// Deadline for QEMU to start and greet us.
     #[arg(long, value_parser = parse_duration, default_value = "30s", value_name = "DURATION")]
     pub launch_timeout: Duration,

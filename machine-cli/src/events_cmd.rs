@@ -40,6 +40,8 @@ pub fn run(args: EventsArgs) -> Result<u8> {
         skip_negotiation: args.skip_negotiation,
     };
     let mut connection = connect::connect(&address, &options)?;
+    // On stderr, so stdout stays pure events; scripts may wait for it before causing events.
+    eprintln!("qemu-machine: streaming events from {address}");
     let deadline = args.timeout.map(|t| Instant::now() + t);
     let mut printed: u64 = 0;
     loop {

@@ -130,8 +130,8 @@ pub fn run(args: RunArgs) -> Result<u8> {
     signals::install(tx.clone(), Msg::Signal)?;
 
     let tiny = args.qemu_args.is_empty();
-    let listen = args.qmp_listen.as_deref().map(Address::parse);
-    let mut machine = build(&args, listen.as_ref())?;
+    let listen: Vec<Address> = args.qmp_listen.iter().map(|a| Address::parse(a)).collect();
+    let mut machine = build(&args, &listen)?;
     if tiny {
         let guest_machine = match args.machine.as_deref() {
             None | Some("q35") => GuestMachine::Q35,
@@ -167,7 +167,7 @@ pub fn run(args: RunArgs) -> Result<u8> {
         &format!("launched qemu pid {pid}: {command}"),
         json!({"pid": pid, "command": command}),
     )?;
-    if let Some(address) = &listen {
+    for address in &listen {
         reporter.line(
             "listening",
             &format!("QMP clients can connect to {address}"),
@@ -197,14 +197,16 @@ pub fn run(args: RunArgs) -> Result<u8> {
             Err(error)
         }
     };
-    if let Some(Address::Unix(path)) = &listen {
-        remove_stale_socket(path);
+    for address in &listen {
+        if let Address::Unix(path) = address {
+            remove_stale_socket(path);
+        }
     }
     result
 }
 
 /// The machine as configured by the options (the tiny guest's arguments come later).
-fn build(args: &RunArgs, listen: Option<&Address>) -> Result<Machine> {
+fn build(args: &RunArgs, listen: &[Address]) -> Result<Machine> {
     let mut builder = MachineBuilder::new(&args.qemu);
     builder
         .greeting_timeout(args.launch_timeout)
@@ -222,7 +224,7 @@ fn build(args: &RunArgs, listen: Option<&Address>) -> Result<Machine> {
     if let Some(memory) = &args.memory {
         builder.args(["-m", memory.as_str()]);
     }
-    if let Some(address) = listen {
+    for address in listen {
         builder.args(["-qmp".into(), qmp_listen_option(address)?]);
     }
     builder.args(args.qemu_args.iter().cloned());

@@ -1,8 +1,586 @@
-//! End-to-end scenarios for the cli area.
+//! End-to-end scenarios for the cli area: the built `qemu-machine` binary against the real
+//! `qemu-system-x86_64`. `run` boots the tiny guest (non-interactive: `--exit-after-banner`,
+//! `--send`, SIGINT); `qmp`, `events` and `shell` (piped stdin) talk to a QEMU started by
+//! `run --qmp-listen`; `wrap` launches its own.
+//!
+//! The binary is built once (debug profile, the same target directory as xtask) by the first
+//! scenario that needs it.
 
-use super::Scenario;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use machine_core::guest;
+use serde_json::Value;
+
+use super::{Accel, Ctx, Scenario};
+
+const TCG: &[Accel] = &[Accel::Tcg];
+const BOTH: &[Accel] = &[Accel::Tcg, Accel::Kvm];
 
 /// The scenarios of this area.
 pub fn scenarios() -> Vec<Scenario> {
-    Vec::new()
+    let s = |name, accels, secs, run| Scenario {
+        name,
+        accels,
+        timeout: Duration::from_secs(secs),
+        run,
+    };
+    // The first one may have to build the binary.
+    vec![
+        s(
+            "cli_run_tiny_guest_banner_then_clean_exit",
+            BOTH,
+            300,
+            run_banner_exit,
+        ),
+        s(
+            "cli_run_exit_status_from_guest",
+            TCG,
+            60,
+            run_guest_exit_status,
+        ),
+        s("cli_run_sigint_graceful_shutdown", TCG, 60, run_sigint),
+        s("cli_run_second_sigint_kills", TCG, 60, run_second_sigint),
+        s("cli_run_missing_qemu", TCG, 60, run_missing_qemu),
+        s(
+            "cli_qmp_events_shell_against_run",
+            TCG,
+            60,
+            qmp_events_shell,
+        ),
+        s("cli_shell_hmp_mode", TCG, 60, shell_hmp),
+        s("cli_wrap_shell_quit", TCG, 60, wrap_shell),
+    ]
+}
+
+/// The `qemu-machine` binary, built on first use.
+fn binary() -> Result<PathBuf, String> {
+    static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BINARY.get_or_init(build_binary).clone()
+}
+
+fn build_binary() -> Result<PathBuf, String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let output = Command::new(cargo)
+        .args([
+            "build",
+            "-p",
+            "machine-cli",
+            "--bin",
+            "qemu-machine",
+            "--message-format=json-render-diagnostics",
+        ])
+        .current_dir(crate::workspace_root())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run cargo build: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "cargo build -p machine-cli failed: {}",
+            output.status
+        ));
+    }
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|msg| {
+            msg["reason"] == "compiler-artifact" && msg["target"]["name"] == "qemu-machine"
+        })
+        .find_map(|msg| msg["executable"].as_str().map(PathBuf::from))
+        .ok_or_else(|| "cargo build did not report the qemu-machine executable".to_string())
+}
+
+/// A running `qemu-machine`, its output read line by line with arrival times. Killed and
+/// reaped when dropped.
+struct Proc {
+    child: Child,
+    started: Instant,
+    out: mpsc::Receiver<(Instant, String)>,
+    err: mpsc::Receiver<(Instant, String)>,
+    out_lines: Vec<String>,
+    err_lines: Vec<String>,
+}
+
+impl Proc {
+    /// Starts `qemu-machine ARGS` (QEMU taken from the context), with `stdin` piped in and
+    /// closed, or /dev/null.
+    fn spawn(ctx: &Ctx, args: &[&str], stdin: Option<&str>) -> Result<Proc, String> {
+        let mut command = Command::new(binary()?);
+        command
+            .args(args)
+            .env("QEMU", &ctx.qemu)
+            .env_remove("QMP_SOCKET")
+            .current_dir(&ctx.scratch)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let started = Instant::now();
+        let mut child = command
+            .spawn()
+            .map_err(|e| format!("cannot start qemu-machine: {e}"))?;
+        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            let text = text.to_string();
+            thread::spawn(move || {
+                // The binary may stop reading early; that is its business.
+                let _ = pipe.write_all(text.as_bytes());
+            });
+        }
+        let out = lines_of(child.stdout.take());
+        let err = lines_of(child.stderr.take());
+        Ok(Proc {
+            child,
+            started,
+            out,
+            err,
+            out_lines: Vec::new(),
+            err_lines: Vec::new(),
+        })
+    }
+
+    fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// Waits for a stdout line matching `want`; returns it with the time since the spawn.
+    fn wait_stdout(
+        &mut self,
+        ctx: &Ctx,
+        want: impl Fn(&str) -> bool,
+    ) -> Result<(Duration, String), String> {
+        loop {
+            match self.out.recv_timeout(ctx.remaining()) {
+                Ok((at, line)) => {
+                    self.out_lines.push(line.clone());
+                    if want(&line) {
+                        return Ok((at - self.started, line));
+                    }
+                }
+                Err(_) => {
+                    let stderr = self.drain_stderr();
+                    return Err(format!(
+                        "expected stdout line not seen; stdout: {:?}; stderr: {stderr:?}",
+                        self.out_lines
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Waits for a stderr line matching `want`.
+    fn wait_stderr(&mut self, ctx: &Ctx, want: impl Fn(&str) -> bool) -> Result<String, String> {
+        loop {
+            match self.err.recv_timeout(ctx.remaining()) {
+                Ok((_, line)) => {
+                    self.err_lines.push(line.clone());
+                    if want(&line) {
+                        return Ok(line);
+                    }
+                }
+                Err(_) => {
+                    return Err(format!(
+                        "expected stderr line not seen; stderr: {:?}",
+                        self.err_lines
+                    ))
+                }
+            }
+        }
+    }
+
+    fn drain_stderr(&mut self) -> Vec<String> {
+        self.err_lines.extend(self.err.try_iter().map(|(_, l)| l));
+        self.err_lines.clone()
+    }
+
+    /// Waits for the exit (by the context's deadline) and returns the status, the time since
+    /// the spawn, and all of stdout and stderr.
+    fn finish(mut self, ctx: &Ctx) -> Result<Finished, String> {
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if Instant::now() < ctx.deadline => {
+                    thread::sleep(Duration::from_millis(1))
+                }
+                Ok(None) => {
+                    let stderr = self.drain_stderr();
+                    return Err(format!(
+                        "qemu-machine did not exit in time; stdout: {:?}; stderr: {stderr:?}",
+                        self.out_lines
+                    ));
+                }
+                Err(e) => return Err(format!("waiting for qemu-machine: {e}")),
+            }
+        };
+        let elapsed = self.started.elapsed();
+        // The readers end at EOF now that the process is gone.
+        let mut stdout = std::mem::take(&mut self.out_lines);
+        stdout.extend(self.out.iter().map(|(_, l)| l));
+        let mut stderr = std::mem::take(&mut self.err_lines);
+        stderr.extend(self.err.iter().map(|(_, l)| l));
+        Ok(Finished {
+            status,
+            elapsed,
+            stdout,
+            stderr,
+        })
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// What a finished `qemu-machine` gave.
+struct Finished {
+    status: ExitStatus,
+    elapsed: Duration,
+    stdout: Vec<String>,
+    stderr: Vec<String>,
+}
+
+impl Finished {
+    fn expect_code(&self, code: i32) -> Result<&Self, String> {
+        if self.status.code() == Some(code) {
+            Ok(self)
+        } else {
+            Err(format!(
+                "expected exit status {code}, got {}; stdout: {:?}; stderr: {:?}",
+                super::describe_status(self.status),
+                self.stdout,
+                self.stderr
+            ))
+        }
+    }
+
+    fn json_lines(&self) -> Vec<Value> {
+        self.stdout
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+fn lines_of(
+    pipe: Option<impl std::io::Read + Send + 'static>,
+) -> mpsc::Receiver<(Instant, String)> {
+    let (tx, rx) = mpsc::channel();
+    if let Some(pipe) = pipe {
+        thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { return };
+                if tx.send((Instant::now(), line)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    rx
+}
+
+fn accel(ctx: &Ctx) -> &'static str {
+    ctx.accel.as_str()
+}
+
+/// Runs a one-shot `qemu-machine ARGS` to completion.
+fn one_shot(ctx: &Ctx, args: &[&str], stdin: Option<&str>) -> Result<Finished, String> {
+    Proc::spawn(ctx, args, stdin)?.finish(ctx)
+}
+
+fn run_banner_exit(ctx: &Ctx) -> Result<(), String> {
+    binary()?;
+    let mut proc = Proc::spawn(
+        ctx,
+        &[
+            "run",
+            "--accel",
+            accel(ctx),
+            "--exit-after-banner",
+            "--json",
+        ],
+        None,
+    )?;
+    let (to_banner, _) = proc.wait_stdout(ctx, |l| l.contains(r#""type":"banner""#))?;
+    let done = proc.finish(ctx)?;
+    done.expect_code(0)?;
+    let lines = done.json_lines();
+    let console: String = lines
+        .iter()
+        .filter(|l| l["type"] == "console")
+        .filter_map(|l| l["text"].as_str())
+        .collect();
+    if !console.contains(guest::BANNER) || !console.contains(guest::POWER_BUTTON_LINE) {
+        return Err(format!(
+            "console lacks the banner or the power button: {console:?}"
+        ));
+    }
+    let shutdown = lines
+        .iter()
+        .find(|l| l["type"] == "event" && l["event"] == "SHUTDOWN")
+        .ok_or("no SHUTDOWN event printed")?;
+    if shutdown["data"]["reason"] != "guest-shutdown" {
+        return Err(format!("unexpected SHUTDOWN: {shutdown}"));
+    }
+    let exit = lines
+        .iter()
+        .find(|l| l["type"] == "exit")
+        .ok_or("no exit line")?;
+    if exit["exit_code"] != 0 || exit["shutdown_reason"] != "guest-shutdown" {
+        return Err(format!("unexpected exit line: {exit}"));
+    }
+    let banner_ms = lines
+        .iter()
+        .find(|l| l["type"] == "banner")
+        .and_then(|l| l["ms"].as_u64())
+        .unwrap_or_default();
+    ctx.note(format!(
+        "qemu-machine run: start -> banner {:.1} ms (binary's own clock {banner_ms} ms), start -> exit {:.1} ms",
+        to_banner.as_secs_f64() * 1000.0,
+        done.elapsed.as_secs_f64() * 1000.0
+    ));
+    Ok(())
+}
+
+fn run_guest_exit_status(ctx: &Ctx) -> Result<(), String> {
+    let done = one_shot(
+        ctx,
+        &["run", "--accel", accel(ctx), "--send", "exit 5"],
+        None,
+    )?;
+    done.expect_code(guest::exit_status_for(5))?;
+    if !done.stdout.iter().any(|l| l.contains(guest::BANNER)) {
+        return Err(format!("no banner on stdout: {:?}", done.stdout));
+    }
+    if !done
+        .stderr
+        .iter()
+        .any(|l| l.contains("qemu exited by itself with code 11"))
+    {
+        return Err(format!(
+            "report does not say how it ended: {:?}",
+            done.stderr
+        ));
+    }
+    Ok(())
+}
+
+fn run_sigint(ctx: &Ctx) -> Result<(), String> {
+    let mut proc = Proc::spawn(ctx, &["run", "--accel", accel(ctx)], None)?;
+    proc.wait_stdout(ctx, |l| l.contains(guest::BANNER))?;
+    let sent = Instant::now();
+    nix::sys::signal::kill(proc.pid(), nix::sys::signal::Signal::SIGINT)
+        .map_err(|e| format!("kill -INT: {e}"))?;
+    let done = proc.finish(ctx)?;
+    done.expect_code(0)?;
+    if !done.stdout.iter().any(|l| l.contains(guest::POWEROFF_LINE)) {
+        return Err(format!("the guest did not power off: {:?}", done.stdout));
+    }
+    if !done
+        .stderr
+        .iter()
+        .any(|l| l.contains("guest shutdown (guest-shutdown)"))
+    {
+        return Err(format!(
+            "report does not say guest shutdown: {:?}",
+            done.stderr
+        ));
+    }
+    ctx.note(format!(
+        "SIGINT -> exit of qemu-machine {:.1} ms",
+        sent.elapsed().as_secs_f64() * 1000.0
+    ));
+    Ok(())
+}
+
+fn run_second_sigint(ctx: &Ctx) -> Result<(), String> {
+    // -M none ignores system_powerdown: the first SIGINT starts a 30 s rung; the second kills.
+    let mut proc = Proc::spawn(
+        ctx,
+        &[
+            "run",
+            "--accel",
+            accel(ctx),
+            "--shutdown-timeout",
+            "30s",
+            "--",
+            "-M",
+            "none",
+        ],
+        None,
+    )?;
+    proc.wait_stderr(ctx, |l| l.contains("launched qemu"))?;
+    nix::sys::signal::kill(proc.pid(), nix::sys::signal::Signal::SIGINT)
+        .map_err(|e| format!("kill -INT: {e}"))?;
+    proc.wait_stderr(ctx, |l| l.contains("system_powerdown"))?;
+    let sent = Instant::now();
+    nix::sys::signal::kill(proc.pid(), nix::sys::signal::Signal::SIGINT)
+        .map_err(|e| format!("kill -INT: {e}"))?;
+    let done = proc.finish(ctx)?;
+    done.expect_code(137)?;
+    if sent.elapsed() > Duration::from_secs(5) {
+        return Err(format!(
+            "the second SIGINT took {:?} to end it",
+            sent.elapsed()
+        ));
+    }
+    if !done.stderr.iter().any(|l| l.contains("our SIGKILL")) {
+        return Err(format!("report does not say SIGKILL: {:?}", done.stderr));
+    }
+    Ok(())
+}
+
+fn run_missing_qemu(ctx: &Ctx) -> Result<(), String> {
+    let missing = ctx.scratch.join("no-such-qemu");
+    let missing = missing.to_str().ok_or("non-UTF-8 scratch path")?;
+    let done = one_shot(
+        ctx,
+        &["run", "--qemu", missing, "--exit-after-banner"],
+        None,
+    )?;
+    done.expect_code(4)?;
+    if !done.stderr.iter().any(|l| l.contains(missing))
+        || done.stderr.iter().any(|l| l.contains("panicked"))
+    {
+        return Err(format!("unexpected error output: {:?}", done.stderr));
+    }
+    Ok(())
+}
+
+/// Starts `run --qmp-listen SOCK...` on `-M none` and waits until clients may connect.
+fn listening_vm(ctx: &Ctx, socks: &[&Path]) -> Result<Proc, String> {
+    let mut args = vec!["run", "--accel", accel(ctx), "--shutdown-timeout", "1s"];
+    for sock in socks {
+        args.push("--qmp-listen");
+        args.push(sock.to_str().ok_or("non-UTF-8 scratch path")?);
+    }
+    args.extend(["--", "-M", "none"]);
+    let mut vm = Proc::spawn(ctx, &args, None)?;
+    for _ in socks {
+        vm.wait_stderr(ctx, |l| l.contains("QMP clients can connect"))?;
+    }
+    Ok(vm)
+}
+
+fn qmp_events_shell(ctx: &Ctx) -> Result<(), String> {
+    // QEMU serves one client per socket at a time: events get their own.
+    let sock_path = ctx.scratch.join("qmp.sock");
+    let events_path = ctx.scratch.join("events.sock");
+    let sock = sock_path.to_str().ok_or("non-UTF-8 scratch path")?;
+    let events_sock = events_path.to_str().ok_or("non-UTF-8 scratch path")?;
+    let vm = listening_vm(ctx, &[&sock_path, &events_path])?;
+
+    let status = one_shot(ctx, &["qmp", sock, "query-status"], None)?;
+    status.expect_code(0)?;
+    let reply: Value =
+        serde_json::from_str(status.stdout.first().map(String::as_str).unwrap_or(""))
+            .map_err(|e| format!("qmp output is not JSON ({e}): {:?}", status.stdout))?;
+    if reply["running"] != true {
+        return Err(format!("unexpected query-status: {reply}"));
+    }
+    let bad = one_shot(ctx, &["qmp", sock, "no-such-command"], None)?;
+    bad.expect_code(1)?;
+    if !bad.stderr.iter().any(|l| l.contains("CommandNotFound")) {
+        return Err(format!("no typed error: {:?}", bad.stderr));
+    }
+
+    let mut events = Proc::spawn(
+        ctx,
+        &["events", events_sock, "--json", "--count", "2"],
+        None,
+    )?;
+    events.wait_stderr(ctx, |l| l.contains("streaming events"))?;
+    one_shot(ctx, &["qmp", sock, "stop"], None)?.expect_code(0)?;
+    one_shot(ctx, &["qmp", sock, "cont"], None)?.expect_code(0)?;
+    let streamed = events.finish(ctx)?;
+    streamed.expect_code(0)?;
+    let names: Vec<Value> = streamed
+        .json_lines()
+        .iter()
+        .map(|e| e["event"].clone())
+        .collect();
+    if names != [Value::from("STOP"), Value::from("RESUME")] {
+        return Err(format!("unexpected events: {:?}", streamed.stdout));
+    }
+
+    let shell = one_shot(
+        ctx,
+        &["shell", sock],
+        Some("query-status\nstop\n\ncont\nquery-name\n"),
+    )?;
+    shell.expect_code(0)?;
+    let out = shell.stdout.join("\n");
+    for want in [
+        r#""status":"running""#,
+        " STOP",
+        " RESUME",
+        r#"{"return":{}}"#,
+    ] {
+        if !out.contains(want) {
+            return Err(format!("shell output lacks {want}: {out}"));
+        }
+    }
+
+    one_shot(ctx, &["qmp", sock, "quit"], None)?.expect_code(0)?;
+    let ended = vm.finish(ctx)?;
+    ended.expect_code(0)?;
+    if !ended.stderr.iter().any(|l| l.contains("host-qmp-quit")) {
+        return Err(format!("run did not report the quit: {:?}", ended.stderr));
+    }
+    if sock_path.exists() || events_path.exists() {
+        return Err("a --qmp-listen socket was left behind".to_string());
+    }
+    Ok(())
+}
+
+fn shell_hmp(ctx: &Ctx) -> Result<(), String> {
+    let sock_path = ctx.scratch.join("qmp.sock");
+    let sock = sock_path.to_str().ok_or("non-UTF-8 scratch path")?;
+    let mut vm = listening_vm(ctx, &[&sock_path])?;
+    let shell = one_shot(
+        ctx,
+        &["shell", "-H", sock],
+        Some("info status\n   \ncpu 0\n"),
+    )?;
+    // -M none has no CPU 0: `cpu 0` is refused, so the shell ends with status 1.
+    shell.expect_code(1)?;
+    if shell.stdout.first().map(String::as_str) != Some("VM status: running") {
+        return Err(format!("unexpected HMP output: {:?}", shell.stdout));
+    }
+    nix::sys::signal::kill(vm.pid(), nix::sys::signal::Signal::SIGTERM)
+        .map_err(|e| format!("kill -TERM: {e}"))?;
+    vm.wait_stderr(ctx, |l| l.contains("SIGTERM"))?;
+    vm.finish(ctx)?.expect_code(0)?;
+    Ok(())
+}
+
+fn wrap_shell(ctx: &Ctx) -> Result<(), String> {
+    let done = one_shot(
+        ctx,
+        &["wrap", "--", "-M", "none", "-accel", accel(ctx)],
+        Some("query-status\nquit\n"),
+    )?;
+    done.expect_code(0)?;
+    let out = done.stdout.join("\n");
+    if !out.contains(r#""status":"running""#) || !out.contains("SHUTDOWN") {
+        return Err(format!("unexpected wrap output: {out}"));
+    }
+    if !done
+        .stderr
+        .iter()
+        .any(|l| l.contains("qemu ended by our quit"))
+    {
+        return Err(format!("no exit report: {:?}", done.stderr));
+    }
+    Ok(())
 }
