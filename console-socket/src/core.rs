@@ -5,9 +5,8 @@
 //! [`Drainer`]: crate::Drainer
 
 use std::borrow::Cow;
-use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, IoSliceMut, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
@@ -15,6 +14,10 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::error::{CloseReason, Error, Result};
+use crate::ring::Ring;
+
+/// Most bytes taken in by one read system call.
+pub(crate) const READ_CHUNK: usize = 64 * 1024;
 
 /// Size of the log writer's buffer: a flush happens at least every this many bytes.
 pub(crate) const LOG_BUFFER: usize = 64 * 1024;
@@ -35,9 +38,8 @@ pub(crate) struct Shared {
 
 /// The bounded buffer and its bookkeeping, in absolute stream offsets (bytes since creation).
 struct State {
-    ring: VecDeque<u8>,
-    capacity: usize,
-    /// Stream offset of `ring[0]`.
+    ring: Ring,
+    /// Stream offset of the oldest byte in `ring`.
     base: u64,
     /// Stream offset of the first unconsumed byte; always within `base..=total`.
     consumed: u64,
@@ -51,20 +53,9 @@ impl State {
         self.base + self.ring.len() as u64
     }
 
-    fn push(&mut self, mut chunk: &[u8]) {
-        if chunk.len() >= self.capacity {
-            let skip = chunk.len() - self.capacity;
-            self.base += (self.ring.len() + skip) as u64;
-            self.ring.clear();
-            chunk = &chunk[skip..];
-        } else {
-            let excess = (self.ring.len() + chunk.len()).saturating_sub(self.capacity);
-            if excess > 0 {
-                self.ring.drain(..excess);
-                self.base += excess as u64;
-            }
-        }
-        self.ring.extend(chunk);
+    /// Accounts for `n` new bytes written into the ring's spare room.
+    fn commit(&mut self, n: usize) {
+        self.base += self.ring.commit(n) as u64;
         if self.base > self.consumed {
             self.dropped += self.base - self.consumed;
             self.consumed = self.base;
@@ -74,19 +65,13 @@ impl State {
     /// Stream bytes `from..to` (both within the buffer), borrowed when they do not straddle
     /// the ring's seam.
     fn slice(&self, from: u64, to: u64) -> Cow<'_, [u8]> {
-        let a = (from - self.base) as usize;
-        let b = (to - self.base) as usize;
-        let (front, back) = self.ring.as_slices();
-        let f = front.len();
-        if b <= f {
-            Cow::Borrowed(&front[a..b])
-        } else if a >= f {
-            Cow::Borrowed(&back[a - f..b - f])
+        let (front, back) = self
+            .ring
+            .range((from - self.base) as usize, (to - self.base) as usize);
+        if back.is_empty() {
+            Cow::Borrowed(front)
         } else {
-            let mut joined = Vec::with_capacity(b - a);
-            joined.extend_from_slice(&front[a..]);
-            joined.extend_from_slice(&back[..b - f]);
-            Cow::Owned(joined)
+            Cow::Owned([front, back].concat())
         }
     }
 
@@ -192,8 +177,7 @@ impl Shared {
         };
         Ok(Shared {
             state: Mutex::new(State {
-                ring: VecDeque::with_capacity(config.buffer_capacity),
-                capacity: config.buffer_capacity,
+                ring: Ring::new(config.buffer_capacity, READ_CHUNK),
                 base: 0,
                 consumed: 0,
                 dropped: 0,
@@ -212,15 +196,48 @@ impl Shared {
         self.log.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Takes in one chunk read from the socket: log first (the log keeps everything), then the
-    /// bounded buffer. Waiters are woken by [`notify`](Shared::notify), which the drainer calls
-    /// once per burst rather than once per chunk.
-    pub(crate) fn ingest(&self, chunk: &[u8]) {
-        log::trace!("console <-- {} bytes", chunk.len());
-        if let Some(sink) = self.log().as_mut() {
-            sink.write(chunk);
+    /// Takes in one read from the socket: `read` fills the buffer's free room directly (up to
+    /// [`READ_CHUNK`] bytes, no intermediate copy); the bytes go to the log (which keeps
+    /// everything), then become live in the bounded buffer, evicting the oldest. Returns what
+    /// `read` returned. Waiters are woken by [`notify`](Shared::notify), which the drainer
+    /// calls once per burst rather than once per chunk.
+    pub(crate) fn ingest_from(
+        &self,
+        read: impl FnOnce(&mut [IoSliceMut<'_>]) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        let mut state = self.state();
+        let n = read(&mut state.ring.spare())?;
+        if n > 0 {
+            log::trace!("console <-- {n} bytes");
+            if let Some(sink) = self.log().as_mut() {
+                let (a, b) = state.ring.fresh(n);
+                sink.write(a);
+                if !b.is_empty() {
+                    sink.write(b);
+                }
+            }
+            state.commit(n);
         }
-        self.state().push(chunk);
+        Ok(n)
+    }
+
+    /// Takes in `chunk` as if it had been read (tests feed the core this way).
+    #[cfg(test)]
+    pub(crate) fn ingest(&self, mut chunk: &[u8]) {
+        while !chunk.is_empty() {
+            let n = self
+                .ingest_from(|spare| {
+                    let mut n = 0;
+                    for slice in spare.iter_mut() {
+                        let k = slice.len().min(chunk.len() - n);
+                        slice[..k].copy_from_slice(&chunk[n..n + k]);
+                        n += k;
+                    }
+                    Ok(n)
+                })
+                .unwrap_or(0);
+            chunk = &chunk[n..];
+        }
     }
 
     /// Wakes the waiters to look at new output.
@@ -311,8 +328,10 @@ impl Shared {
 
     pub(crate) fn tail(&self, n: usize) -> Vec<u8> {
         let state = self.state();
-        let skip = state.ring.len().saturating_sub(n);
-        state.ring.range(skip..).copied().collect()
+        let end = state.total();
+        state
+            .slice(end.saturating_sub(n as u64).max(state.base), end)
+            .into_owned()
     }
 
     /// Waits until `find` matches in the unconsumed output, the stream ends, or `timeout`.

@@ -17,9 +17,6 @@ use crate::console::Console;
 use crate::core::Shared;
 use crate::error::{CloseReason, Result};
 
-/// Bytes read per `read` system call.
-pub(crate) const READ_CHUNK: usize = 64 * 1024;
-
 /// Longest run of bytes read without waking the waiters during a flood.
 const NOTIFY_MAX: usize = 256 * 1024;
 
@@ -83,7 +80,6 @@ pub enum DrainStatus {
 pub struct Drainer {
     stream: mio::net::UnixStream,
     shared: Arc<Shared>,
-    buf: Box<[u8]>,
     /// Wake waiters at least this often (bytes) while the socket stays readable.
     notify_every: usize,
     finished: bool,
@@ -108,7 +104,6 @@ impl Drainer {
         let drainer = Drainer {
             stream: mio::net::UnixStream::from_std(stream),
             shared: Arc::clone(&shared),
-            buf: vec![0; READ_CHUNK].into_boxed_slice(),
             // A quarter of the buffer: waiters get to scan output well before it is evicted.
             notify_every: (config.buffer_capacity / 4).clamp(1, NOTIFY_MAX),
             finished: false,
@@ -135,10 +130,17 @@ impl Drainer {
         // during a flood: one wake-up per burst instead of one per chunk.
         let mut unannounced = 0;
         while !self.finished {
-            match (&self.stream).read(&mut self.buf) {
+            let mut stream = &self.stream;
+            let read = self.shared.ingest_from(|spare| {
+                if spare[1].is_empty() {
+                    stream.read(&mut spare[0])
+                } else {
+                    stream.read_vectored(spare)
+                }
+            });
+            match read {
                 Ok(0) => self.finish(CloseReason::Eof),
                 Ok(n) => {
-                    self.shared.ingest(&self.buf[..n]);
                     unannounced += n;
                     if unannounced >= self.notify_every {
                         self.shared.notify();

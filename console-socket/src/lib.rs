@@ -101,6 +101,7 @@ mod core;
 mod drainer;
 mod error;
 mod pattern;
+mod ring;
 mod sys;
 
 pub use crate::config::{Config, LineEnding};
