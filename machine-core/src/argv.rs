@@ -118,7 +118,8 @@ impl fmt::Display for CommandLine {
             let text = arg.to_string_lossy();
             let plain = !text.is_empty()
                 && text.chars().all(|c| {
-                    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/' | ',' | '=' | ':' | '+' | '@')
+                    c.is_ascii_alphanumeric()
+                        || matches!(c, '-' | '_' | '.' | '/' | ',' | '=' | ':' | '+' | '@')
                 });
             if plain {
                 f.write_str(&text)?;
@@ -185,7 +186,10 @@ mod tests {
 
     #[test]
     fn raw_parts_are_verbatim_and_empty_raw_adds_nothing() {
-        let opts = OptString::new("fd=3").raw("").raw("a=1,b=2").into_os_string();
+        let opts = OptString::new("fd=3")
+            .raw("")
+            .raw("a=1,b=2")
+            .into_os_string();
         assert_eq!(opts, OsString::from("fd=3,a=1,b=2"));
     }
 
@@ -199,7 +203,10 @@ mod tests {
             "socket,id=mon,fd=3".into(),
             "".into(),
         ]);
-        assert_eq!(cl.to_string(), r"qemu -name 'a b' 'it'\''s' socket,id=mon,fd=3 ''");
+        assert_eq!(
+            cl.to_string(),
+            r"qemu -name 'a b' 'it'\''s' socket,id=mon,fd=3 ''"
+        );
         assert_eq!(cl.program(), Some(OsStr::new("qemu")));
     }
 }

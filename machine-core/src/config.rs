@@ -169,14 +169,15 @@ impl MachineBuilder {
         self
     }
 
-    /// Where the private 0700 temp dir is created. Default: `std::env::temp_dir()`.
+    /// Where the private 0700 temp dir is created (on first use of [`Machine::temp_dir`]).
+    /// Default: `std::env::temp_dir()`.
     pub fn base_temp_dir(&mut self, dir: impl Into<PathBuf>) -> &mut Self {
         self.config.base_temp_dir = dir.into();
         self
     }
 
-    /// Where `{name}.log` is written and kept. Default: the temp dir (removed after exit, the
-    /// text stays available through [`Machine::log`]).
+    /// Where `{name}.log` (QEMU's stdout and stderr) is written and kept. Default: none; the
+    /// output is kept in memory only (see [`Machine::log`], [`Machine::log_tail`]).
     pub fn log_dir(&mut self, dir: impl Into<PathBuf>) -> &mut Self {
         self.config.log_dir = Some(dir.into());
         self
@@ -214,7 +215,9 @@ impl MachineBuilder {
 
     /// Adds a console with default settings (`-serial chardev:console`).
     pub fn console(&mut self) -> &mut Self {
-        self.config.console.get_or_insert_with(ConsoleSettings::default);
+        self.config
+            .console
+            .get_or_insert_with(ConsoleSettings::default);
         self
     }
 
@@ -226,7 +229,10 @@ impl MachineBuilder {
 
     /// The seed's `set_console(device_type, console_index)`.
     pub fn set_console(&mut self, device_type: Option<&str>, index: u32) -> &mut Self {
-        let console = self.config.console.get_or_insert_with(ConsoleSettings::default);
+        let console = self
+            .config
+            .console
+            .get_or_insert_with(ConsoleSettings::default);
         console.device_type = device_type.map(str::to_owned);
         console.index = index;
         self
@@ -234,7 +240,10 @@ impl MachineBuilder {
 
     /// Writes every console byte to `path` too (adds a console if none).
     pub fn console_log(&mut self, path: impl Into<PathBuf>) -> &mut Self {
-        let console = self.config.console.get_or_insert_with(ConsoleSettings::default);
+        let console = self
+            .config
+            .console
+            .get_or_insert_with(ConsoleSettings::default);
         console.config.log_file = Some(path.into());
         self
     }
@@ -336,7 +345,10 @@ impl Config {
             &fd,
             nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
         ) {
-            log::warn!("cannot set close-on-exec on passed fd {}: {err}", fd.as_raw_fd());
+            log::warn!(
+                "cannot set close-on-exec on passed fd {}: {err}",
+                fd.as_raw_fd()
+            );
         }
         let raw = fd.as_raw_fd();
         self.passed.push(PassedFd { fd });

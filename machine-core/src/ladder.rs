@@ -321,7 +321,11 @@ pub(crate) fn run(ops: &mut dyn LadderOps, ladder: &ShutdownLadder) -> LadderRun
     }
 }
 
-fn wait_outcome(ops: &mut dyn LadderOps, deadline: Instant, note: &mut Option<String>) -> StepOutcome {
+fn wait_outcome(
+    ops: &mut dyn LadderOps,
+    deadline: Instant,
+    note: &mut Option<String>,
+) -> StepOutcome {
     match ops.wait_exit(deadline) {
         Ok(true) => StepOutcome::Exited,
         Ok(false) => StepOutcome::TimedOut,
@@ -467,7 +471,9 @@ mod tests {
         let run = run(&mut fake, &ShutdownLadder::escalating(T, T, T));
         assert_eq!(fake.log, vec!["system_powerdown", "quit", "SIGTERM"]);
         assert_eq!(run.ended_at, Some(2));
-        assert!(matches!(run.records[2].step, Step::Signal { signal, .. } if signal == libc::SIGTERM));
+        assert!(
+            matches!(run.records[2].step, Step::Signal { signal, .. } if signal == libc::SIGTERM)
+        );
     }
 
     #[test]
@@ -476,8 +482,13 @@ mod tests {
         fake.qmp = false;
         let run = run(&mut fake, &ShutdownLadder::escalating(T, T, T));
         assert_eq!(fake.log, vec!["SIGTERM"]);
-        assert!(matches!(run.records[0].outcome, StepOutcome::Skipped { .. }));
-        assert!(matches!(run.records[1].step, Step::Signal { signal, .. } if signal == libc::SIGTERM));
+        assert!(matches!(
+            run.records[0].outcome,
+            StepOutcome::Skipped { .. }
+        ));
+        assert!(
+            matches!(run.records[1].step, Step::Signal { signal, .. } if signal == libc::SIGTERM)
+        );
         assert_eq!(run.ended_at, Some(1));
     }
 
@@ -488,7 +499,10 @@ mod tests {
         let run = run(&mut fake, &ShutdownLadder::graceful(T));
         assert_eq!(run.ended_at, Some(0));
         assert_eq!(run.records[0].outcome, StepOutcome::Exited);
-        assert!(run.records[0].note.as_deref().is_some_and(|n| n.contains("reset")));
+        assert!(run.records[0]
+            .note
+            .as_deref()
+            .is_some_and(|n| n.contains("reset")));
     }
 
     #[test]

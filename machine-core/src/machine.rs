@@ -320,7 +320,9 @@ impl Machine {
         }
     }
 
-    /// Where QEMU's log file goes: the configured log dir, else the temp dir.
+    /// The log dir: the configured one (where `{name}.log` is written and kept), else the
+    /// temp dir (the seed's default). Without a configured log dir no log file is written:
+    /// QEMU's output is kept in memory ([`Machine::log`], [`Machine::log_tail`]).
     pub fn log_dir(&mut self) -> Result<PathBuf> {
         match &self.config.log_dir {
             Some(dir) => Ok(dir.clone()),
@@ -373,7 +375,8 @@ impl Machine {
     /// The last `max_bytes` of QEMU's output so far, at any time (lossy UTF-8).
     pub fn log_tail(&self, max_bytes: usize) -> String {
         if let Some(output) = self.run.as_ref().and_then(|r| r.output.as_ref()) {
-            return output.with_tail(|t| String::from_utf8_lossy(&t.last_bytes(max_bytes)).into_owned());
+            return output
+                .with_tail(|t| String::from_utf8_lossy(&t.last_bytes(max_bytes)).into_owned());
         }
         match &self.log_text {
             Some(text) => {
@@ -446,7 +449,11 @@ impl Machine {
         let once = std::mem::take(&mut self.once_fds);
         match self.start(once) {
             Ok(run) => {
-                log::info!("launched qemu pid {} ({})", run.child.pid(), self.config.name);
+                log::info!(
+                    "launched qemu pid {} ({})",
+                    run.child.pid(),
+                    self.config.name
+                );
                 self.run = Some(run);
                 Ok(())
             }
@@ -483,17 +490,15 @@ impl Machine {
             }
             Monitor::Unix(path) => {
                 prepare_socket_path(path)?;
-                listener = Some(
-                    Listener::bind_unix(path).map_err(|source| Error::qmp("listen", source))?,
-                );
+                listener =
+                    Some(Listener::bind_unix(path).map_err(|source| Error::qmp("listen", source))?);
             }
             Monitor::Tcp(addr) => {
                 if !addr.ip().is_loopback() && !self.config.allow_remote_monitor {
                     return Err(Error::RemoteMonitor { addr: *addr });
                 }
-                listener = Some(
-                    Listener::bind_tcp(*addr).map_err(|source| Error::qmp("listen", source))?,
-                );
+                listener =
+                    Some(Listener::bind_tcp(*addr).map_err(|source| Error::qmp("listen", source))?);
             }
             Monitor::None => {}
         }
@@ -506,12 +511,15 @@ impl Machine {
         }
 
         // Log file and the output pipe.
-        let log_dir = self.log_dir()?;
-        let log_path = log_dir.join(format!("{}.log", self.config.name));
-        let log_file = File::create(&log_path).map_err(|source| Error::LogFile {
-            path: log_path.clone(),
-            source,
-        })?;
+        // A log file only where it outlives the run; otherwise the in-memory copy serves
+        // log() and log_tail() (the seed's file in the temp dir was deleted at shutdown).
+        let log_file = match &self.config.log_dir {
+            Some(dir) => {
+                let path = dir.join(format!("{}.log", self.config.name));
+                Some(File::create(&path).map_err(|source| Error::LogFile { path, source })?)
+            }
+            None => None,
+        };
         let (out_read, out_write) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::Os {
                 what: "pipe",
@@ -528,7 +536,12 @@ impl Machine {
         log::debug!("qemu command line: {command}");
         self.command = Some(command.clone());
 
-        let mut keep: Vec<RawFd> = self.config.passed.iter().map(|p| p.fd.as_raw_fd()).collect();
+        let mut keep: Vec<RawFd> = self
+            .config
+            .passed
+            .iter()
+            .map(|p| p.fd.as_raw_fd())
+            .collect();
         keep.extend(once.iter().map(AsRawFd::as_raw_fd));
         keep.extend(monitor_theirs.as_ref().map(AsRawFd::as_raw_fd));
         keep.extend(console_pair.as_ref().map(|(_, t)| t.as_raw_fd()));
@@ -562,7 +575,14 @@ impl Machine {
             started,
             shutdown_event: None,
         };
-        let result = self.connect(&mut run, out_read, log_file, monitor_ours, listener, console_ours);
+        let result = self.connect(
+            &mut run,
+            out_read,
+            log_file,
+            monitor_ours,
+            listener,
+            console_ours,
+        );
         match result {
             Ok(()) => Ok(run),
             Err(cause) => Err(self.fail_launch(run, cause)),
@@ -574,7 +594,7 @@ impl Machine {
         &mut self,
         run: &mut Run,
         out_read: OwnedFd,
-        log_file: File,
+        log_file: Option<File>,
         monitor_ours: Option<UnixStream>,
         listener: Option<Listener>,
         console_ours: Option<UnixStream>,
@@ -587,15 +607,16 @@ impl Machine {
         run.output = Some(
             OutputDrain::start(
                 out_read,
-                Some(log_file),
+                log_file,
                 self.config.output_capacity,
                 &self.config.name,
             )
             .map_err(Error::os("output drain thread"))?,
         );
         if let (Some(stream), Some(settings)) = (console_ours, &self.config.console) {
-            let console = console_socket::Console::from_unix_stream(stream, settings.config.clone())
-                .map_err(|source| Error::Console { source })?;
+            let console =
+                console_socket::Console::from_unix_stream(stream, settings.config.clone())
+                    .map_err(|source| Error::Console { source })?;
             self.console = Some(console);
         }
         let qmp_config = &self.config.qmp;
@@ -717,12 +738,17 @@ impl Machine {
                 }
                 Some(device) => {
                     argv.push("-device".into());
-                    argv.push(OptString::new(device).raw("chardev=console").into_os_string());
+                    argv.push(
+                        OptString::new(device)
+                            .raw("chardev=console")
+                            .into_os_string(),
+                    );
                 }
             }
         }
         for add in &c.add_fds {
-            let mut opts = OptString::new(&format!("fd={}", add.fd)).value("set", add.fdset.to_string());
+            let mut opts =
+                OptString::new(&format!("fd={}", add.fd)).value("set", add.fdset.to_string());
             if let Some(opaque) = &add.opaque {
                 opts = opts.value("opaque", opaque);
             }
@@ -940,8 +966,8 @@ impl Machine {
             .map(|r| r.step);
         let report = self.finish(run, ladder_run.records, ended_during);
         // Abnormal: we had to force it although the ladder had gentler steps first.
-        let forced_fallback = matches!(ended_during, Some(Step::Kill { .. }))
-            && ladder.steps().len() > 1;
+        let forced_fallback =
+            matches!(ended_during, Some(Step::Kill { .. })) && ladder.steps().len() > 1;
         if forced_fallback {
             let cause = report
                 .steps
@@ -973,10 +999,7 @@ impl Machine {
         steps: Vec<ladder::StepRecord>,
         ended_during: Option<Step>,
     ) -> ExitReport {
-        let status = run
-            .child
-            .status()
-            .unwrap_or(ExitStatus::Code(-1));
+        let status = run.child.status().unwrap_or(ExitStatus::Code(-1));
         // Events QEMU sent before it died (SHUTDOWN comes before quit's reply) are still in
         // the socket; keep them for events() and the report.
         if let Some(mut conn) = run.qmp.take() {
@@ -1039,7 +1062,11 @@ impl Machine {
             command,
             uptime: run.started.elapsed(),
         };
-        log::info!("qemu {} ended by {}: {status}", self.config.name, report.ended_by);
+        log::info!(
+            "qemu {} ended by {}: {status}",
+            self.config.name,
+            report.ended_by
+        );
         self.log_text = Some(log_text);
         self.last_status = Some(status);
         self.report = Some(report.clone());
@@ -1090,7 +1117,11 @@ impl LadderOps for Ops<'_> {
         self.quit_sent
     }
 
-    fn request(&mut self, command: &str, deadline: Instant) -> std::result::Result<(), RequestError> {
+    fn request(
+        &mut self,
+        command: &str,
+        deadline: Instant,
+    ) -> std::result::Result<(), RequestError> {
         let Some(conn) = self.run.qmp.as_mut() else {
             return Err(RequestError::Transport("no QMP connection".into()));
         };
@@ -1165,7 +1196,11 @@ fn check_executable(program: &Path) -> Result<()> {
         vec![program.to_owned()]
     } else {
         std::env::var_os("PATH")
-            .map(|paths| std::env::split_paths(&paths).map(|d| d.join(program)).collect())
+            .map(|paths| {
+                std::env::split_paths(&paths)
+                    .map(|d| d.join(program))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let mut last = io::Error::from(io::ErrorKind::NotFound);
@@ -1225,7 +1260,10 @@ mod tests {
     use serde_json::json;
 
     fn strings(cl: &CommandLine) -> Vec<String> {
-        cl.argv().iter().map(|a| a.to_string_lossy().into_owned()).collect()
+        cl.argv()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
     }
 
     #[test]
@@ -1240,10 +1278,30 @@ mod tests {
         assert_eq!(
             strings(&cl),
             vec![
-                "strace", "-f", "/usr/bin/qemu", "-display", "none", "-vga", "none", "-chardev",
-                "socket,id=mon,fd=7", "-mon", "chardev=mon,mode=control", "-machine", "none",
-                "-serial", "null", "-serial", "null", "-chardev", "socket,id=console,fd=9",
-                "-device", "isa-serial,chardev=console", "-S", "-accel", "tcg",
+                "strace",
+                "-f",
+                "/usr/bin/qemu",
+                "-display",
+                "none",
+                "-vga",
+                "none",
+                "-chardev",
+                "socket,id=mon,fd=7",
+                "-mon",
+                "chardev=mon,mode=control",
+                "-machine",
+                "none",
+                "-serial",
+                "null",
+                "-serial",
+                "null",
+                "-chardev",
+                "socket,id=console,fd=9",
+                "-device",
+                "isa-serial,chardev=console",
+                "-S",
+                "-accel",
+                "tcg",
             ]
         );
     }
@@ -1256,7 +1314,13 @@ mod tests {
         let cl = m.command_line_for(None, None, Some(4));
         assert_eq!(
             strings(&cl),
-            vec!["qemu", "-chardev", "socket,id=console,fd=4", "-serial", "chardev:console"]
+            vec![
+                "qemu",
+                "-chardev",
+                "socket,id=console,fd=4",
+                "-serial",
+                "chardev:console"
+            ]
         );
     }
 
@@ -1270,7 +1334,10 @@ mod tests {
         let chardev = &args[6];
         assert_eq!(chardev, "socket,id=mon,path=/tmp/a,,server=on,,wait=off");
         let parts = crate::argv::split_options(chardev);
-        assert_eq!(parts, vec!["socket", "id=mon", "path=/tmp/a,server=on,wait=off"]);
+        assert_eq!(
+            parts,
+            vec!["socket", "id=mon", "path=/tmp/a,server=on,wait=off"]
+        );
     }
 
     #[test]
@@ -1286,9 +1353,7 @@ mod tests {
     fn add_fd_builds_an_escaped_add_fd_option() {
         let file = tempfile::tempfile().expect("tempfile");
         let mut b = MachineBuilder::new("qemu");
-        let n = b
-            .add_fd(&file, 3, Some("x,y=z"), "")
-            .expect("add_fd");
+        let n = b.add_fd(&file, 3, Some("x,y=z"), "").expect("add_fd");
         let m = b.build();
         let cl = m.command_line_for(Some(5), None, None);
         let args = strings(&cl);
@@ -1304,7 +1369,11 @@ mod tests {
             .expect("map")
             .expect("some");
         assert!(converted.contains_key("node-name"));
-        assert_eq!(converted["nested"], json!({"x_y": 1}), "only top-level keys");
+        assert_eq!(
+            converted["nested"],
+            json!({"x_y": 1}),
+            "only top-level keys"
+        );
         let exact = Args::exact(json!({"bps_rd": 1}))
             .into_map("c")
             .expect("map")
@@ -1321,7 +1390,16 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let long = dir.path().join("x".repeat(UNIX_PATH_MAX));
         let err = prepare_socket_path(&long).expect_err("too long");
-        assert!(matches!(err, Error::SocketPathTooLong { limit: UNIX_PATH_MAX, .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                Error::SocketPathTooLong {
+                    limit: UNIX_PATH_MAX,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         let file = dir.path().join("regular");
         std::fs::write(&file, b"user data").expect("write");
         let err = prepare_socket_path(&file).expect_err("exists");
@@ -1373,7 +1451,9 @@ mod tests {
     #[test]
     fn temp_dir_is_private() {
         let base = tempfile::tempdir().expect("dir");
-        let mut m = MachineBuilder::new("qemu").base_temp_dir(base.path()).build();
+        let mut m = MachineBuilder::new("qemu")
+            .base_temp_dir(base.path())
+            .build();
         let dir = m.temp_dir().expect("temp dir").to_path_buf();
         let mode = std::fs::metadata(&dir).expect("stat").permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);

@@ -70,7 +70,9 @@ impl fmt::Display for EndedBy {
             EndedBy::ExternalSignal { signal } => {
                 write!(f, "external signal {signal} ({})", signal_name(*signal))
             }
-            EndedBy::Crash { signal } => write!(f, "crash: signal {signal} ({})", signal_name(*signal)),
+            EndedBy::Crash { signal } => {
+                write!(f, "crash: signal {signal} ({})", signal_name(*signal))
+            }
         }
     }
 }
@@ -130,7 +132,11 @@ pub struct ExitReport {
 
 impl fmt::Display for ExitReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "qemu ended by {}: {} after {:?}", self.ended_by, self.status, self.uptime)?;
+        writeln!(
+            f,
+            "qemu ended by {}: {} after {:?}",
+            self.ended_by, self.status, self.uptime
+        )?;
         for step in &self.steps {
             writeln!(f, "  step {step}")?;
         }
@@ -235,7 +241,10 @@ mod tests {
 
     #[test]
     fn shutdown_event_is_read_from_its_data() {
-        let e = event("SHUTDOWN", json!({"guest": true, "reason": "guest-shutdown"}));
+        let e = event(
+            "SHUTDOWN",
+            json!({"guest": true, "reason": "guest-shutdown"}),
+        );
         assert_eq!(
             ShutdownEvent::from_event(&e),
             Some(ShutdownEvent {
@@ -283,7 +292,10 @@ mod tests {
             }
         );
         // SIGKILL we sent.
-        assert_eq!(classify(&facts(KILLED, &[libc::SIGKILL], None)), EndedBy::Kill);
+        assert_eq!(
+            classify(&facts(KILLED, &[libc::SIGKILL], None)),
+            EndedBy::Kill
+        );
         // A crash.
         let segv = ExitStatus::Signal {
             signal: libc::SIGSEGV,

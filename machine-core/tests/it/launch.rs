@@ -35,10 +35,12 @@ fn a_wrapper_that_is_missing_is_reported_too() {
 #[test]
 fn exit_before_the_greeting_fails_at_once_with_status_command_and_output() {
     let _g = shared();
-    let stub = Stub::new("echo 'qemu-stub: -device nope: bad option' >&2\necho 'to stdout'\nexit 1");
+    let stub =
+        Stub::new("echo 'qemu-stub: -device nope: bad option' >&2\necho 'to stdout'\nexit 1");
     let mut b = stub.builder();
     // A long greeting deadline: the launch must not wait for it.
-    b.greeting_timeout(Duration::from_secs(30)).args(["-device", "nope"]);
+    b.greeting_timeout(Duration::from_secs(30))
+        .args(["-device", "nope"]);
     let mut m = b.build();
     let started = Instant::now();
     let err = m.launch().expect_err("exit 1");
@@ -107,7 +109,10 @@ fn missing_greeting_times_out_then_kills_and_reaps() {
             assert_eq!(status.and_then(ExitStatus::signal), Some(libc::SIGKILL));
             match *cause {
                 Error::Qmp { source, .. } => assert!(
-                    matches!(source, machine_core::qmp_client::Error::GreetingTimeout { .. }),
+                    matches!(
+                        source,
+                        machine_core::qmp_client::Error::GreetingTimeout { .. }
+                    ),
                     "{source:?}"
                 ),
                 other => panic!("{other:?}"),
@@ -121,11 +126,25 @@ fn missing_greeting_times_out_then_kills_and_reaps() {
 #[test]
 fn a_failed_launch_can_be_retried_on_the_same_machine() {
     let _g = shared();
-    let stub = Stub::new("[ -e \"$0.ok\" ] || { touch \"$0.ok\"; exit 2; }\ngreet\nwhile true; do serve_one; done");
+    let stub = Stub::new(
+        "[ -e \"$0.ok\" ] || { touch \"$0.ok\"; exit 2; }\ngreet\nwhile true; do serve_one; done",
+    );
     let mut m = stub.machine();
     let err = m.launch().expect_err("first launch fails");
-    assert!(matches!(err, Error::LaunchFailed { status: Some(ExitStatus::Code(2)), .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            Error::LaunchFailed {
+                status: Some(ExitStatus::Code(2)),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     m.launch().expect("second launch works");
-    assert_eq!(m.cmd("query-status", ()).expect("query")["status"], "running");
+    assert_eq!(
+        m.cmd("query-status", ()).expect("query")["status"],
+        "running"
+    );
     m.shutdown().expect("shutdown");
 }

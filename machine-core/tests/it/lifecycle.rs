@@ -1,12 +1,10 @@
 //! Running, ending and cleaning up: fds, temp dirs, Drop, the ladder, the exit report.
 
 use std::collections::BTreeSet;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
-use machine_core::{
-    EndedBy, Error, ExitStatus, Monitor, ShutdownLadder, Step, StepOutcome,
-};
+use machine_core::{EndedBy, Error, ExitStatus, Monitor, ShutdownLadder, Step, StepOutcome};
 
 use crate::stub::{exclusive, own_fd_count, pid_exists, shared, Stub};
 
@@ -102,7 +100,10 @@ fn drop_without_shutdown_kills_reaps_and_removes_the_temp_dir() {
     m.launch().expect("launch");
     let pid = m.pid().expect("pid");
     drop(m);
-    assert!(!pid_exists(pid), "pid {pid} survived the drop (or is a zombie)");
+    assert!(
+        !pid_exists(pid),
+        "pid {pid} survived the drop (or is a zombie)"
+    );
     assert_eq!(stub.leftovers(), 0);
 }
 
@@ -196,7 +197,12 @@ fn no_qmp_mode_uses_sigterm() {
     m.launch().expect("launch");
     assert!(matches!(m.cmd("query-status", ()), Err(Error::NoMonitor)));
     let report = m.shutdown().expect("shutdown");
-    assert_eq!(report.ended_by, EndedBy::OurSignal { signal: libc::SIGTERM });
+    assert_eq!(
+        report.ended_by,
+        EndedBy::OurSignal {
+            signal: libc::SIGTERM
+        }
+    );
     assert_eq!(report.status.signal(), Some(libc::SIGTERM));
     assert!(matches!(report.steps[0].step, Step::Signal { signal, .. } if signal == libc::SIGTERM));
 }
@@ -220,7 +226,8 @@ fn an_exit_nobody_collected_does_not_block_a_relaunch() {
 #[test]
 fn invalid_utf8_output_never_breaks_cleanup() {
     let _g = shared();
-    let stub = Stub::new("printf 'bad \\xff\\xfe bytes\\n' >&2\ngreet\nwhile true; do serve_one; done");
+    let stub =
+        Stub::new("printf 'bad \\xff\\xfe bytes\\n' >&2\ngreet\nwhile true; do serve_one; done");
     let mut m = stub.machine();
     m.launch().expect("launch");
     let report = m.shutdown().expect("shutdown");
@@ -264,5 +271,50 @@ fn qemu_dies_with_the_thread_that_launched_it() {
     .join()
     .expect("thread");
     let report = m.wait(Duration::from_secs(10)).expect("wait");
-    assert_eq!(report.ended_by, EndedBy::ExternalSignal { signal: libc::SIGKILL });
+    assert_eq!(
+        report.ended_by,
+        EndedBy::ExternalSignal {
+            signal: libc::SIGKILL
+        }
+    );
+}
+
+#[test]
+fn a_temp_dir_removed_underneath_does_not_break_shutdown() {
+    let _g = shared();
+    let stub = Stub::serving();
+    let mut m = stub.machine();
+    let dir = m.temp_dir().expect("temp dir").to_path_buf();
+    m.launch().expect("launch");
+    std::fs::remove_dir_all(&dir).expect("rm -rf");
+    let report = m.shutdown().expect("shutdown despite the missing temp dir");
+    assert_eq!(report.ended_by, EndedBy::Quit);
+    assert_eq!(stub.leftovers(), 0);
+}
+
+#[test]
+fn fd_exhaustion_fails_the_launch_without_leaking() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let _g = exclusive();
+    let stub = Stub::serving();
+    let mut m = stub.builder().console().build();
+    let before = own_fd_count();
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    // Room for a few fds only: the launch needs more (socketpairs, pipe, pidfd, epoll...).
+    let tight = before as u64 + 3;
+    setrlimit(Resource::RLIMIT_NOFILE, tight, hard).expect("setrlimit");
+    let result = m.launch();
+    setrlimit(Resource::RLIMIT_NOFILE, soft, hard).expect("restore rlimit");
+    let err = result.expect_err("launch with too few fds");
+    let text = format!("{err:?}");
+    assert!(
+        text.contains("EMFILE") || text.contains("Too many open files") || text.contains("24"),
+        "{text}"
+    );
+    assert!(!m.is_running());
+    assert_eq!(own_fd_count(), before, "no fd leaked by the failed launch");
+    assert_eq!(stub.leftovers(), 0);
+    // With the limit back, the same machine launches.
+    m.launch().expect("launch after restoring the limit");
+    m.shutdown().expect("shutdown");
 }

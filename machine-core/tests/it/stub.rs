@@ -99,7 +99,9 @@ impl Stub {
 
 /// Open fds of this process.
 pub fn own_fd_count() -> usize {
-    std::fs::read_dir("/proc/self/fd").expect("ls /proc/self/fd").count()
+    std::fs::read_dir("/proc/self/fd")
+        .expect("ls /proc/self/fd")
+        .count()
 }
 
 /// Whether a process with this pid exists (zombies included).

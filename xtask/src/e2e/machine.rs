@@ -861,3 +861,38 @@ fn no_shutdown_event(ctx: &Ctx) -> Result<(), String> {
     check(report.status == ExitStatus::Code(0), "exit 0")?;
     Ok(())
 }
+
+fn console_flood_unread(ctx: &Ctx) -> Result<(), String> {
+    let base = base_dir()?;
+    let mut m = guest_machine(ctx, base.path(), &[])?;
+    m.launch().map_err(err("launch"))?;
+    wait_banner(&mut m, ctx)?;
+    // 200 kB the caller never reads: the drain keeps QEMU from blocking on the socket.
+    let console = m.console().map_err(err("console"))?;
+    console
+        .send_line("flood 200000")
+        .map_err(|e| format!("flood: {}", chain(&e)))?;
+    // QMP stays responsive meanwhile.
+    m.cmd("query-status", ())
+        .map_err(err("query-status during the flood"))?;
+    let console = m.console().map_err(err("console"))?;
+    console
+        .wait_for(
+            &Pattern::substring(guest::FLOOD_DONE),
+            Duration::from_secs(30),
+        )
+        .map_err(|e| format!("flood done: {}", chain(&e)))?;
+    let started = Instant::now();
+    let report = m.shutdown().map_err(err("shutdown"))?;
+    check(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown under 5 s",
+    )?;
+    check(
+        report.ended_by == EndedBy::Quit,
+        format!("ended by {}", report.ended_by),
+    )?;
+    let total = m.console().map_err(err("console"))?.bytes_total();
+    check(total >= 200_000, format!("console bytes {total}"))?;
+    Ok(())
+}
