@@ -366,16 +366,20 @@ fn tcp_listener_and_connect() {
         let n = s.read(&mut buf).unwrap();
         let sent = String::from_utf8_lossy(&buf[..n]).into_owned();
         s.write_all(b"{\"return\": {}, \"id\": 1}\r\n").unwrap();
+        // Keep the socket open until the client has finished its handshake and closes.
+        let mut rest = [0u8; 16];
+        let _ = s.read(&mut rest);
         sent
     });
     let conn = listener
         .accept(Duration::from_secs(5), None, &config())
         .unwrap();
+    assert!(conn.session().is_ready());
+    conn.close().unwrap();
     assert_eq!(
         peer.join().unwrap(),
         r#"{"execute":"qmp_capabilities","id":1}"#
     );
-    assert!(conn.session().is_ready());
 }
 
 /// Accept has a deadline and an abort fd.
