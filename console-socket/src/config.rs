@@ -47,7 +47,9 @@ pub struct Config {
     pub log_file: Option<PathBuf>,
     /// Bytes of recent output kept in memory for reads, matching and [`tail`]
     /// (default 1 MiB). Older bytes are evicted; unconsumed evicted bytes are counted by
-    /// [`bytes_dropped`]. The log file keeps everything regardless.
+    /// [`bytes_dropped`]. The log file keeps everything regardless. The allocation is this
+    /// plus 64 KiB, the room the socket is read into directly (pages never filled are never
+    /// touched).
     ///
     /// [`tail`]: crate::Console::tail
     /// [`bytes_dropped`]: crate::Console::bytes_dropped
