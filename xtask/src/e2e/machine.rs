@@ -69,6 +69,12 @@ pub fn scenarios() -> Vec<Scenario> {
             60,
             no_shutdown_event,
         ),
+        s(
+            "machine_unread_console_flood_never_blocks",
+            TCG,
+            60,
+            console_flood_unread,
+        ),
     ]
 }
 
@@ -257,8 +263,10 @@ fn events_and_waits(ctx: &Ctx) -> Result<(), String> {
     let started = Instant::now();
     m.cmd("cont", ()).map_err(err("cont"))?;
     match m.event_wait("NEVER", None, Duration::from_millis(300)) {
-        Err(Error::Qmp { source, .. })
-            if matches!(source, machine_core::qmp_client::Error::EventTimeout { .. }) => {}
+        Err(Error::Qmp {
+            source: machine_core::qmp_client::Error::EventTimeout { .. },
+            ..
+        }) => {}
         other => return Err(format!("event_wait NEVER: {other:?}")),
     }
     let waited = started.elapsed();
