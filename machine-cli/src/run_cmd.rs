@@ -150,6 +150,8 @@ pub fn run(args: RunArgs) -> Result<u8> {
             path: dir.join(guest::KERNEL_FILE_NAME),
             source,
         })?;
+        // Only what the guest uses: no NIC option ROM or default devices to slow the boot.
+        machine.add_args(["-nodefaults"]);
         machine.add_args(guest::qemu_args(&kernel, guest_machine));
     }
 
