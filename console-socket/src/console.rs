@@ -312,12 +312,13 @@ impl Console {
                 thread.handle.join().map_err(|_| Error::DrainThreadPanicked)
             }
         };
-        let logged = self.shared.close_log(self.thread_mode_finished());
+        let logged = self.shared.close_log(self.nobody_else_drains());
         joined.and(logged)
     }
 
-    /// Whether the drain is over for good, so the log can be closed (thread mode after join).
-    fn thread_mode_finished(&self) -> bool {
+    /// Whether the drain is over for good, so the log can be closed (a thread-mode console
+    /// after the join, or a drainer-mode console whose drainer was dropped).
+    fn nobody_else_drains(&self) -> bool {
         // After a join the drain thread is gone; a Drainer's owner may still be draining.
         Arc::strong_count(&self.shared) == 1
     }

@@ -339,8 +339,8 @@ impl Shared {
     /// `find(window, from)` gets a window of unconsumed output and the index in it where new
     /// output (minus `overlap` already scanned bytes) begins; the window starts a few bytes
     /// earlier ([`CONTEXT`]) or at the first unconsumed byte, whichever is later. It returns
-    /// the range of its match in the window and a payload. On a hit everything up to the end of the match is consumed.
-    /// `describe` names what was awaited, for the timeout error.
+    /// the range of its match in the window and a payload. On a hit everything up to the end
+    /// of the match is consumed. `describe` names what was awaited, for the timeout error.
     pub(crate) fn wait<T>(
         &self,
         timeout: Duration,
