@@ -82,6 +82,8 @@
 //! # }
 //! ```
 #![deny(missing_docs)]
+// The only unsafe block (adopting fds received with SCM_RIGHTS) lives in `sys`.
+#![deny(unsafe_code)]
 
 mod config;
 mod connection;

@@ -88,6 +88,7 @@ pub fn send_fds(stream: &mio::net::UnixStream, fds: &[BorrowedFd<'_>]) -> io::Re
 /// Reads from a (blocking or nonblocking) unix socket, appending any fds received with
 /// SCM_RIGHTS to `fds` (close-on-exec). Used by the fake server to record passed fds.
 #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+#[allow(unsafe_code)]
 pub fn recv_with_fds(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],

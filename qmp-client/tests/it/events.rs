@@ -164,9 +164,10 @@ fn event_flood_never_delays_the_reply() {
     let payload = "x".repeat(1000);
     let mut flood = Vec::with_capacity(N * 1100);
     for i in 0..N {
-        let line = json!({"event": "FLOOD", "data": {"i": i, "pad": payload}, "timestamp": {"seconds": 1, "microseconds": 2}});
-        flood.extend_from_slice(line.to_string().as_bytes());
-        flood.extend_from_slice(b"\r\n");
+        let line = format!(
+            "{{\"event\":\"FLOOD\",\"data\":{{\"i\":{i},\"pad\":\"{payload}\"}},\"timestamp\":{{\"seconds\":1,\"microseconds\":2}}}}\r\n"
+        );
+        flood.extend_from_slice(line.as_bytes());
     }
     let script = Script::new().on(
         "query-status",
