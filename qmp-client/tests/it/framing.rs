@@ -236,3 +236,33 @@ fn odd_values() {
     assert!(ret["big"].is_f64());
     assert_eq!(conn.unknown_replies(), 1);
 }
+
+/// #21: nesting of 1024 levels (QEMU's maximum) parses; 1025 ends the session with TooDeep.
+#[test]
+fn deep_nesting() {
+    // The reply object is level 1, so its `return` holds depth - 1 more levels.
+    let nested = |depth: usize| format!("{}{}", "[".repeat(depth - 1), "]".repeat(depth - 1));
+    let script = Script::new()
+        .on_fn("deep", move |cmd| {
+            let id = cmd.id.as_ref().unwrap();
+            vec![Action::Raw(
+                format!("{{\"return\":{},\"id\":{id}}}\r\n", nested(1024)).into_bytes(),
+            )]
+        })
+        .on_fn("deeper", move |cmd| {
+            let id = cmd.id.as_ref().unwrap();
+            vec![Action::Raw(
+                format!("{{\"return\":{},\"id\":{id}}}\r\n", nested(1025)).into_bytes(),
+            )]
+        });
+    let (_server, mut conn) = connect(script);
+    assert!(conn.execute("deep", None).unwrap().is_array());
+    let err = conn.execute("deeper", None).unwrap_err();
+    assert!(
+        matches!(
+            decode_cause(&err),
+            qmp_proto::Error::TooDeep { limit: 1024 }
+        ),
+        "{err:?}"
+    );
+}
