@@ -95,3 +95,25 @@ fn hundred_megabytes_unread_never_block_the_peer_and_all_reach_the_log() {
     }
     assert_eq!(file.read(&mut got).unwrap(), 0);
 }
+
+#[test]
+fn output_queued_before_the_console_existed_is_drained_without_any_call() {
+    let (ours, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    // Output already waiting in the socket when the console is created...
+    peer.write_all(&[b'a'; 100 * 1024]).unwrap();
+    let console = console_socket::Console::from_unix_stream(ours, Config::default()).unwrap();
+    // ...and far more than any socket buffer afterwards, with no call on the console at all:
+    // every write completes only because the drain runs from creation.
+    peer.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let chunk = vec![b'b'; 64 * 1024];
+    for _ in 0..64 {
+        peer.write_all(&chunk).unwrap();
+    }
+    drop(peer);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !console.is_closed() {
+        assert!(Instant::now() < deadline, "EOF not seen");
+        std::thread::yield_now();
+    }
+    assert_eq!(console.bytes_total(), (100 + 64 * 64) * 1024);
+}
