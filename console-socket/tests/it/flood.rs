@@ -104,7 +104,8 @@ fn output_queued_before_the_console_existed_is_drained_without_any_call() {
     let console = console_socket::Console::from_unix_stream(ours, Config::default()).unwrap();
     // ...and far more than any socket buffer afterwards, with no call on the console at all:
     // every write completes only because the drain runs from creation.
-    peer.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    peer.set_write_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let chunk = vec![b'b'; 64 * 1024];
     for _ in 0..64 {
         peer.write_all(&chunk).unwrap();
