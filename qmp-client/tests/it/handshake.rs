@@ -426,3 +426,33 @@ fn reconnect_after_failed_handshake() {
     assert!(conn.is_connected());
     drop(server);
 }
+
+/// #10: a jammed backlog. Our listener's backlog is 1 (the kernel queues backlog + 1); a
+/// further connect is retried until the connect deadline, then ConnectTimeout.
+#[test]
+fn jammed_backlog_times_out() {
+    let dir = short_tempdir();
+    let path = dir.path().join("jam.sock");
+    let listener = Listener::bind_unix(&path).unwrap();
+    let mut queued = Vec::new();
+    loop {
+        match mio::net::UnixStream::connect(&path) {
+            Ok(s) => queued.push(s),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("unexpected connect error {e}"),
+        }
+        assert!(queued.len() < 10, "backlog is not 1");
+    }
+    assert_eq!(queued.len(), 2, "backlog 1 queues two connections");
+    let cfg = config().with_connect_timeout(Duration::from_millis(200));
+    let (res, took) = timed(|| Connection::connect_unix(&path, &cfg));
+    match res {
+        Err(Error::ConnectTimeout { address, timeout }) => {
+            assert_eq!(address, path.display().to_string());
+            assert_eq!(timeout, Duration::from_millis(200));
+        }
+        other => panic!("expected ConnectTimeout, got {other:?}"),
+    }
+    assert_near(took, Duration::from_millis(200));
+    drop(listener);
+}
