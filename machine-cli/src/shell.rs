@@ -7,9 +7,13 @@
 //! transaction, Ctrl-D leaves. With stdin not a terminal, lines are read plainly and no prompt
 //! is printed, so scripts get only replies and events on stdout.
 //!
-//! Events: the shell reads whatever events have arrived before each prompt and right after each
-//! reply, and prints them then (before the reply when they came with it), not only on an empty
-//! line as qmp-shell does. An event arriving while you type shows up at the next prompt.
+//! Events are shown as they arrive, not only on an empty line as qmp-shell does:
+//! - `shell` on a terminal: a background thread waits for events on the shared connection
+//!   (`qmp_client::Shared`) and prints each at once through rustyline's external printer, above
+//!   the line being typed;
+//! - otherwise (piped stdin, or `wrap`, whose machine owns its connection): the shell reads the
+//!   events that have arrived before each prompt and right after each reply, and prints them
+//!   then, before the reply when they came with it (so piped output has a stable order).
 //! A disconnect is reported (`qemu-machine: disconnected from ...`, exit status 3); after
 //! `quit` the closed connection is the expected end and the shell exits with status 0.
 //!
@@ -22,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use log::debug;
-use machine_core::qmp_client::{self, Connection};
+use machine_core::qmp_client::{self, Connection, Shared};
 use machine_core::qmp_proto::Event;
 use rustyline::completion::Completer;
 use rustyline::error::ReadlineError;
@@ -30,7 +34,7 @@ use rustyline::highlight::Highlighter;
 use rustyline::hint::Hinter;
 use rustyline::history::DefaultHistory;
 use rustyline::validate::Validator;
-use rustyline::{Context, Editor, Helper};
+use rustyline::{CompletionType, Context, Editor, ExternalPrinter, Helper};
 use serde_json::{Map, Value};
 
 use crate::address::Address;
@@ -75,6 +79,9 @@ pub trait Monitor {
     fn request(&mut self, request: &Request) -> std::result::Result<Value, MonitorError>;
     /// The events received so far, oldest first, reading what has arrived without waiting.
     fn poll_events(&mut self) -> std::result::Result<Vec<Event>, MonitorError>;
+    /// Tells the monitor that a background thread now takes the events, so
+    /// [`Monitor::poll_events`] must leave them alone.
+    fn events_taken_elsewhere(&mut self) {}
 }
 
 impl Monitor for Connection {
@@ -101,6 +108,51 @@ impl Monitor for Connection {
     }
 }
 
+/// A connection that may be shared with the background event printer: commands go through
+/// it; events are left to the printer once it runs.
+struct SharedMonitor {
+    shared: Shared,
+    printer: bool,
+}
+
+impl Monitor for SharedMonitor {
+    fn request(&mut self, request: &Request) -> std::result::Result<Value, MonitorError> {
+        self.shared
+            .execute_raw(&request.execute, request.arguments.clone())
+            .map(|reply| reply.to_value())
+            .map_err(|e| MonitorError::from_client(&request.execute, e))
+    }
+
+    fn poll_events(&mut self) -> std::result::Result<Vec<Event>, MonitorError> {
+        let mut events = Vec::new();
+        if self.printer {
+            return Ok(events);
+        }
+        loop {
+            match self.shared.pull_event(Duration::ZERO) {
+                Ok(Some(event)) => events.push(event),
+                Ok(None) => return Ok(events),
+                Err(qmp_client::Error::EventsLost { dropped, .. }) => {
+                    eprintln!("warning: {dropped} events were lost (queue full)");
+                }
+                Err(_) if !events.is_empty() => return Ok(events),
+                Err(e) => return Err(MonitorError::from_client("events", e)),
+            }
+        }
+    }
+
+    fn events_taken_elsewhere(&mut self) {
+        self.printer = true;
+    }
+}
+
+/// Waits up to the given time for one event: what the background event printer runs.
+pub type EventPull =
+    Box<dyn FnMut(Duration) -> std::result::Result<Option<Event>, qmp_client::Error> + Send>;
+
+/// How long one wait of the background event printer lasts (it checks for shutdown between).
+const EVENT_WAIT: Duration = Duration::from_millis(250);
+
 /// Runs `shell ADDRESS`: connect, then [`run`].
 pub fn run_connected(args: ShellArgs) -> Result<u8> {
     let address = Address::parse(&args.address);
@@ -109,7 +161,7 @@ pub fn run_connected(args: ShellArgs) -> Result<u8> {
         command_timeout: args.shell.timeout,
         skip_negotiation: args.skip_negotiation,
     };
-    let mut connection = connect::connect(&address, &options)?;
+    let connection = connect::connect(&address, &options)?;
     let banner = connection
         .greeting()
         .map(|g| {
@@ -117,18 +169,41 @@ pub fn run_connected(args: ShellArgs) -> Result<u8> {
             format!("Connected to QEMU {}.{}.{}", v.major, v.minor, v.micro)
         })
         .unwrap_or_else(|| format!("Connected to {address}"));
-    let code = run(&mut connection, &args.shell, &banner, &address.to_string())?;
-    connect::close(connection);
+    let peer = address.to_string();
+    if !std::io::stdin().is_terminal() {
+        let mut connection = connection;
+        let code = run(&mut connection, &args.shell, &banner, &peer, None)?;
+        connect::close(connection);
+        return Ok(code);
+    }
+    let shared = Shared::new(connection).map_err(|source| Error::Connect {
+        address: peer.clone(),
+        source,
+    })?;
+    let events = shared.clone();
+    let pull: EventPull = Box::new(move |timeout| events.pull_event(timeout));
+    let mut monitor = SharedMonitor {
+        shared,
+        printer: false,
+    };
+    let code = run(&mut monitor, &args.shell, &banner, &peer, Some(pull))?;
+    if let Err(error) = monitor.shared.close() {
+        debug!("closing the QMP connection: {error}");
+    }
     Ok(code)
 }
 
 /// Runs the shell on `monitor` until EOF, `quit` or a disconnect. `banner` is shown on a
 /// terminal; `peer` names the other end in messages.
+///
+/// With `background` (and stdin a terminal), a thread prints events as they arrive, pulling
+/// them with it; `monitor.poll_events()` then has nothing to report.
 pub fn run<M: Monitor>(
     monitor: &mut M,
     options: &ShellOptions,
     banner: &str,
     peer: &str,
+    background: Option<EventPull>,
 ) -> Result<u8> {
     let interactive = std::io::stdin().is_terminal();
     let mut shell = Shell::new(monitor, options, peer)?;
@@ -136,7 +211,19 @@ pub fn run<M: Monitor>(
         println!("{banner}");
         println!("Press Ctrl-D to leave; Tab completes command names.");
         let names = shell.command_names();
-        Input::editor(names, options.history.clone())?
+        let mut input = Input::editor(names, options.history.clone())?;
+        if let (Some(pull), Input::Editor { editor, .. }) = (background, &mut input) {
+            // A terminal rustyline cannot drive (TERM=dumb...) has no external printer: the
+            // events are then shown before each prompt and after each reply.
+            match editor.create_external_printer() {
+                Ok(printer) => {
+                    spawn_event_printer(pull, printer, options.json, peer.to_string())?;
+                    shell.monitor.events_taken_elsewhere();
+                }
+                Err(error) => debug!("no background event printer: {error}"),
+            }
+        }
+        input
     } else {
         Input::Piped(std::io::stdin().lock())
     };
@@ -153,6 +240,43 @@ pub fn run<M: Monitor>(
         });
     }
     Ok(0)
+}
+
+/// Starts the thread that prints events as they arrive, above the line being typed. It ends
+/// with the connection (a clean close says nothing; a lost connection is reported) or with
+/// the process.
+fn spawn_event_printer(
+    mut pull: EventPull,
+    mut printer: impl ExternalPrinter + Send + 'static,
+    json: bool,
+    peer: String,
+) -> Result<()> {
+    std::thread::Builder::new()
+        .name("events".to_string())
+        .spawn(move || loop {
+            let text = match pull(EVENT_WAIT) {
+                Ok(Some(event)) => events_cmd::view(&event).render(json),
+                Ok(None) => continue,
+                Err(qmp_client::Error::EventsLost { dropped, .. }) => {
+                    format!("warning: {dropped} events were lost (queue full)")
+                }
+                Err(error) if error.is_closed() => return,
+                Err(error) => {
+                    let _ = printer.print(format!(
+                        "qemu-machine: connection to {peer} lost: {error}\n"
+                    ));
+                    return;
+                }
+            };
+            if printer.print(format!("{text}\n")).is_err() {
+                return;
+            }
+        })
+        .map(|_| ())
+        .map_err(|source| Error::Io {
+            what: "starting the event printer thread",
+            source,
+        })
 }
 
 /// How a line of the loop ended.
@@ -466,7 +590,11 @@ impl Input {
         let config = rustyline::Config::builder()
             .max_history_size(HISTORY_SIZE)
             .and_then(|b| b.history_ignore_dups(true))
-            .map(|b| b.auto_add_history(false).build())
+            .map(|b| {
+                b.auto_add_history(false)
+                    .completion_type(CompletionType::List)
+                    .build()
+            })
             .map_err(|source| Error::Readline { source })?;
         let mut editor =
             Editor::with_config(config).map_err(|source| Error::Readline { source })?;

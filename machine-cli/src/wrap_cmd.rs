@@ -85,7 +85,7 @@ pub fn run(args: WrapArgs) -> Result<u8> {
         None => "Connected to QEMU".to_string(),
     };
     let peer = format!("qemu pid {}", machine.pid().unwrap_or_default());
-    let outcome = shell::run(&mut machine, &args.shell, &banner, &peer);
+    let outcome = shell::run(&mut machine, &args.shell, &banner, &peer, None);
     let ended = if machine.is_running() {
         machine.shutdown_with(&ShutdownLadder::graceful(QUIT_TIMEOUT))
     } else {

@@ -214,3 +214,90 @@ fn unreachable_socket_is_status_3() {
     r.expect_code(3);
     assert!(r.stderr.contains("cannot connect"), "{}", r.stderr);
 }
+
+/// On a terminal, an event is printed while the user sits at the prompt (qmp-shell waits for
+/// an empty line), history is written, and Ctrl-D leaves.
+#[test]
+fn on_a_terminal_events_show_up_while_idle_at_the_prompt() {
+    use std::io::{Read, Write};
+    use std::process::{Command, Stdio};
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    let s = serve(qemu_like());
+    let home = tempfile::tempdir().unwrap();
+    let pty = nix::pty::openpty(None, None).unwrap();
+    // setsid -c: a new session whose controlling terminal is the pty, as in a real login.
+    let mut child = Command::new("setsid")
+        .args(["-c", env!("CARGO_BIN_EXE_qemu-machine"), "shell", s.addr()])
+        .env("HOME", home.path())
+        .env("TERM", "xterm")
+        .stdin(Stdio::from(pty.slave.try_clone().unwrap()))
+        .stdout(Stdio::from(pty.slave.try_clone().unwrap()))
+        .stderr(Stdio::from(pty.slave))
+        .spawn()
+        .unwrap();
+    let mut master = std::fs::File::from(pty.master);
+    let mut reader = master.try_clone().unwrap();
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        // Ends with EIO once the child has exited and the slave is closed.
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let mut wait_for = |needle: &str, seen: &mut String| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !seen.contains(needle) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(chunk) => seen.push_str(&String::from_utf8_lossy(&chunk)),
+                Err(_) => panic!("{needle:?} not seen on the terminal; got {seen:?}"),
+            }
+        }
+    };
+    wait_for("(QEMU) ", &mut seen);
+    s.server.inject(vec![Action::event(
+        "BLOCK_JOB_READY",
+        Some(json!({"device": "job0"})),
+    )]);
+    wait_for("BLOCK_JOB_READY {\"device\":\"job0\"}", &mut seen);
+    // Typed key by key, as a person does (rustyline 15 may leave the rest of a burst of bytes
+    // unprocessed until the next key when its external printer is in use).
+    for key in "query-status".chars() {
+        let before = seen.len();
+        master.write_all(key.to_string().as_bytes()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while seen.len() == before {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(chunk) => seen.push_str(&String::from_utf8_lossy(&chunk)),
+                Err(_) => panic!("no echo of {key:?}; got {seen:?}"),
+            }
+        }
+    }
+    master.write_all(b"\r").unwrap();
+    wait_for(
+        r#"{"return":{"running":true,"status":"running"}}"#,
+        &mut seen,
+    );
+    master.write_all(b"\x04").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the shell did not leave on Ctrl-D: {seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert_eq!(status.code(), Some(0), "{seen:?}");
+    let history = std::fs::read_to_string(home.path().join(".qemu-machine_history")).unwrap();
+    assert!(history.lines().any(|l| l == "query-status"), "{history:?}");
+}
