@@ -14,6 +14,7 @@
 //! - otherwise (piped stdin, or `wrap`, whose machine owns its connection): the shell reads the
 //!   events that have arrived before each prompt and right after each reply, and prints them
 //!   then, before the reply when they came with it (so piped output has a stable order).
+//!
 //! A disconnect is reported (`qemu-machine: disconnected from ...`, exit status 3); after
 //! `quit` the closed connection is the expected end and the shell exits with status 0.
 //!

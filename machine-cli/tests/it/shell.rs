@@ -250,7 +250,7 @@ fn on_a_terminal_events_show_up_while_idle_at_the_prompt() {
         }
     });
     let mut seen = String::new();
-    let mut wait_for = |needle: &str, seen: &mut String| {
+    let wait_for = |needle: &str, seen: &mut String| {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !seen.contains(needle) {
             let left = deadline.saturating_duration_since(Instant::now());
