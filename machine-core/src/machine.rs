@@ -1188,34 +1188,12 @@ fn monitor_gone(err: &qmp_client::Error) -> bool {
 
 /// Fails early, with a clear error, when `program` cannot be executed.
 fn check_executable(program: &Path) -> Result<()> {
-    let not_found = |source| Error::BinaryNotFound {
-        path: program.to_owned(),
-        source,
-    };
-    let candidates: Vec<PathBuf> = if program.components().count() > 1 || program.is_absolute() {
-        vec![program.to_owned()]
-    } else {
-        std::env::var_os("PATH")
-            .map(|paths| {
-                std::env::split_paths(&paths)
-                    .map(|d| d.join(program))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let mut last = io::Error::from(io::ErrorKind::NotFound);
-    for candidate in candidates {
-        match std::fs::metadata(&candidate) {
-            Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o111 != 0 => return Ok(()),
-            Ok(_) => last = io::Error::from(io::ErrorKind::PermissionDenied),
-            Err(err) => {
-                if err.kind() != io::ErrorKind::NotFound {
-                    last = err;
-                }
-            }
-        }
-    }
-    Err(not_found(last))
+    crate::process::resolve_program(program)
+        .map(drop)
+        .map_err(|source| Error::BinaryNotFound {
+            path: program.to_owned(),
+            source,
+        })
 }
 
 /// Checks a monitor socket path before binding: length, and no existing file (a stale socket

@@ -4,8 +4,9 @@
 use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
-use std::os::unix::process::ExitStatusExt;
-use std::process::{Child, Command, Stdio};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::sys;
@@ -44,18 +45,6 @@ impl ExitStatus {
     /// Exit code 0.
     pub fn success(self) -> bool {
         self == ExitStatus::Code(0)
-    }
-
-    pub(crate) fn from_std(status: std::process::ExitStatus) -> Self {
-        match (status.code(), status.signal()) {
-            (Some(code), _) => ExitStatus::Code(code),
-            (None, Some(signal)) => ExitStatus::Signal {
-                signal,
-                core_dumped: status.core_dumped(),
-            },
-            // Stopped/continued statuses are never returned by wait for an exited child.
-            (None, None) => ExitStatus::Code(status.into_raw()),
-        }
     }
 }
 
@@ -109,7 +98,7 @@ const DROP_REAP_BOUND: Duration = Duration::from_secs(10);
 /// Dropping a guard whose child was not reaped sends SIGKILL through the pidfd and reaps it
 /// (bounded by [`DROP_REAP_BOUND`]).
 pub(crate) struct ChildGuard {
-    child: Child,
+    pid: libc::pid_t,
     pidfd: OwnedFd,
     status: Option<ExitStatus>,
     sent_signals: Vec<i32>,
@@ -123,42 +112,55 @@ pub(crate) struct SpawnSpec<'a> {
     pub(crate) parent_death_signal: bool,
 }
 
+/// Finds `program` like `execvp` would: a path with a slash is taken as is, a bare name is
+/// looked up on `PATH`. It must be an executable regular file.
+pub(crate) fn resolve_program(program: &Path) -> io::Result<PathBuf> {
+    let candidates: Vec<PathBuf> = if program.as_os_str().as_bytes().contains(&b'/') {
+        vec![program.to_owned()]
+    } else {
+        std::env::var_os("PATH")
+            .map(|paths| {
+                std::env::split_paths(&paths)
+                    .map(|d| d.join(program))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut last = io::Error::from(io::ErrorKind::NotFound);
+    for candidate in candidates {
+        match std::fs::metadata(&candidate) {
+            Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o111 != 0 => {
+                return Ok(candidate)
+            }
+            Ok(_) => last = io::Error::from(io::ErrorKind::PermissionDenied),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => last = err,
+        }
+    }
+    Err(last)
+}
+
 impl ChildGuard {
     /// Spawns `spec.argv` with stdin from /dev/null, stdout and stderr on `spec.stdout`, and
-    /// only the fds in `spec.keep` besides those. The `Command` (and with it the parent's
-    /// copies of the stdout fd) is dropped before this returns.
+    /// only the fds in `spec.keep` besides those. Our copy of `spec.stdout` is closed before
+    /// this returns.
     pub(crate) fn spawn(spec: SpawnSpec<'_>) -> io::Result<ChildGuard> {
-        let (program, args) = spec
+        let program = spec
             .argv
-            .split_first()
+            .first()
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty command line"))?;
-        let stderr = spec.stdout.try_clone()?;
-        let mut command = Command::new(program);
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(spec.stdout))
-            .stderr(Stdio::from(stderr));
-        sys::install_child_setup(
-            &mut command,
-            sys::ChildSetup {
-                keep: spec.keep,
-                parent_death_signal: spec.parent_death_signal,
-            },
-        );
-        let mut child = command.spawn()?;
-        drop(command);
-        let pidfd = match sys::pidfd_open(child.id()) {
-            Ok(fd) => fd,
-            Err(err) => {
-                // Without a pidfd we cannot supervise it: do not leave it running.
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(err);
-            }
-        };
+        let resolved = resolve_program(Path::new(program))?;
+        let null = std::fs::File::open("/dev/null")?;
+        let (pid, pidfd) = sys::spawn(&sys::SpawnSpec {
+            program: resolved.as_os_str(),
+            argv: spec.argv,
+            stdin: null.as_fd(),
+            stdout: spec.stdout.as_fd(),
+            keep: &spec.keep,
+            parent_death_signal: spec.parent_death_signal,
+        })?;
         Ok(ChildGuard {
-            child,
+            pid,
             pidfd,
             status: None,
             sent_signals: Vec::new(),
@@ -166,7 +168,7 @@ impl ChildGuard {
     }
 
     pub(crate) fn pid(&self) -> u32 {
-        self.child.id()
+        self.pid.unsigned_abs()
     }
 
     pub(crate) fn pidfd(&self) -> BorrowedFd<'_> {
@@ -185,12 +187,29 @@ impl ChildGuard {
 
     /// Reaps the child if it has exited (never blocks).
     pub(crate) fn try_reap(&mut self) -> io::Result<Option<ExitStatus>> {
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
         if let Some(status) = self.status {
             return Ok(Some(status));
         }
-        let status = self.child.try_wait()?.map(ExitStatus::from_std);
+        let status = loop {
+            match waitpid(
+                nix::unistd::Pid::from_raw(self.pid),
+                Some(WaitPidFlag::WNOHANG),
+            ) {
+                Ok(WaitStatus::Exited(_, code)) => break Some(ExitStatus::Code(code)),
+                Ok(WaitStatus::Signaled(_, signal, core_dumped)) => {
+                    break Some(ExitStatus::Signal {
+                        signal: signal as i32,
+                        core_dumped,
+                    })
+                }
+                Ok(_) => break None,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(errno) => return Err(io::Error::from(errno)),
+            }
+        };
         if let Some(status) = status {
-            log::debug!("qemu pid {} exited: {status}", self.child.id());
+            log::debug!("qemu pid {} exited: {status}", self.pid);
         }
         self.status = status;
         Ok(status)
@@ -237,7 +256,7 @@ impl Drop for ChildGuard {
         if self.status.is_some() {
             return;
         }
-        let pid = self.child.id();
+        let pid = self.pid;
         match self.kill_and_reap(DROP_REAP_BOUND) {
             Ok(Some(_)) => log::debug!("qemu pid {pid} killed and reaped on drop"),
             Ok(None) => log::error!(

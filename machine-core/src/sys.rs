@@ -1,29 +1,16 @@
-//! The only place with `unsafe`: pidfds, the child's fd allow-list and parent-death signal.
+//! The only place with `unsafe`: spawning QEMU (vfork-style `clone` with a pidfd), the child's
+//! fd allow-list and parent-death signal, and signalling through the pidfd.
 //!
-//! Everything here is a thin, documented wrapper over one Linux system call; the types above
-//! it are safe. The `pre_exec` hook runs in the forked child, so it only makes
-//! async-signal-safe system calls and never allocates.
+//! Everything here is a thin, documented wrapper over Linux system calls; the types above it
+//! are safe. The child half of [`spawn`] runs on its own small stack in our address space
+//! (`CLONE_VM | CLONE_VFORK`, what `posix_spawn` does), so it makes only async-signal-safe
+//! system calls, never allocates and never panics.
 
+use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
-use std::process::Command;
-
-/// Opens a pidfd for `pid` (`pidfd_open(2)`, Linux 5.3+). The fd is close-on-exec.
-pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-    let pid = libc::pid_t::try_from(pid)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
-    // SAFETY: pidfd_open takes a pid and a flags word and returns a new fd or -1; it touches
-    // no memory of ours.
-    let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0 as libc::c_uint) };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = RawFd::try_from(ret)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "fd out of range"))?;
-    // SAFETY: the kernel just returned this fd to us and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 /// Sends `signal` to the process behind `pidfd` (`pidfd_send_signal(2)`): no PID-reuse race,
 /// the signal can only reach the process the pidfd was opened for.
@@ -46,72 +33,216 @@ pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: i32) -> io::Resul
     }
 }
 
-/// What the child must look like just before `exec`.
-pub(crate) struct ChildSetup {
-    /// Fds (by their number in the parent, which is also their number in the child) that
-    /// QEMU inherits besides stdin, stdout and stderr.
-    pub(crate) keep: Vec<RawFd>,
-    /// Send SIGKILL to the child when the spawning thread exits (`PR_SET_PDEATHSIG`).
+/// What to run and which fds it gets.
+pub(crate) struct SpawnSpec<'a> {
+    /// The resolved program path given to `execve`.
+    pub(crate) program: &'a OsStr,
+    /// The full argv, element 0 included.
+    pub(crate) argv: &'a [std::ffi::OsString],
+    /// Becomes fd 0.
+    pub(crate) stdin: BorrowedFd<'a>,
+    /// Becomes fds 1 and 2.
+    pub(crate) stdout: BorrowedFd<'a>,
+    /// Fds (by their number here, which is also their number in the child) the child keeps.
+    pub(crate) keep: &'a [RawFd],
+    /// `PR_SET_PDEATHSIG(SIGKILL)` in the child.
     pub(crate) parent_death_signal: bool,
 }
 
-/// Installs the `pre_exec` hook that applies `setup` in the child.
+/// Everything the child reads, prepared by the parent (the child must not allocate).
+struct ChildContext {
+    program: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    stdin: RawFd,
+    stdout: RawFd,
+    keep: *const RawFd,
+    keep_len: usize,
+    parent_death_signal: bool,
+    parent: libc::pid_t,
+    fd_limit: RawFd,
+    /// Set by the child when a step or `execve` fails (shared memory: `CLONE_VM`).
+    errno: AtomicI32,
+}
+
+const CHILD_STACK: usize = 64 * 1024;
+
+/// Spawns `spec` and returns its pid and a pidfd for it (`CLONE_PIDFD`: no window in which
+/// the pid could be reused).
 ///
-/// In the child, after std has set up fds 0-2: (1) optionally `PR_SET_PDEATHSIG(SIGKILL)`,
-/// then a check that the parent is still the one that forked us; (2) every fd from 3 upwards
-/// is marked close-on-exec (`close_range(3, ~0, CLOSE_RANGE_CLOEXEC)`, with an fcntl loop
-/// as the fallback on kernels older than 5.11); (3) close-on-exec is cleared on exactly the
-/// fds in `keep`. Marking instead of closing leaves std's own exec-error pipe working, so a
-/// failed `exec` is still reported as a spawn error.
-pub(crate) fn install_child_setup(command: &mut Command, setup: ChildSetup) {
-    // Computed in the parent: the child must not allocate or read /proc.
-    // SAFETY: getpid has no preconditions.
-    let parent = unsafe { libc::getpid() };
-    let fd_limit = open_fd_limit();
-    let ChildSetup {
-        keep,
-        parent_death_signal,
-    } = setup;
-    let hook = move || -> io::Result<()> {
-        if parent_death_signal {
-            // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag on the calling process.
-            if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // The parent may have died between fork and prctl: then nobody would ever
-            // deliver the signal, so give up now.
-            // SAFETY: getppid has no preconditions.
-            if unsafe { libc::getppid() } != parent {
-                return Err(io::Error::from_raw_os_error(libc::ESRCH));
-            }
-        }
-        // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only changes fd flags of this process.
-        let marked = unsafe {
-            libc::syscall(
-                libc::SYS_close_range,
-                3 as libc::c_uint,
-                libc::c_uint::MAX,
-                libc::CLOSE_RANGE_CLOEXEC,
-            )
-        };
-        if marked != 0 {
-            for fd in 3..fd_limit {
-                // SAFETY: F_SETFD on any number is harmless; EBADF for closed ones is ignored.
-                unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-            }
-        }
-        for &fd in &keep {
-            // SAFETY: clears FD_CLOEXEC on an fd the parent owns and handed to us on purpose.
-            if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        Ok(())
+/// In the child: signal handlers back to default and an empty signal mask (as std's
+/// `Command`), optionally `PR_SET_PDEATHSIG(SIGKILL)` plus a check that the parent is still
+/// the one that forked us, stdin/stdout/stderr from `spec`, every fd from 3 up marked
+/// close-on-exec (`close_range(3, ~0, CLOSE_RANGE_CLOEXEC)`, an fcntl loop on kernels older
+/// than 5.11) and close-on-exec cleared on exactly the fds in `spec.keep`, then `execve`.
+/// A failure of any step is reported as this function's error, after the child is reaped.
+pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> io::Result<(libc::pid_t, OwnedFd)> {
+    let nul = || io::Error::new(io::ErrorKind::InvalidInput, "nul byte in an argument");
+    let program = CString::new(spec.program.as_bytes()).map_err(|_| nul())?;
+    let argv_owned: Vec<CString> = spec
+        .argv
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<_, _>>()
+        .map_err(|_| nul())?;
+    let env_owned: Vec<CString> = std::env::vars_os()
+        .filter_map(|(k, v)| {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            CString::new(kv).ok()
+        })
+        .collect();
+    let argv = null_terminated(&argv_owned);
+    let envp = null_terminated(&env_owned);
+    let keep: Vec<RawFd> = spec.keep.to_vec();
+    let context = ChildContext {
+        program: program.as_ptr(),
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+        stdin: spec.stdin.as_raw_fd(),
+        stdout: spec.stdout.as_raw_fd(),
+        keep: keep.as_ptr(),
+        keep_len: keep.len(),
+        parent_death_signal: spec.parent_death_signal,
+        // SAFETY: getpid has no preconditions.
+        parent: unsafe { libc::getpid() },
+        fd_limit: open_fd_limit(),
+        errno: AtomicI32::new(0),
     };
-    // SAFETY: the hook only makes async-signal-safe system calls (prctl, getppid,
-    // close_range, fcntl) and does not allocate: `keep` was allocated before the fork.
+    let mut stack = vec![0u8; CHILD_STACK];
+    // The stack grows down: hand over its 16-byte aligned top.
+    let top = {
+        let end = stack.as_mut_ptr() as usize + stack.len();
+        (end & !15) as *mut libc::c_void
+    };
+    let mut pidfd: libc::c_int = -1;
+
+    // Block every signal while the child shares our memory: a handler of ours must never
+    // run on the child's stack. The child unblocks after resetting the handlers.
+    // SAFETY: sigset_t is plain data; sigfillset initialises it.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are to live, initialised sigset_t values.
     unsafe {
-        command.pre_exec(hook);
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+    }
+    // SAFETY: `child_main` only reads `context` (alive until the child has exec'd or exited:
+    // CLONE_VFORK suspends us until then) and makes async-signal-safe system calls on the
+    // 64 KiB stack we own above. CLONE_PIDFD writes the pidfd into `pidfd`.
+    let pid = unsafe {
+        libc::clone(
+            child_main,
+            top,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD,
+            &context as *const ChildContext as *mut libc::c_void,
+            &mut pidfd as *mut libc::c_int,
+        )
+    };
+    let clone_error = io::Error::last_os_error();
+    // SAFETY: restores the mask saved above.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+    }
+    drop(stack);
+    if pid < 0 {
+        return Err(clone_error);
+    }
+    // SAFETY: CLONE_PIDFD succeeded with the clone, so `pidfd` is a new fd owned by nobody
+    // else (close-on-exec, as pidfds always are).
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    let errno = context.errno.load(Ordering::SeqCst);
+    if errno != 0 {
+        // The child exited without exec: collect it so no zombie remains.
+        let mut status = 0;
+        // SAFETY: waits for our own child; `status` is a valid out pointer.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        return Err(io::Error::from_raw_os_error(errno));
+    }
+    Ok((pid, pidfd))
+}
+
+fn null_terminated(strings: &[CString]) -> Vec<*const libc::c_char> {
+    strings
+        .iter()
+        .map(|s| s.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect()
+}
+
+/// The child: runs between `clone` and `execve`. Async-signal-safe system calls only.
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the parent's `ChildContext`, alive while the parent is suspended.
+    let ctx = unsafe { &*(arg as *const ChildContext) };
+    let fail = |ctx: &ChildContext| -> libc::c_int {
+        // SAFETY: __errno_location returns this thread's errno slot (shared with the
+        // suspended parent thread; it is only read here).
+        let errno = unsafe { *libc::__errno_location() };
+        ctx.errno.store(
+            if errno == 0 { libc::EINVAL } else { errno },
+            Ordering::SeqCst,
+        );
+        // SAFETY: _exit ends the child without running any of the parent's atexit code.
+        unsafe { libc::_exit(127) }
+    };
+    // SAFETY (whole block): each call is a plain system call wrapper on values prepared by
+    // the parent; none allocates or takes a lock.
+    unsafe {
+        // Default dispositions for every caught signal (ignored ones stay ignored, except
+        // SIGPIPE which std's Command also resets), then an empty mask.
+        for signal in 1..libc::SIGRTMAX() {
+            let mut current: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(signal, std::ptr::null(), &mut current) != 0 {
+                continue;
+            }
+            let handler = current.sa_sigaction;
+            if handler != libc::SIG_DFL && (handler != libc::SIG_IGN || signal == libc::SIGPIPE) {
+                let mut default: libc::sigaction = std::mem::zeroed();
+                default.sa_sigaction = libc::SIG_DFL;
+                libc::sigaction(signal, &default, std::ptr::null_mut());
+            }
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+
+        if ctx.parent_death_signal {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return fail(ctx);
+            }
+            // The parent may have died before prctl: then nobody delivers the signal.
+            if libc::getppid() != ctx.parent {
+                *libc::__errno_location() = libc::ESRCH;
+                return fail(ctx);
+            }
+        }
+        if libc::dup2(ctx.stdin, 0) < 0
+            || libc::dup2(ctx.stdout, 1) < 0
+            || libc::dup2(ctx.stdout, 2) < 0
+        {
+            return fail(ctx);
+        }
+        let marked = libc::syscall(
+            libc::SYS_close_range,
+            3 as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        );
+        if marked != 0 {
+            for fd in 3..ctx.fd_limit {
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            }
+        }
+        for i in 0..ctx.keep_len {
+            let fd = *ctx.keep.add(i);
+            if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                return fail(ctx);
+            }
+        }
+        libc::execve(ctx.program, ctx.argv, ctx.envp);
+        fail(ctx)
     }
 }
 
@@ -135,31 +266,67 @@ mod tests {
     use super::*;
     use std::os::fd::AsFd;
 
+    fn devnull() -> std::fs::File {
+        std::fs::File::open("/dev/null").expect("/dev/null")
+    }
+
     #[test]
-    fn pidfd_of_a_child_signals_it() {
-        let mut child = Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .expect("spawn sleep");
-        let pidfd = pidfd_open(child.id()).expect("pidfd_open");
+    fn spawned_child_can_be_signalled_through_its_pidfd() {
+        let null = devnull();
+        let argv = ["sleep".into(), "30".into()];
+        let (pid, pidfd) = spawn(&SpawnSpec {
+            program: OsStr::new("/bin/sleep"),
+            argv: &argv,
+            stdin: null.as_fd(),
+            stdout: null.as_fd(),
+            keep: &[],
+            parent_death_signal: true,
+        })
+        .expect("spawn");
         pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL).expect("signal");
-        let status = child.wait().expect("wait");
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(status.signal(), Some(libc::SIGKILL));
-        // The process is reaped: signalling through the pidfd now reports ESRCH, never
-        // another process.
+        let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None).expect("wait");
+        assert_eq!(
+            status,
+            nix::sys::wait::WaitStatus::Signaled(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+                false
+            )
+        );
+        // Reaped: the pidfd now reports ESRCH, it never reaches another process.
         let err = pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL).expect_err("reaped");
         assert_eq!(err.raw_os_error(), Some(libc::ESRCH));
     }
 
     #[test]
-    fn pidfd_open_of_a_missing_pid_fails() {
-        let err = pidfd_open(u32::MAX).expect_err("out of range");
+    fn exec_failure_is_an_error_and_leaves_no_zombie() {
+        let null = devnull();
+        let argv = ["missing".into()];
+        let err = spawn(&SpawnSpec {
+            program: OsStr::new("/nonexistent/program"),
+            argv: &argv,
+            stdin: null.as_fd(),
+            stdout: null.as_fd(),
+            keep: &[],
+            parent_death_signal: false,
+        })
+        .expect_err("exec fails");
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn nul_bytes_in_arguments_are_refused() {
+        let null = devnull();
+        let argv = ["a\0b".into()];
+        let err = spawn(&SpawnSpec {
+            program: OsStr::new("/bin/true"),
+            argv: &argv,
+            stdin: null.as_fd(),
+            stdout: null.as_fd(),
+            keep: &[],
+            parent_death_signal: false,
+        })
+        .expect_err("nul");
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
-        let err = pidfd_open(i32::MAX as u32).expect_err("no such pid");
-        assert!(matches!(
-            err.raw_os_error(),
-            Some(libc::ESRCH) | Some(libc::EINVAL)
-        ));
     }
 }
