@@ -5,10 +5,12 @@
 //! the others through a condvar); the others sleep on the condvar until their reply is routed
 //! or their deadline passes. When the pump's own wait is over it hands the role to the next.
 
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use mio::{Events, Poll, Registry};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Registry};
 use qmp_proto::{Command, Event, EventFilter, ServerMessage};
 use serde_json::{Map, Value};
 
@@ -16,6 +18,7 @@ use crate::connection::{command, filter_names, into_return, Connection, Pump};
 use crate::error::{Error, Result};
 use crate::io::{self as sockio, Stream, READ_CHUNK};
 use crate::session::{RequestId, Session};
+use crate::sys;
 
 /// A [`Connection`] shared between threads: clone it and call from anywhere.
 ///
@@ -302,6 +305,87 @@ impl Shared {
         self.lock().session.failure().is_none()
     }
 
+    /// Passes `fd` and names it `name` with `getfd`; see [`Connection::getfd`]. The fd and the
+    /// command go out back to back under the lock, so another thread's fd can never be the
+    /// one this `getfd` claims.
+    pub fn getfd(&self, name: &str, fd: BorrowedFd<'_>) -> Result<()> {
+        let mut args = Map::new();
+        args.insert("fdname".into(), Value::from(name));
+        let cmd = command("getfd", Some(args), false);
+        let reply = self.with_fd(fd, cmd, Instant::now() + self.inner.command_timeout)?;
+        into_return("getfd", reply).map(|_| ())
+    }
+
+    /// Passes `fd` and adds it to an fd set with `add-fd`; see [`Connection::add_fd`].
+    pub fn add_fd(
+        &self,
+        fd: BorrowedFd<'_>,
+        fdset_id: Option<u64>,
+        opaque: Option<&str>,
+    ) -> Result<Value> {
+        let mut args = Map::new();
+        if let Some(id) = fdset_id {
+            args.insert("fdset-id".into(), Value::from(id));
+        }
+        if let Some(opaque) = opaque {
+            args.insert("opaque".into(), Value::from(opaque));
+        }
+        let cmd = command("add-fd", Some(args), false);
+        let reply = self.with_fd(fd, cmd, Instant::now() + self.inner.command_timeout)?;
+        into_return("add-fd", reply)
+    }
+
+    fn with_fd(
+        &self,
+        fd: BorrowedFd<'_>,
+        cmd: Command,
+        deadline: Instant,
+    ) -> Result<ServerMessage> {
+        let unix = self
+            .inner
+            .stream
+            .unix()
+            .ok_or(Error::FdPassingUnsupported)?;
+        let start = Instant::now();
+        let mut st = self.lock();
+        let id = loop {
+            // Everything queued before must be on the wire, and the command must have a slot.
+            let (guard, outcome) =
+                self.pump(st, deadline, |s| !s.wants_write() && s.has_slot(false))?;
+            st = guard;
+            match outcome {
+                Pump::Done => {}
+                Pump::Failed => return Err(st.session.disconnected()),
+                Pump::TimedOut => {
+                    return Err(Error::CommandTimeout {
+                        command: cmd.execute,
+                        waited: start.elapsed(),
+                    })
+                }
+            }
+            match sys::send_fds(unix, &[fd]) {
+                Ok(()) => {
+                    log::debug!("--> 1 fd (SCM_RIGHTS)");
+                    break st.session.send(cmd)?;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    // The peer is not reading: wait for room without holding the lock.
+                    drop(st);
+                    wait_writable(unix, deadline)?;
+                    st = self.lock();
+                }
+                Err(e) => {
+                    st.session.feed_io_error("write", e);
+                    self.inner.cond.notify_all();
+                    return Err(st.session.disconnected());
+                }
+            }
+        };
+        self.flush(&mut st);
+        drop(st);
+        self.wait_reply(id, deadline)
+    }
+
     /// Closes the connection for every handle: pending and later calls get
     /// [`Error::Disconnected`] with cause [`Error::Closed`].
     pub fn close(&self) -> Result<()> {
@@ -314,4 +398,20 @@ impl Shared {
             source: e,
         })
     }
+}
+
+/// Waits (up to `deadline`) until `stream` is writable, on a Poll of its own.
+fn wait_writable(stream: &mio::net::UnixStream, deadline: Instant) -> Result<()> {
+    let io_err = |e| Error::Io {
+        op: "poll",
+        source: e,
+    };
+    let mut poll = Poll::new().map_err(io_err)?;
+    let raw = stream.as_raw_fd();
+    poll.registry()
+        .register(&mut SourceFd(&raw), sockio::SOCKET, Interest::WRITABLE)
+        .map_err(io_err)?;
+    let mut events = Events::with_capacity(2);
+    sockio::wait(&mut poll, &mut events, deadline)?;
+    Ok(())
 }

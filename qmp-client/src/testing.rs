@@ -224,7 +224,7 @@ enum Endpoint {
 struct Record {
     commands: Vec<Command>,
     received: Vec<u8>,
-    fds: Vec<OwnedFd>,
+    fds: Vec<(usize, OwnedFd)>,
     finished: bool,
 }
 
@@ -331,6 +331,15 @@ impl FakeServer {
 
     /// Takes the fds received so far with SCM_RIGHTS.
     pub fn take_fds(&self) -> Vec<OwnedFd> {
+        self.take_fds_with_position()
+            .into_iter()
+            .map(|(_, fd)| fd)
+            .collect()
+    }
+
+    /// Takes the fds received so far, each with the number of commands received before it
+    /// (so `commands()[position]` is the command that followed the fd).
+    pub fn take_fds_with_position(&self) -> Vec<(usize, OwnedFd)> {
         std::mem::take(&mut self.shared.record().fds)
     }
 
@@ -493,8 +502,8 @@ impl Worker {
                         }
                         None => buf.len(),
                     };
+                    let mut fds = Vec::new();
                     let n = {
-                        let mut fds = Vec::new();
                         let sock = self.sock()?;
                         let n = match crate::sys::recv_with_fds(
                             sock.as_fd(),
@@ -506,9 +515,7 @@ impl Worker {
                             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                             Err(e) => return Err(e.into()),
                         };
-                        let mut record = self.shared.record();
-                        record.fds.extend(fds);
-                        record.received.extend_from_slice(&buf[..n]);
+                        self.shared.record().received.extend_from_slice(&buf[..n]);
                         n
                     };
                     if n == 0 {
@@ -529,6 +536,13 @@ impl Worker {
                                 None,
                             )?,
                         }
+                    }
+                    // The kernel ends a read right after a chunk carrying fds, so they belong
+                    // after every command completed in this read (and before the next one).
+                    if !fds.is_empty() {
+                        let mut record = self.shared.record();
+                        let position = record.commands.len();
+                        record.fds.extend(fds.into_iter().map(|fd| (position, fd)));
                     }
                 }
             }

@@ -3,6 +3,7 @@
 mod commands;
 mod concurrency;
 mod events;
+mod fds;
 mod framing;
 mod handshake;
 mod util;
