@@ -18,13 +18,14 @@
 //!
 //! 1. [`MachineBuilder`] collects the configuration; [`MachineBuilder::build`] makes a
 //!    [`Machine`] (nothing runs yet).
-//! 2. [`Machine::launch`] creates a private 0700 temp dir, the monitor (a socketpair by
-//!    default) and console socketpairs and an output pipe, spawns QEMU, closes QEMU's ends in
-//!    this process at once, opens a pidfd for QEMU, starts draining its stdout/stderr and
-//!    console, and completes the QMP handshake within the greeting deadline. If QEMU exits
-//!    first, the pidfd ends the wait at once and the launch fails with
-//!    [`Error::LaunchFailed`] (exit status, command line, output), with everything rolled
-//!    back.
+//! 2. [`Machine::launch`] creates the monitor (a socketpair by default) and console
+//!    socketpairs and an output pipe, spawns QEMU (a vfork-style `clone` that also returns a
+//!    pidfd), closes QEMU's ends in this process at once, starts draining its stdout/stderr
+//!    (into memory and, with a log dir, `{name}.log`) and its console, and completes the QMP
+//!    handshake within the greeting deadline while watching the pidfd. If QEMU exits first,
+//!    the wait ends at once and the launch fails with [`Error::LaunchFailed`] (exit status,
+//!    command line, output), with everything rolled back. The private 0700 temp dir
+//!    ([`Machine::temp_dir`]) is created on first use and removed after each exit.
 //! 3. While it runs: [`Machine::cmd`] / [`Machine::qmp`], events ([`Machine::event`],
 //!    [`Machine::events`], [`Machine::event_wait`], [`Machine::events_wait`]), the console
 //!    ([`Machine::console`]), fd passing ([`Machine::send_fd_scm`]), output
@@ -65,8 +66,10 @@
 //! - Invariant: only this crate spawns QEMU (in library code); every QEMU it spawns is owned
 //!   by a guard inside a [`Machine`].
 //! - Invariant: QEMU never outlives its `Machine`: dropping it kills and reaps QEMU; QEMU
-//!   also gets `PR_SET_PDEATHSIG(SIGKILL)`, so it dies if the launching thread (and so this
-//!   process) dies.
+//!   also gets `PR_SET_PDEATHSIG(SIGKILL)`, so it dies if our process dies. (The kernel
+//!   sends that signal when the *thread* that launched QEMU exits: launch from a thread that
+//!   lives as long as the `Machine`, or turn it off with
+//!   [`MachineBuilder::parent_death_signal`].)
 //! - Invariant: the child sees only the fds we list: stdin (`/dev/null`), stdout and stderr
 //!   (our pipe), its monitor and console socketpair ends, and the fds given to
 //!   [`MachineBuilder::pass_fd`], [`MachineBuilder::add_fd`] and [`Machine::pass_fd_once`].

@@ -192,7 +192,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     unsafe {
         // Default dispositions for every caught signal (ignored ones stay ignored, except
         // SIGPIPE which std's Command also resets), then an empty mask.
-        for signal in 1..libc::SIGRTMAX() {
+        for signal in 1..=libc::SIGRTMAX() {
             let mut current: libc::sigaction = std::mem::zeroed();
             if libc::sigaction(signal, std::ptr::null(), &mut current) != 0 {
                 continue;
