@@ -13,10 +13,10 @@ use crate::util::{config, connect};
 
 /// Writes `marker` into `ours` and checks it comes out of `theirs` (the same pipe or socket).
 fn same_channel(ours: &UnixStream, theirs: OwnedFd, marker: &str) {
-    (&*ours).write_all(marker.as_bytes()).unwrap();
+    (&*ours).write_all(marker.as_bytes()).expect("write marker");
     let mut theirs = UnixStream::from(theirs);
     let mut buf = vec![0u8; marker.len()];
-    theirs.read_exact(&mut buf).unwrap();
+    theirs.read_exact(&mut buf).expect("read marker");
     assert_eq!(buf, marker.as_bytes());
 }
 
