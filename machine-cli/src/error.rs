@@ -166,6 +166,12 @@ pub enum Error {
         #[source]
         source: machine_core::Error,
     },
+    /// The QEMU binary is not an executable file (nor found on `$PATH`).
+    #[error("QEMU binary {} not found (install qemu-system-x86, or give --qemu PATH or $QEMU)", path.display())]
+    QemuNotFound {
+        /// The binary as given.
+        path: PathBuf,
+    },
     /// An operation on the running machine failed.
     #[error("{what} failed")]
     Machine {
@@ -236,7 +242,7 @@ impl Error {
             | Error::Transport { .. }
             | Error::Events { .. }
             | Error::Disconnected { .. } => EXIT_CONNECTION,
-            Error::Launch { .. } => EXIT_LAUNCH,
+            Error::Launch { .. } | Error::QemuNotFound { .. } => EXIT_LAUNCH,
             Error::File { .. }
             | Error::Io { .. }
             | Error::Readline { .. }
@@ -244,6 +250,22 @@ impl Error {
             | Error::Console { .. } => EXIT_COMMAND,
             _ => EXIT_USAGE,
         }
+    }
+
+    /// Extra lines worth showing after the causes: QEMU's own output when a launch failed.
+    pub fn details(&self) -> Option<String> {
+        let Error::Launch { source, .. } = self else {
+            return None;
+        };
+        let machine_core::Error::LaunchFailed { output, .. } = source else {
+            return None;
+        };
+        let lines: Vec<&str> = output.lines().filter(|l| !l.trim().is_empty()).collect();
+        if lines.is_empty() {
+            return None;
+        }
+        let tail = &lines[lines.len().saturating_sub(20)..];
+        Some(format!("QEMU said:\n  {}", tail.join("\n  ")))
     }
 
     /// Turns a failure of `command` into [`Error::Command`] for a QMP error reply, else

@@ -30,6 +30,7 @@ mod qmp_cmd;
 mod run_cmd;
 mod shell;
 mod signals;
+mod tty;
 mod wrap_cmd;
 
 use std::error::Error as _;
@@ -87,6 +88,10 @@ fn report(error: &Error) -> ExitCode {
     while let Some(inner) = cause {
         message.push_str(&format!("\n  caused by: {inner}"));
         cause = inner.source();
+    }
+    if let Some(details) = error.details() {
+        message.push('\n');
+        message.push_str(&details);
     }
     eprintln!("{message}");
     ExitCode::from(error.exit_code())

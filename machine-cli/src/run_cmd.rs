@@ -20,7 +20,8 @@
 use std::ffi::OsString;
 use std::io::{IsTerminal, Read, Write};
 use std::os::unix::fs::FileTypeExt;
-use std::path::Path;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -36,6 +37,7 @@ use crate::error::{Error, Result};
 use crate::events_cmd;
 use crate::output;
 use crate::signals::{self, Received};
+use crate::tty;
 
 /// How often the loop moves the console, events and shutdown ladder along.
 pub const TICK: Duration = Duration::from_millis(5);
@@ -64,6 +66,8 @@ enum Stopping {
 struct Reporter {
     json: bool,
     start: Instant,
+    /// The console's last byte was not a newline: a human line must start on a new line.
+    mid_line: std::cell::Cell<bool>,
 }
 
 impl Reporter {
@@ -80,8 +84,16 @@ impl Reporter {
             }
             output::emit(&object.to_string())
         } else {
+            self.new_line();
             eprintln!("[qemu-machine +{} ms] {text}", self.ms());
             Ok(())
+        }
+    }
+
+    /// Ends a console line left open, so that a human line does not start mid-line.
+    fn new_line(&self) {
+        if self.mid_line.replace(false) {
+            eprintln!();
         }
     }
 
@@ -89,6 +101,7 @@ impl Reporter {
         if bytes.is_empty() {
             return Ok(());
         }
+        self.mid_line.set(!bytes.ends_with(b"\n"));
         if self.json {
             let text = String::from_utf8_lossy(bytes);
             output::emit(&json!({"type": "console", "text": text}).to_string())
@@ -113,6 +126,7 @@ impl Reporter {
             }
             output::emit(&object.to_string())
         } else {
+            self.new_line();
             eprintln!("[qemu-machine event] {}", view.human_line());
             Ok(())
         }
@@ -124,11 +138,17 @@ pub fn run(args: RunArgs) -> Result<u8> {
     let reporter = Reporter {
         json: args.json,
         start: Instant::now(),
+        mid_line: std::cell::Cell::new(false),
     };
     let (tx, rx) = mpsc::channel::<Msg>();
     // First, before machine-core starts any thread: every thread must inherit the mask.
     signals::install(tx.clone(), Msg::Signal)?;
 
+    if find_program(&args.qemu).is_none() {
+        return Err(Error::QemuNotFound {
+            path: args.qemu.clone(),
+        });
+    }
     let tiny = args.qemu_args.is_empty();
     let listen: Vec<Address> = args.qmp_listen.iter().map(|a| Address::parse(a)).collect();
     let mut machine = build(&args, &listen)?;
@@ -176,7 +196,9 @@ pub fn run(args: RunArgs) -> Result<u8> {
             json!({"qmp": address.to_string()}),
         )?;
     }
-    if std::io::stdin().is_terminal() {
+    // On a terminal, keys go to the guest as typed (the guest echoes them); restored on return.
+    let keys = tty::KeysToGuest::enable()?;
+    if keys.is_some() {
         forward_stdin(tx)?;
     } else {
         drop(tx);
@@ -210,6 +232,14 @@ pub fn run(args: RunArgs) -> Result<u8> {
 /// The machine as configured by the options (the tiny guest's arguments come later).
 fn build(args: &RunArgs, listen: &[Address]) -> Result<Machine> {
     let mut builder = MachineBuilder::new(&args.qemu);
+    if attached_to_terminal() {
+        // Ctrl-C goes to the terminal's whole foreground process group; QEMU must not get it
+        // (it would quit at once), so it runs in a session of its own and we run the ladder.
+        // setsid(1) execs QEMU in place: same pid, same fds, parent-death signal kept.
+        if let Some(setsid) = find_program("setsid") {
+            builder.wrapper([setsid]);
+        }
+    }
     builder
         .greeting_timeout(args.launch_timeout)
         .command_timeout(args.shutdown_timeout)
@@ -231,6 +261,29 @@ fn build(args: &RunArgs, listen: &[Address]) -> Result<Machine> {
     }
     builder.args(args.qemu_args.iter().cloned());
     Ok(builder.build())
+}
+
+/// Whether a terminal can send us signals (Ctrl-C, Ctrl-\\) through our process group.
+fn attached_to_terminal() -> bool {
+    std::io::stdin().is_terminal()
+        || std::io::stdout().is_terminal()
+        || std::io::stderr().is_terminal()
+}
+
+/// `name` as found on `$PATH` (an executable regular file), or as given if it has a `/`.
+pub fn find_program(name: impl AsRef<Path>) -> Option<PathBuf> {
+    let name = name.as_ref();
+    let executable = |path: &Path| {
+        std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if name.components().count() > 1 {
+        return executable(name).then(|| name.to_path_buf());
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(name))
+        .find(|path| executable(path))
 }
 
 /// `-accel` arguments: `auto` tries KVM and falls back to TCG (QEMU does the fallback).
@@ -534,8 +587,6 @@ fn print_report(reporter: &Reporter, report: &ExitReport, code: u8) -> Result<()
             }),
         )
     } else {
-        // The console may have left the cursor mid-line.
-        eprintln!();
         reporter.line("exit", &format!("exit status {code}"), Value::Null)?;
         eprintln!("{}", report.to_string().trim_end());
         Ok(())

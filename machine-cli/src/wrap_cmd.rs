@@ -57,6 +57,11 @@ fn from_machine(command: &str, error: machine_core::Error) -> MonitorError {
 
 /// Runs `wrap`.
 pub fn run(args: WrapArgs) -> Result<u8> {
+    if crate::run_cmd::find_program(&args.qemu).is_none() {
+        return Err(Error::QemuNotFound {
+            path: args.qemu.clone(),
+        });
+    }
     let mut builder = MachineBuilder::new(&args.qemu);
     builder
         .greeting_timeout(args.launch_timeout)

@@ -45,6 +45,12 @@ pub fn scenarios() -> Vec<Scenario> {
         ),
         s("cli_run_sigint_graceful_shutdown", TCG, 60, run_sigint),
         s("cli_run_second_sigint_kills", TCG, 60, run_second_sigint),
+        s(
+            "cli_run_ctrl_c_on_a_terminal",
+            TCG,
+            60,
+            run_ctrl_c_on_terminal,
+        ),
         s("cli_run_missing_qemu", TCG, 60, run_missing_qemu),
         s(
             "cli_qmp_events_shell_against_run",
@@ -459,6 +465,105 @@ fn run_sigint(ctx: &Ctx) -> Result<(), String> {
         "SIGINT -> exit of qemu-machine {:.1} ms",
         sent.elapsed().as_secs_f64() * 1000.0
     ));
+    Ok(())
+}
+
+/// On a real terminal (a pty as controlling terminal): typed keys reach the guest, and Ctrl-C
+/// (the terminal signals the whole foreground process group) runs the ladder instead of QEMU
+/// quitting on its own: the guest sees the power button.
+fn run_ctrl_c_on_terminal(ctx: &Ctx) -> Result<(), String> {
+    use std::io::Read;
+    let pty = nix::pty::openpty(None, None).map_err(|e| format!("openpty: {e}"))?;
+    let slave = |fd: &std::os::fd::OwnedFd| {
+        fd.try_clone()
+            .map(Stdio::from)
+            .map_err(|e| format!("dup: {e}"))
+    };
+    let mut command = Command::new("setsid");
+    command
+        .arg("-c")
+        .arg(binary()?)
+        .args(["run", "--accel", accel(ctx)])
+        .env("QEMU", &ctx.qemu)
+        .env("TERM", "xterm")
+        .current_dir(&ctx.scratch)
+        .stdin(slave(&pty.slave)?)
+        .stdout(slave(&pty.slave)?)
+        .stderr(slave(&pty.slave)?);
+    let mut child = command
+        .spawn()
+        .map_err(|e| format!("cannot start setsid -c qemu-machine: {e}"))?;
+    // Only the child may hold the slave now, so the master reads EIO once it is gone.
+    drop(command);
+    drop(pty.slave);
+    let mut master = std::fs::File::from(pty.master);
+    let mut reader = master.try_clone().map_err(|e| format!("dup: {e}"))?;
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    let pump = thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let wait_for = |needle: &str, seen: &mut String| -> Result<(), String> {
+        while !seen.contains(needle) {
+            match rx.recv_timeout(ctx.remaining()) {
+                Ok(chunk) => seen.push_str(&String::from_utf8_lossy(&chunk)),
+                Err(_) => return Err(format!("{needle:?} not seen on the terminal: {seen:?}")),
+            }
+        }
+        Ok(())
+    };
+    let result = (|| {
+        wait_for(guest::PROMPT, &mut seen)?;
+        for key in b"flood 3\r" {
+            master
+                .write_all(&[*key])
+                .map_err(|e| format!("typing: {e}"))?;
+        }
+        wait_for(guest::FLOOD_DONE, &mut seen)?;
+        master
+            .write_all(b"\x03")
+            .map_err(|e| format!("typing Ctrl-C: {e}"))?;
+        wait_for("exit status", &mut seen)?;
+        Ok::<(), String>(())
+    })();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < ctx.deadline && result.is_ok() => {
+                thread::sleep(Duration::from_millis(1))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                result?;
+                return Err(format!("qemu-machine did not exit after Ctrl-C: {seen:?}"));
+            }
+        }
+    };
+    drop(master);
+    let _ = pump.join();
+    result?;
+    seen.extend(
+        rx.try_iter()
+            .map(|c| String::from_utf8_lossy(&c).into_owned()),
+    );
+    if status.code() != Some(0) {
+        return Err(format!("exit {status:?} after Ctrl-C: {seen:?}"));
+    }
+    for want in [
+        guest::POWER_BUTTON_LINE,
+        "guest shutdown (guest-shutdown)",
+        "012",
+    ] {
+        if !seen.contains(want) {
+            return Err(format!("{want:?} not on the terminal: {seen:?}"));
+        }
+    }
     Ok(())
 }
 
