@@ -50,6 +50,7 @@ pub struct Connection {
     buf: Box<[u8]>,
     write_interest: bool,
     read_hint: bool,
+    peer_closed: bool,
     session: Session,
     command_timeout: Duration,
     greeting_timeout: Duration,
@@ -165,6 +166,7 @@ impl Connection {
             write_interest: false,
             // Data may already be waiting (a greeting sent before we registered).
             read_hint: true,
+            peer_closed: false,
             session: Session::new(config),
             command_timeout: config.command_timeout,
             greeting_timeout: config.greeting_timeout,
@@ -234,8 +236,12 @@ impl Connection {
                 );
             }
             if self.read_hint {
-                self.read_hint =
-                    sockio::read_available(&self.stream, &mut self.buf, &mut self.session);
+                self.read_hint = sockio::read_available(
+                    &self.stream,
+                    &mut self.buf,
+                    &mut self.session,
+                    self.peer_closed,
+                );
             }
             if done(&mut self.session) {
                 return Ok(Pump::Done);
@@ -257,6 +263,7 @@ impl Connection {
             if wake.socket {
                 self.read_hint = true;
             }
+            self.peer_closed |= wake.closed;
         }
     }
 
@@ -297,7 +304,8 @@ impl Connection {
             &mut self.write_interest,
             &mut self.session,
         );
-        while sockio::read_available(&self.stream, &mut self.buf, &mut self.session) {}
+        // The caller's Poll may not tell us about RDHUP: always read until WouldBlock here.
+        while sockio::read_available(&self.stream, &mut self.buf, &mut self.session, true) {}
         self.read_hint = false;
         match self.session.failure() {
             Some(_) => Err(self.session.disconnected()),
@@ -537,6 +545,7 @@ impl Connection {
                         if wake.socket {
                             self.read_hint = true;
                         }
+                        self.peer_closed |= wake.closed;
                         if Instant::now() >= deadline {
                             return Err(self.fd_failure(start));
                         }

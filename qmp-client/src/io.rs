@@ -123,9 +123,21 @@ pub(crate) fn feed_chunk(session: &mut Session, chunk: Chunk, buf: &[u8]) -> boo
     }
 }
 
-/// Reads until `WouldBlock`, EOF, an error, or the read budget. Returns true when the budget
-/// ran out first (more data may be waiting and no new readiness event will say so).
-pub(crate) fn read_available(stream: &Stream, buf: &mut [u8], session: &mut Session) -> bool {
+/// Reads until the socket is drained, EOF, an error, or the read budget. Returns true when the
+/// budget ran out first (more data may be waiting and no new readiness event will say so).
+///
+/// "Drained" is `WouldBlock`, or, unless `until_would_block`, a short read: a stream socket
+/// returns everything it holds up to the buffer's size, so a short read means it was empty at
+/// that moment, and edge-triggered epoll reports every later arrival as a new event (tokio
+/// relies on the same). That saves one `read` per reply. After the peer closed (`RDHUP`), the
+/// closing edge has already been consumed, so the caller asks for a read until `WouldBlock`
+/// (which then sees the EOF).
+pub(crate) fn read_available(
+    stream: &Stream,
+    buf: &mut [u8],
+    session: &mut Session,
+    until_would_block: bool,
+) -> bool {
     let mut total = 0;
     loop {
         let chunk = read_chunk(stream, buf);
@@ -134,6 +146,9 @@ pub(crate) fn read_available(stream: &Stream, buf: &mut [u8], session: &mut Sess
             _ => 0,
         };
         if !feed_chunk(session, chunk, buf) {
+            return false;
+        }
+        if n < buf.len() && !until_would_block {
             return false;
         }
         total += n;
@@ -188,7 +203,11 @@ pub(crate) fn flush(
 /// The readiness a wait produced.
 #[derive(Default)]
 pub(crate) struct Wake {
+    /// The socket is readable (or writable, or closed).
     pub(crate) socket: bool,
+    /// The peer closed its side or the socket has an error: read until `WouldBlock` from now on.
+    pub(crate) closed: bool,
+    /// The abort fd is readable.
     pub(crate) abort: bool,
 }
 
@@ -218,7 +237,10 @@ pub(crate) fn wait(poll: &mut Poll, events: &mut Events, deadline: Instant) -> R
             log::trace!("poll event {event:?}");
         }
         match event.token() {
-            SOCKET => wake.socket = true,
+            SOCKET => {
+                wake.socket = true;
+                wake.closed |= event.is_read_closed() || event.is_error();
+            }
             ABORT => wake.abort = true,
             _ => {}
         }

@@ -53,6 +53,7 @@ struct Poller {
     events: Events,
     buf: Box<[u8]>,
     read_hint: bool,
+    peer_closed: bool,
 }
 
 impl Shared {
@@ -75,6 +76,7 @@ impl Shared {
                         events: Events::with_capacity(8),
                         buf: vec![0; READ_CHUNK].into_boxed_slice(),
                         read_hint: true,
+                        peer_closed: false,
                     }),
                 }),
                 cond: Condvar::new(),
@@ -146,14 +148,20 @@ impl Shared {
                 chunk = Some(sockio::read_chunk(&self.inner.stream, &mut poller.buf));
             } else {
                 match sockio::wait(&mut poller.poll, &mut poller.events, deadline) {
-                    Ok(wake) => poller.read_hint = wake.socket,
+                    Ok(wake) => {
+                        poller.read_hint = wake.socket;
+                        poller.peer_closed |= wake.closed;
+                    }
                     Err(e) => failure = Some(e),
                 }
                 checked_once = true;
             }
             st = self.lock();
             if let Some(chunk) = chunk {
-                poller.read_hint = sockio::feed_chunk(&mut st.session, chunk, &poller.buf);
+                // A short read drained the socket (see `sockio::read_available`).
+                let full = matches!(chunk, sockio::Chunk::Data(n) if n == poller.buf.len());
+                let more = sockio::feed_chunk(&mut st.session, chunk, &poller.buf);
+                poller.read_hint = more && (full || poller.peer_closed);
             }
             st.poller = Some(poller);
             self.inner.cond.notify_all();

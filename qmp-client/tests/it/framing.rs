@@ -85,7 +85,12 @@ fn eof_mid_message() {
         vec![Action::raw(&b"{\"return\": {\"sta"[..]), Action::Close],
     );
     let (_server, mut conn) = connect(script);
-    match conn.execute("go", None) {
+    let (res, took) = crate::util::timed(|| conn.execute("go", None));
+    assert!(
+        took < Duration::from_secs(1),
+        "EOF noticed at once, not at the deadline: {took:?}"
+    );
+    match res {
         Err(Error::Disconnected { cause }) => match &*cause {
             Error::Eof { partial_len, .. } => assert_eq!(*partial_len, 16),
             other => panic!("{other:?}"),
