@@ -136,6 +136,16 @@ fn with_cpu<T>(f: impl FnOnce() -> T) -> (T, f64) {
     (out, ms(cpu_now().saturating_sub(before)))
 }
 
+/// The `q` quantile (0..=1) of `v` (nearest rank).
+fn quantile(v: &mut [f64], q: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((v.len() - 1) as f64 * q).round() as usize;
+    v[rank.min(v.len() - 1)]
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -200,6 +210,12 @@ fn main() {
     println!(
         "  overhead above raw (wall): median of paired differences {:.3} ms per cycle (target <= 0.3 ms)",
         median(&mut diff)
+    );
+    let (raw_p10, lib_p10) = (quantile(&mut raw, 0.1), quantile(&mut lib, 0.1));
+    println!(
+        "  10th percentile (least disturbed cycles): raw {raw_p10:.3} ms, machine {lib_p10:.3} ms, \
+         difference {:.3} ms",
+        lib_p10 - raw_p10
     );
     println!(
         "  our process's CPU per cycle: raw median {:.3} ms, machine median {:.3} ms, \

@@ -342,3 +342,51 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod display_tests {
+    use super::*;
+    use crate::ladder::StepOutcome;
+
+    #[test]
+    fn report_display_names_cause_status_steps_and_tails() {
+        let report = ExitReport {
+            ended_by: EndedBy::Kill,
+            status: ExitStatus::Signal {
+                signal: libc::SIGKILL,
+                core_dumped: false,
+            },
+            shutdown_event: None,
+            steps: vec![StepRecord {
+                step: Step::Quit {
+                    timeout: Duration::from_secs(1),
+                },
+                started: Duration::ZERO,
+                elapsed: Duration::from_secs(1),
+                outcome: StepOutcome::TimedOut,
+                note: None,
+            }],
+            output_tail: vec!["qemu: warning".into()],
+            console_tail: vec!["guest> ".into()],
+            last_events: Vec::new(),
+            command: "qemu -M none".into(),
+            uptime: Duration::from_millis(5),
+        };
+        let text = report.to_string();
+        assert!(
+            text.starts_with("qemu ended by our SIGKILL: signal 9 (SIGKILL)"),
+            "{text}"
+        );
+        assert!(text.contains("quit, wait 1s -> TimedOut"), "{text}");
+        assert!(text.contains("output | qemu: warning"), "{text}");
+        assert!(text.contains("console | guest> "), "{text}");
+        assert!(text.ends_with("command: qemu -M none"), "{text}");
+    }
+
+    #[test]
+    fn machine_is_send() {
+        fn assert_send<T: Send>() {}
+        assert_send::<crate::Machine>();
+        assert_send::<ExitReport>();
+    }
+}
