@@ -966,8 +966,9 @@ impl Machine {
             .map(|r| r.step);
         let report = self.finish(run, ladder_run.records, ended_during);
         // Abnormal: we had to force it although the ladder had gentler steps first.
-        let forced_fallback =
-            matches!(ended_during, Some(Step::Kill { .. })) && ladder.steps().len() > 1;
+        let forced_fallback = matches!(ended_during, Some(Step::Kill { .. }))
+            && report.ended_by == EndedBy::Kill
+            && ladder.steps().len() > 1;
         if forced_fallback {
             let cause = report
                 .steps

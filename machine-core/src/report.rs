@@ -180,8 +180,11 @@ pub(crate) fn classify(facts: &Facts<'_>) -> EndedBy {
             };
         }
     }
+    let killed = facts.status.signal() == Some(libc::SIGKILL);
     match facts.ended_during {
-        Some(Step::Kill { .. }) => return EndedBy::Kill,
+        // QEMU may have exited by itself just before our SIGKILL landed: then the status,
+        // not the step, tells.
+        Some(Step::Kill { .. }) if killed => return EndedBy::Kill,
         Some(Step::Signal { signal, .. }) => return EndedBy::OurSignal { signal },
         Some(Step::Quit { .. }) => return EndedBy::Quit,
         Some(Step::Powerdown { .. }) => {
@@ -313,6 +316,12 @@ mod tests {
             timeout: Duration::from_secs(1),
         });
         assert_eq!(classify(&f), EndedBy::Quit);
+        // Exited by itself in the instant before our SIGKILL: not our kill.
+        let mut f = facts(ExitStatus::Code(0), &[libc::SIGKILL], None);
+        f.ended_during = Some(Step::Kill {
+            timeout: Duration::from_secs(1),
+        });
+        assert_eq!(classify(&f), EndedBy::Exited { code: 0 });
         // A user quit through cmd(), then wait().
         let mut f = facts(ExitStatus::Code(0), &[], None);
         f.quit_sent = true;
