@@ -318,3 +318,53 @@ fn fd_exhaustion_fails_the_launch_without_leaking() {
     m.launch().expect("launch after restoring the limit");
     m.shutdown().expect("shutdown");
 }
+
+#[test]
+fn a_crash_during_a_command_fails_it_fast_and_is_reported_as_a_crash() {
+    let _g = shared();
+    // Negotiate, then die on the next command without answering.
+    let stub = Stub::new("greet\nserve_one\nIFS= read -r -d '}' -u $MON cmd\nkill -SEGV $$");
+    let mut m = stub.machine();
+    m.launch().expect("launch");
+    let started = Instant::now();
+    let err = m.cmd("query-status", ()).expect_err("crash mid-command");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(matches!(err, Error::Qmp { .. }), "{err:?}");
+    let report = m.wait(Duration::from_secs(5)).expect("wait");
+    assert_eq!(
+        report.ended_by,
+        EndedBy::Crash {
+            signal: libc::SIGSEGV
+        }
+    );
+    assert_eq!(
+        m.exit_status().and_then(ExitStatus::signal),
+        Some(libc::SIGSEGV)
+    );
+}
+
+#[test]
+fn a_wrapper_prefixes_the_command_line() {
+    let _g = shared();
+    let stub = Stub::serving();
+    let mut b = stub.builder();
+    b.wrapper(["env", "QEMU_STUB_WRAPPED=1"]).args(["-S"]);
+    let mut m = b.build();
+    m.launch().expect("launch through the wrapper");
+    let argv: Vec<String> = m
+        .command_line()
+        .expect("command line")
+        .argv()
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(argv[0], "env");
+    assert_eq!(argv[1], "QEMU_STUB_WRAPPED=1");
+    assert_eq!(argv[2], stub.path().to_string_lossy());
+    assert_eq!(argv.last().map(String::as_str), Some("-S"));
+    m.shutdown().expect("shutdown");
+}
