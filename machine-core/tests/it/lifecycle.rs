@@ -210,9 +210,11 @@ fn no_qmp_mode_uses_sigterm() {
 #[test]
 fn an_exit_nobody_collected_does_not_block_a_relaunch() {
     let _g = shared();
-    let stub = Stub::new("greet\nserve_one\nexit 0");
+    // Exits by itself after answering one command past the negotiation.
+    let stub = Stub::new("greet\nserve_one\nserve_one\nexit 0");
     let mut m = stub.machine();
     m.launch().expect("launch");
+    m.cmd("query-status", ()).expect("query");
     // Wait for the stub to exit on its own, without calling shutdown/wait.
     let deadline = Instant::now() + Duration::from_secs(10);
     while m.is_running() {
