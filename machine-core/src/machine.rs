@@ -300,7 +300,9 @@ impl Machine {
         self.config.ladder = ladder;
     }
 
-    /// The private temp dir (created 0700 on first use; removed after QEMU's exit).
+    /// The private temp dir (created 0700 under the base temp dir on first use; removed,
+    /// with everything in it, after QEMU's exit, after a failed launch and on drop, as the
+    /// seed's `_post_shutdown` does).
     pub fn temp_dir(&mut self) -> Result<&Path> {
         if self.temp_dir.is_none() {
             let base = &self.config.base_temp_dir;
