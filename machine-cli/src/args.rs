@@ -45,6 +45,8 @@ pub enum Command {
     Shell(ShellArgs),
     /// Print QMP events as they arrive, until EOF or Ctrl-C.
     Events(EventsArgs),
+    /// QEMU's object model: get, set, list and tree (QEMU's qom tools).
+    Qom(QomArgs),
     /// Launch QEMU with the given arguments and open the shell on it.
     Wrap(WrapArgs),
     /// Print a completion script for a shell.
@@ -203,6 +205,54 @@ pub struct EventsArgs {
     /// Skip the greeting and capabilities negotiation.
     #[arg(long, short = 'N')]
     pub skip_negotiation: bool,
+}
+
+/// Options of `qom`.
+#[derive(Debug, Args)]
+pub struct QomArgs {
+    /// QMP server: unix path or host:port.
+    #[arg(long, short = 's', env = "QMP_SOCKET", value_name = "ADDRESS")]
+    pub socket: String,
+    /// Deadline for each reply.
+    #[arg(long, value_parser = parse_duration, default_value = "30s", value_name = "DURATION")]
+    pub timeout: Duration,
+    /// Deadline for connecting and the greeting.
+    #[arg(long, value_parser = parse_duration, default_value = "10s", value_name = "DURATION")]
+    pub connect_timeout: Duration,
+    /// What to do.
+    #[command(subcommand)]
+    pub action: QomAction,
+}
+
+/// The `qom` actions.
+#[derive(Debug, Subcommand)]
+pub enum QomAction {
+    /// Print a property: `qom get /machine.type` (an object value prints as key: value lines).
+    Get {
+        /// PATH.PROPERTY
+        property: String,
+    },
+    /// Set a property: `qom set /machine/peripheral/net0.link false`. VALUE is typed as in
+    /// the shell (numbers, true/false, null, JSON, "quoted" or bare strings).
+    Set {
+        /// PATH.PROPERTY
+        property: String,
+        /// The value.
+        #[arg(allow_hyphen_values = true)]
+        value: String,
+    },
+    /// List an object's properties: children end with `/`, links start with `@`.
+    List {
+        /// The object path.
+        #[arg(default_value = "/")]
+        path: String,
+    },
+    /// Print the objects under PATH with their properties and values.
+    Tree {
+        /// The object path.
+        #[arg(default_value = "/")]
+        path: String,
+    },
 }
 
 /// Options of `wrap`.

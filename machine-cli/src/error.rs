@@ -97,6 +97,12 @@ pub enum Error {
         /// The line.
         text: String,
     },
+    /// A `qom` property is not `PATH.PROPERTY`.
+    #[error("expected PATH.PROPERTY (e.g. /machine.type), got `{text}`")]
+    BadQomProperty {
+        /// What was given.
+        text: String,
+    },
     /// `qmp` was given an address but no command.
     #[error("no QMP command given")]
     MissingCommand,

@@ -15,6 +15,7 @@
 //! $ qemu-machine qmp /tmp/qmp.sock query-status
 //! $ qemu-machine shell /tmp/qmp.sock
 //! $ qemu-machine events /tmp/qmp.sock --json
+//! $ qemu-machine qom -s /tmp/qmp.sock tree /machine
 //! ```
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -27,6 +28,7 @@ mod events_cmd;
 mod lang;
 mod output;
 mod qmp_cmd;
+mod qom_cmd;
 mod run_cmd;
 mod shell;
 mod signals;
@@ -60,6 +62,7 @@ fn dispatch(command: Command) -> Result<u8> {
         Command::Qmp(args) => qmp_cmd::run(args),
         Command::Shell(args) => shell::run_connected(args),
         Command::Events(args) => events_cmd::run(args),
+        Command::Qom(args) => qom_cmd::run(args),
         Command::Wrap(args) => wrap_cmd::run(args),
         Command::Completions(args) => {
             let mut command = Cli::command();

@@ -5,5 +5,6 @@
 mod events;
 mod misc;
 mod qmp;
+mod qom;
 mod shell;
 mod util;

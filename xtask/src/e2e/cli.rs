@@ -58,7 +58,7 @@ pub fn scenarios() -> Vec<Scenario> {
             60,
             qmp_events_shell,
         ),
-        s("cli_shell_hmp_mode", TCG, 60, shell_hmp),
+        s("cli_qom_and_shell_hmp_mode", TCG, 60, shell_hmp),
         s("cli_wrap_shell_quit", TCG, 60, wrap_shell),
     ]
 }
@@ -711,6 +711,16 @@ fn shell_hmp(ctx: &Ctx) -> Result<(), String> {
     let sock_path = ctx.scratch.join("qmp.sock");
     let sock = sock_path.to_str().ok_or("non-UTF-8 scratch path")?;
     let mut vm = listening_vm(ctx, &[&sock_path])?;
+    let machine_type = one_shot(ctx, &["qom", "-s", sock, "get", "/machine.type"], None)?;
+    machine_type.expect_code(0)?;
+    if machine_type.stdout != ["none-machine"] {
+        return Err(format!("qom get /machine.type: {:?}", machine_type.stdout));
+    }
+    let listed = one_shot(ctx, &["qom", "-s", sock, "list", "/"], None)?;
+    listed.expect_code(0)?;
+    if !listed.stdout.iter().any(|l| l == "machine/") {
+        return Err(format!("qom list /: {:?}", listed.stdout));
+    }
     let shell = one_shot(
         ctx,
         &["shell", "-H", sock],
