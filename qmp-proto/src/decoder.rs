@@ -67,6 +67,12 @@ impl Default for DecoderConfig {
 /// Whitespace between messages is skipped. Input that does not start with `{` or `[` (a bare
 /// scalar, garbage) is taken up to the end of its line.
 ///
+/// A message is available as soon as its line feed has arrived, or as soon as the input fed
+/// so far ends with its closing `}` (peers that send no newline, such as clients using
+/// [`Command::encode_into`](crate::Command::encode_into), are served at once). A complete
+/// message followed by the start of another on the same line, with no line feed yet, waits
+/// for that line feed.
+///
 /// # Errors and resynchronisation
 ///
 /// A bad message yields one `Err` in its place in the sequence and decoding goes on after it:
@@ -97,8 +103,11 @@ impl Default for DecoderConfig {
 ///
 /// # Cost
 ///
-/// Each byte is scanned once whatever the chunking (amortised O(n)); the buffer is compacted
-/// once at least half of it has been consumed.
+/// Amortised O(n) whatever the chunking: no byte is searched or scanned twice (the search
+/// position and scanner state are kept between feeds), and a message is parsed once, except
+/// that a line that turns out not to be one whole compact message is first tried as one (a
+/// single failed parse of that line). The buffer is compacted once at least half of it has
+/// been consumed. Each message is parsed when it is pulled, while its memory is hot in cache.
 ///
 /// ```
 /// use qmp_proto::{Decoder, ServerMessage};
@@ -113,32 +122,30 @@ impl Default for DecoderConfig {
 #[derive(Debug)]
 pub struct Decoder {
     config: DecoderConfig,
-    /// Bytes received and not yet released.
+    /// Bytes received and not yet framed, plus the unfinished message.
     buf: Vec<u8>,
-    /// Everything before this offset has been handed out or skipped.
-    start: usize,
     /// The scanner has looked at everything before this offset.
     pos: usize,
-    /// Offset of the first byte of the message being scanned, if one has started.
+    /// Offset of the first byte of the message being framed, if one has started.
     msg_start: Option<usize>,
-    /// The message being scanned has already been reported as an error; its bytes are dropped.
+    /// The message being framed is tried as one compact line first (see [`Decoder::frame`]);
+    /// `Some(offset)`: no line feed before `offset`.
+    line_search: Option<usize>,
+    /// The fast way has not yet reached the end of the message's first line.
+    first_line: bool,
+    /// The message being framed has already been reported as an error; its bytes are dropped.
     discarding: bool,
     scanner: Scanner,
-    /// Messages framed (or failed) and not yet handed out, oldest first.
-    frames: VecDeque<Frame>,
+    /// Messages decoded (or failed) and not yet handed out, oldest first.
+    frames: VecDeque<Result<Map<String, Value>>>,
 }
 
-#[derive(Debug)]
-enum Frame {
-    /// `buf[start..end]` is a whole message; `complete` is false when it was cut short.
-    Message {
-        start: usize,
-        end: usize,
-        complete: bool,
-    },
-    /// An error detected while framing.
-    Failed(Error),
-}
+/// The smallest buffer allocation.
+const MIN_CAPACITY: usize = 8 * 1024;
+/// An empty buffer larger than this is shrunk back to [`MIN_CAPACITY`].
+const RETAINED_CAPACITY: usize = 1024 * 1024;
+/// serde_json's own recursion limit, under which a message may skip the structural scan.
+const SERDE_DEPTH_LIMIT: usize = 128;
 
 impl Default for Decoder {
     fn default() -> Decoder {
@@ -161,9 +168,10 @@ impl Decoder {
         Decoder {
             config,
             buf: Vec::new(),
-            start: 0,
             pos: 0,
             msg_start: None,
+            line_search: None,
+            first_line: false,
             discarding: false,
             scanner: Scanner::new(config.max_depth),
             frames: VecDeque::new(),
@@ -175,7 +183,9 @@ impl Decoder {
         self.config
     }
 
-    /// Adds received bytes. Framing happens here; parsing waits for [`Decoder::next_message`].
+    /// Adds received bytes. Messages are decoded as they are pulled with
+    /// [`Decoder::next_message`]; a caller that feeds more than `max_message_size` bytes
+    /// without pulling gets them decoded here instead, so memory stays bounded either way.
     pub fn feed(&mut self, mut chunk: &[u8]) {
         if self.discarding {
             // The rest of an oversized message is scanned straight from the chunk and never
@@ -189,8 +199,35 @@ impl Decoder {
             return;
         }
         self.compact();
+        self.reserve(chunk.len());
         self.buf.extend_from_slice(chunk);
-        self.frame();
+        if self.buf.len() - self.pos > self.config.max_message_size {
+            // The caller is feeding without pulling: frame now, so that an oversized message
+            // is cut off and memory stays bounded.
+            self.frame(false);
+        }
+    }
+
+    /// Grows the buffer for `additional` bytes, doubling as usual but never past the message
+    /// limit plus that chunk while that suffices, so an oversized message costs no more memory
+    /// than promised.
+    fn reserve(&mut self, additional: usize) {
+        let needed = self.buf.len().saturating_add(additional);
+        if needed <= self.buf.capacity() {
+            return;
+        }
+        let doubled = self.buf.capacity().saturating_mul(2).max(MIN_CAPACITY);
+        let limit = self
+            .config
+            .max_message_size
+            .saturating_add(additional)
+            .max(MIN_CAPACITY);
+        let target = if needed <= limit {
+            doubled.min(limit).max(needed)
+        } else {
+            doubled.max(needed)
+        };
+        self.buf.reserve_exact(target - self.buf.len());
     }
 
     /// The next message, classified; `None` when no complete message is buffered.
@@ -202,44 +239,35 @@ impl Decoder {
     /// The next message as a plain JSON object, without classifying it (a server uses this
     /// to read commands, see [`Command::from_object`](crate::Command::from_object)).
     pub fn next_object(&mut self) -> Option<Result<Map<String, Value>>> {
-        match self.frames.pop_front()? {
-            Frame::Failed(error) => Some(Err(error)),
-            Frame::Message {
-                start,
-                end,
-                complete,
-            } => {
-                self.start = end;
-                Some(parse_object(&self.buf[start..end], complete))
-            }
+        if self.frames.is_empty() {
+            self.frame(true);
         }
+        self.frames.pop_front()
     }
 
-    /// Bytes received and not yet handed out: complete messages waiting in the queue plus the
-    /// part of an unfinished message received so far (0 when everything has been consumed).
+    /// Bytes received and not yet decoded. Once [`Decoder::next_message`] has returned
+    /// `None`, that is the part of an unfinished message received so far: at end of input,
+    /// the size of the truncated message (0 if the input ended between messages, or if the
+    /// unfinished message was oversized and discarded, see [`Decoder::in_message`]).
     pub fn buffered_len(&self) -> usize {
         self.buf.len() - self.keep_from()
     }
 
-    /// Bytes received so far of a message that has not ended yet (0 between messages).
-    /// At end of input this is the size of the truncated message.
-    pub fn partial_len(&self) -> usize {
-        self.msg_start.map_or(0, |start| self.buf.len() - start)
-    }
-
-    /// Whether a message is half received (its bytes may have been discarded if it is
-    /// oversized or too deep).
+    /// Whether a message is half received, once [`Decoder::next_message`] has returned
+    /// `None` (its bytes may have been discarded if it is oversized or too deep).
     pub fn in_message(&self) -> bool {
         self.msg_start.is_some() || self.discarding
     }
 
+    /// The bytes allocated for the input buffer. While messages are pulled between feeds,
+    /// never more than the message limit plus one chunk (plus 8 KiB of minimum allocation).
+    pub fn buffer_capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
     /// The offset before which no byte is needed any more.
     fn keep_from(&self) -> usize {
-        if self.frames.is_empty() {
-            self.msg_start.unwrap_or(self.pos)
-        } else {
-            self.start
-        }
+        self.msg_start.unwrap_or(self.pos)
     }
 
     /// Drops consumed bytes once they are at least half the buffer (amortised O(1) per byte).
@@ -250,27 +278,58 @@ impl Decoder {
         }
         if keep == self.buf.len() {
             self.buf.clear();
+            if self.buf.capacity() > RETAINED_CAPACITY {
+                // Give back the memory of an exceptionally large message.
+                self.buf.shrink_to(MIN_CAPACITY);
+            }
         } else if keep >= self.buf.len() - keep {
             self.buf.drain(..keep);
         } else {
             return;
         }
-        self.start = self.start.saturating_sub(keep);
         self.pos -= keep;
         if let Some(msg_start) = &mut self.msg_start {
             *msg_start -= keep;
         }
-        for frame in &mut self.frames {
-            if let Frame::Message { start, end, .. } = frame {
-                *start -= keep;
-                *end -= keep;
-            }
+        if let Some(line_search) = &mut self.line_search {
+            *line_search -= keep;
         }
     }
 
-    /// Runs the scanner over the unscanned part of the buffer, queueing frames.
-    fn frame(&mut self) {
+    /// Frames and decodes everything buffered.
+    ///
+    /// Two ways to find where a message ends. The fast one follows QEMU's layout: find each
+    /// line feed (a SIMD search; each byte is searched once) and let serde_json parse the
+    /// message's first line, or, for pretty-printed output, everything up to a line that
+    /// starts with `}`, with serde_json's default recursion limit (128, so the stack stays
+    /// bounded). If that does not give exactly one object (deeper than 128, several messages
+    /// on a line, a line starting with `{`, malformed, over the size limit, or the input
+    /// ends with a `}` and no line feed), the message goes the general way: the structural
+    /// scanner from the message's first byte. Both ways give the same result for a given
+    /// message, so chunking never changes the outcome.
+    ///
+    /// With `one`, stops after the first message, so that each message is parsed just before
+    /// it is pulled (and dropped while its memory is still in cache).
+    fn frame(&mut self, one: bool) {
         loop {
+            if let (Some(start), Some(search)) = (self.msg_start, self.line_search) {
+                match self.fast_path(start, search) {
+                    Fast::Wait => break,
+                    Fast::Done(object, resume) => {
+                        self.frames.push_back(Ok(object));
+                        self.msg_start = None;
+                        self.line_search = None;
+                        self.pos = resume;
+                        self.scanner.reset();
+                        if one {
+                            return;
+                        }
+                        continue;
+                    }
+                    // The scanner has not moved since the message started.
+                    Fast::Fallback => self.line_search = None,
+                }
+            }
             match self.scanner.step(&self.buf, self.pos) {
                 Step::More => {
                     self.pos = self.buf.len();
@@ -280,14 +339,21 @@ impl Decoder {
                     self.msg_start = Some(at);
                     self.discarding = false;
                     self.pos = at + 1;
+                    if self.buf[at] == b'{' && self.config.max_depth >= SERDE_DEPTH_LIMIT {
+                        self.line_search = Some(at + 1);
+                        self.first_line = true;
+                    }
                 }
                 Step::TooDeep(resume) => {
                     self.pos = resume;
                     if !self.discarding {
                         self.discarding = true;
-                        self.frames.push_back(Frame::Failed(Error::TooDeep {
+                        self.frames.push_back(Err(Error::TooDeep {
                             limit: self.config.max_depth,
                         }));
+                        if one {
+                            return;
+                        }
                     }
                 }
                 Step::End {
@@ -297,30 +363,31 @@ impl Decoder {
                 } => {
                     self.pos = resume;
                     let start = self.msg_start.take().unwrap_or(end);
-                    let end = trim_end(&self.buf, start, end);
                     if self.discarding {
                         self.discarding = false;
-                    } else if end - start > self.config.max_message_size {
-                        self.frames.push_back(Frame::Failed(Error::MessageTooLarge {
-                            limit: self.config.max_message_size,
-                            raw: raw_copy(&self.buf[start..end]),
-                        }));
+                        continue;
+                    }
+                    if end - start > self.config.max_message_size {
+                        // Sized before trimming, like the check on an unfinished message
+                        // below, so the outcome never depends on where chunks were cut.
+                        self.frames.push_back(Err(self.too_large(start)));
                     } else {
-                        self.frames.push_back(Frame::Message {
-                            start,
-                            end,
-                            complete,
-                        });
+                        let end = trim_end(&self.buf, start, end);
+                        self.frames
+                            .push_back(parse_object(&self.buf[start..end], complete));
+                    }
+                    if one {
+                        return;
                     }
                 }
             }
         }
         if let Some(start) = self.msg_start {
+            if self.line_search.is_some() {
+                return;
+            }
             if !self.discarding && self.buf.len() - start > self.config.max_message_size {
-                self.frames.push_back(Frame::Failed(Error::MessageTooLarge {
-                    limit: self.config.max_message_size,
-                    raw: raw_copy(&self.buf[start..]),
-                }));
+                self.frames.push_back(Err(self.too_large(start)));
                 self.discarding = true;
             }
             if self.discarding {
@@ -329,6 +396,78 @@ impl Decoder {
                 self.pos = start;
                 self.msg_start = None;
             }
+        }
+    }
+
+    /// The fast way for the message starting at `start`, searching for line feeds from
+    /// `search` (see [`Decoder::frame`]).
+    fn fast_path(&mut self, start: usize, mut search: usize) -> Fast {
+        let limit = self.config.max_message_size;
+        loop {
+            let Some(offset) = memchr::memchr(b'\n', &self.buf[search..]) else {
+                // No line feed to look at. If the input so far ends with a `}`, the message
+                // may be complete without one (a peer that sends no newline, like
+                // `Command::encode_into`): let the scanner decide, so it is delivered at
+                // once. Otherwise wait for more input, up to the size limit.
+                self.line_search = Some(self.buf.len());
+                return self.wait_or_fall_back(start);
+            };
+            let line_feed = search + offset;
+            if self.first_line {
+                self.first_line = false;
+                let end = trim_end(&self.buf, start, line_feed);
+                if end - start > limit {
+                    return Fast::Fallback;
+                }
+                match parse_line(&self.buf[start..end]) {
+                    Line::Object(object) => return Fast::Done(object, line_feed + 1),
+                    // The object goes on over the next lines: pretty-printed.
+                    Line::Unfinished => search = line_feed,
+                    Line::Failed => return Fast::Fallback,
+                }
+                continue;
+            }
+            match self.buf.get(line_feed + 1) {
+                None => {
+                    self.line_search = Some(line_feed);
+                    return self.wait_or_fall_back(start);
+                }
+                Some(b'}') => {
+                    let end = line_feed + 2;
+                    if end - start > limit {
+                        return Fast::Fallback;
+                    }
+                    return match parse_line(&self.buf[start..end]) {
+                        Line::Object(object) => Fast::Done(object, end),
+                        Line::Unfinished | Line::Failed => Fast::Fallback,
+                    };
+                }
+                // The scanner would cut the message here.
+                Some(b'{') => return Fast::Fallback,
+                Some(_) => search = line_feed + 1,
+            }
+        }
+    }
+
+    /// With no more line feed to look at: wait for input, unless the message may already be
+    /// complete (the input ends with `}`) or is over the size limit.
+    fn wait_or_fall_back(&self, start: usize) -> Fast {
+        let last = trim_end(&self.buf, start, self.buf.len());
+        if self.buf[last - 1] == b'}' || self.buf.len() - start > self.config.max_message_size {
+            Fast::Fallback
+        } else {
+            Fast::Wait
+        }
+    }
+
+    /// The error for an oversized message starting at `start`. At least `limit + 1` of its
+    /// bytes are buffered, so the copy is the same however the input was chunked.
+    fn too_large(&self, start: usize) -> Error {
+        let limit = self.config.max_message_size;
+        let len = limit.saturating_add(1).min(crate::error::MAX_RAW_LEN);
+        Error::MessageTooLarge {
+            limit,
+            raw: raw_copy(&self.buf[start..start + len]),
         }
     }
 
@@ -342,6 +481,7 @@ impl Decoder {
                 Step::TooDeep(resume) => at = resume,
                 Step::Start(first) => {
                     // Cannot happen mid-message; treat it as the start of the next input.
+                    self.scanner.reset();
                     self.discarding = false;
                     return Some(first);
                 }
@@ -351,6 +491,35 @@ impl Decoder {
                 }
             }
         }
+    }
+}
+
+/// What the fast way found.
+enum Fast {
+    /// A whole message, and where to go on.
+    Done(Map<String, Value>, usize),
+    /// Wait for more input.
+    Wait,
+    /// Frame this message with the scanner.
+    Fallback,
+}
+
+/// What parsing the start of a message as exactly one object gave.
+enum Line {
+    Object(Map<String, Value>),
+    /// Valid so far but incomplete.
+    Unfinished,
+    Failed,
+}
+
+/// Parses `bytes` as exactly one object, with serde_json's default recursion limit.
+fn parse_line(bytes: &[u8]) -> Line {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    match Value::deserialize(&mut de).and_then(|value| de.end().map(|()| value)) {
+        Ok(Value::Object(object)) => Line::Object(object),
+        Ok(_) => Line::Failed,
+        Err(error) if error.is_eof() => Line::Unfinished,
+        Err(_) => Line::Failed,
     }
 }
 
@@ -449,6 +618,15 @@ const fn byte_table(bytes: &[u8]) -> [bool; 256] {
 }
 
 impl Scanner {
+    /// Back to "between messages".
+    fn reset(&mut self) {
+        self.kind = Kind::Idle;
+        self.depth = 0;
+        self.in_string = false;
+        self.escape = false;
+        self.newline = false;
+    }
+
     fn new(max_depth: usize) -> Scanner {
         Scanner {
             kind: Kind::Idle,
@@ -583,7 +761,7 @@ impl Scanner {
                             if bytes[at + 1] == b'{' {
                                 self.kind = Kind::Idle;
                                 return Step::End {
-                                    end: at,
+                                    end: at + 1,
                                     resume: at + 1,
                                     complete: false,
                                 };

@@ -2,7 +2,7 @@
 
 use thiserror::Error;
 
-/// How many bytes of offending input an [`Error`] keeps (the start of the message).
+/// How many bytes of offending input an [`Error`](enum@Error) keeps (the start of the message).
 ///
 /// Errors carry a bounded copy so that a 10 MiB garbage line cannot make an error value huge.
 pub const MAX_RAW_LEN: usize = 256;
