@@ -78,6 +78,7 @@ pub(crate) struct Config {
     pub(crate) add_fds: Vec<AddFd>,
     pub(crate) ladder: ShutdownLadder,
     pub(crate) parent_death_signal: bool,
+    pub(crate) new_session: bool,
     pub(crate) output_capacity: usize,
 }
 
@@ -134,6 +135,7 @@ impl MachineBuilder {
                 add_fds: Vec::new(),
                 ladder: ShutdownLadder::default(),
                 parent_death_signal: true,
+                new_session: false,
                 output_capacity: DEFAULT_OUTPUT_CAPACITY,
             },
         }
@@ -304,6 +306,14 @@ impl MachineBuilder {
         self
     }
 
+    /// Whether QEMU runs in its own session and process group (`setsid()` in the child;
+    /// default false). Turn it on in terminal programs so Ctrl-C reaches only this process,
+    /// which can then end QEMU through the ladder.
+    pub fn new_session(&mut self, on: bool) -> &mut Self {
+        self.config.new_session = on;
+        self
+    }
+
     /// Bytes of QEMU's stdout/stderr kept in memory for [`Machine::log`] and the tails.
     /// Default 1 MiB (the log file, if kept, has everything).
     pub fn output_capacity(&mut self, bytes: usize) -> &mut Self {
@@ -331,6 +341,7 @@ impl MachineBuilder {
             add_fds: std::mem::take(&mut self.config.add_fds),
             ladder: self.config.ladder.clone(),
             parent_death_signal: self.config.parent_death_signal,
+            new_session: self.config.new_session,
             output_capacity: self.config.output_capacity,
         };
         Machine::from_config(config)

@@ -554,6 +554,7 @@ impl Machine {
             stdout: out_write,
             keep,
             parent_death_signal: self.config.parent_death_signal,
+            new_session: self.config.new_session,
         })
         .map_err(|source| Error::Spawn {
             command: command.to_string(),

@@ -110,6 +110,7 @@ pub(crate) struct SpawnSpec<'a> {
     pub(crate) stdout: OwnedFd,
     pub(crate) keep: Vec<RawFd>,
     pub(crate) parent_death_signal: bool,
+    pub(crate) new_session: bool,
 }
 
 /// Finds `program` like `execvp` would: a path with a slash is taken as is, a bare name is
@@ -158,6 +159,7 @@ impl ChildGuard {
             stdout: spec.stdout.as_fd(),
             keep: &spec.keep,
             parent_death_signal: spec.parent_death_signal,
+            new_session: spec.new_session,
         })?;
         Ok(ChildGuard {
             pid,
@@ -293,6 +295,7 @@ mod tests {
             stdout: w,
             keep: Vec::new(),
             parent_death_signal: true,
+            new_session: false,
         })
         .expect("spawn")
     }
@@ -354,6 +357,7 @@ mod tests {
             stdout: w,
             keep: Vec::new(),
             parent_death_signal: true,
+            new_session: false,
         })
         .err()
         .expect("spawn fails");

@@ -47,6 +47,9 @@ pub(crate) struct SpawnSpec<'a> {
     pub(crate) keep: &'a [RawFd],
     /// `PR_SET_PDEATHSIG(SIGKILL)` in the child.
     pub(crate) parent_death_signal: bool,
+    /// `setsid()` in the child: its own session and process group, so a terminal's Ctrl-C
+    /// (SIGINT to the foreground process group) does not reach it.
+    pub(crate) new_session: bool,
 }
 
 /// Everything the child reads, prepared by the parent (the child must not allocate).
@@ -59,6 +62,7 @@ struct ChildContext {
     keep: *const RawFd,
     keep_len: usize,
     parent_death_signal: bool,
+    new_session: bool,
     parent: libc::pid_t,
     fd_limit: RawFd,
     /// Set by the child when a step or `execve` fails (shared memory: `CLONE_VM`).
@@ -72,7 +76,7 @@ const CHILD_STACK: usize = 64 * 1024;
 ///
 /// In the child: signal handlers back to default and an empty signal mask (as std's
 /// `Command`), optionally `PR_SET_PDEATHSIG(SIGKILL)` plus a check that the parent is still
-/// the one that forked us, stdin/stdout/stderr from `spec`, every fd from 3 up marked
+/// the one that forked us, optionally `setsid()`, stdin/stdout/stderr from `spec`, every fd from 3 up marked
 /// close-on-exec (`close_range(3, ~0, CLOSE_RANGE_CLOEXEC)`, an fcntl loop on kernels older
 /// than 5.11) and close-on-exec cleared on exactly the fds in `spec.keep`, then `execve`.
 /// A failure of any step is reported as this function's error, after the child is reaped.
@@ -105,6 +109,7 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> io::Result<(libc::pid_t, OwnedFd)> 
         keep: keep.as_ptr(),
         keep_len: keep.len(),
         parent_death_signal: spec.parent_death_signal,
+        new_session: spec.new_session,
         // SAFETY: getpid has no preconditions.
         parent: unsafe { libc::getpid() },
         fd_limit: open_fd_limit(),
@@ -218,6 +223,9 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 return fail(ctx);
             }
         }
+        if ctx.new_session && libc::setsid() < 0 {
+            return fail(ctx);
+        }
         if libc::dup2(ctx.stdin, 0) < 0
             || libc::dup2(ctx.stdout, 1) < 0
             || libc::dup2(ctx.stdout, 2) < 0
@@ -281,8 +289,12 @@ mod tests {
             stdout: null.as_fd(),
             keep: &[],
             parent_death_signal: true,
+            new_session: true,
         })
         .expect("spawn");
+        // Its own session: the session id is its pid.
+        let sid = nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(pid))).expect("getsid");
+        assert_eq!(sid.as_raw(), pid);
         pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL).expect("signal");
         let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None).expect("wait");
         assert_eq!(
@@ -309,6 +321,7 @@ mod tests {
             stdout: null.as_fd(),
             keep: &[],
             parent_death_signal: false,
+            new_session: false,
         })
         .expect_err("exec fails");
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
@@ -325,6 +338,7 @@ mod tests {
             stdout: null.as_fd(),
             keep: &[],
             parent_death_signal: false,
+            new_session: false,
         })
         .expect_err("nul");
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);

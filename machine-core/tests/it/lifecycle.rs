@@ -370,3 +370,24 @@ fn a_wrapper_prefixes_the_command_line() {
     assert_eq!(argv.last().map(String::as_str), Some("-S"));
     m.shutdown().expect("shutdown");
 }
+
+#[test]
+fn new_session_puts_qemu_in_its_own_session() {
+    let _g = shared();
+    let stub = Stub::serving();
+    let ours = nix::unistd::getsid(None).expect("our session");
+    for isolated in [false, true] {
+        let mut b = stub.builder();
+        b.new_session(isolated);
+        let mut m = b.build();
+        m.launch().expect("launch");
+        let pid = m.pid().expect("pid") as i32;
+        let sid = nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(pid))).expect("getsid");
+        if isolated {
+            assert_eq!(sid.as_raw(), pid, "session leader");
+        } else {
+            assert_eq!(sid, ours, "our session");
+        }
+        m.shutdown().expect("shutdown");
+    }
+}
