@@ -8,8 +8,9 @@
 //!
 //! Stopping is a ladder run from this loop, so the console and events keep flowing while it
 //! runs: `system_powerdown` (the guest may power off), then `quit`, then SIGTERM, then
-//! SIGKILL, each step with `--shutdown-timeout`. A first Ctrl-C (or SIGTERM, `--timeout`,
-//! `--exit-after-banner`) starts it; a second Ctrl-C kills QEMU at once. The loop wakes every
+//! SIGKILL, each step with `--shutdown-timeout`. A first Ctrl-C (or SIGTERM, SIGHUP,
+//! `--timeout`, `--exit-after-banner`) starts it; a second one, or Ctrl-\\ (SIGQUIT), kills
+//! QEMU at once. The loop wakes every
 //! [`TICK`] to move the console, events and the ladder along.
 //!
 //! The exit status says how the VM ended: 0 when it shut down cleanly (our request, or the
@@ -455,13 +456,19 @@ fn attach(
                 let what = match signal {
                     Received::Interrupt => "Ctrl-C",
                     Received::Terminate => "SIGTERM",
+                    Received::HangUp => "SIGHUP",
+                    Received::Quit => "SIGQUIT",
                 };
-                if stopping == Stopping::No {
+                if stopping == Stopping::No && signal != Received::Quit {
                     stopping = begin_stop(machine, reporter, what, step)?;
                 } else {
                     reporter.line(
                         "stopping",
-                        &format!("{what} again: killing qemu"),
+                        &if stopping == Stopping::No {
+                            format!("{what}: killing qemu")
+                        } else {
+                            format!("{what} again: killing qemu")
+                        },
                         json!({"step": "kill", "reason": what}),
                     )?;
                     return Ok(Ended::Kill);

@@ -418,9 +418,19 @@ fn raw_banner(ctx: &Ctx) -> Result<Duration, String> {
 }
 
 fn run_guest_exit_status(ctx: &Ctx) -> Result<(), String> {
+    let log = ctx.scratch.join("console.log");
+    let log_arg = log.to_str().ok_or("non-UTF-8 scratch path")?;
     let done = one_shot(
         ctx,
-        &["run", "--accel", accel(ctx), "--send", "exit 5"],
+        &[
+            "run",
+            "--accel",
+            accel(ctx),
+            "--send",
+            "exit 5",
+            "--console-log",
+            log_arg,
+        ],
         None,
     )?;
     done.expect_code(guest::exit_status_for(5))?;
@@ -436,6 +446,10 @@ fn run_guest_exit_status(ctx: &Ctx) -> Result<(), String> {
             "report does not say how it ended: {:?}",
             done.stderr
         ));
+    }
+    let logged = std::fs::read_to_string(&log).map_err(|e| format!("console log: {e}"))?;
+    if !logged.contains(guest::BANNER) || !logged.contains("exit 5") {
+        return Err(format!("console log lacks the session: {logged:?}"));
     }
     Ok(())
 }
