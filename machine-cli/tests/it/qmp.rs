@@ -226,3 +226,22 @@ fn quit_is_a_success_even_when_the_server_just_closes() {
     let r = run(&["qmp", s.addr(), "quit"], "", &[]);
     r.expect_code(0);
 }
+
+#[test]
+fn skip_negotiation_talks_to_a_server_without_greeting() {
+    // qemu-ga speaks QMP without greeting or capabilities negotiation.
+    let s = serve(
+        Script::new()
+            .no_greeting()
+            .on("guest-ping", vec![Action::reply(json!({}))]),
+    );
+    let r = run(
+        &["qmp", "-N", s.addr(), "guest-ping", "--timeout", "5s"],
+        "",
+        &[],
+    );
+    r.expect_code(0);
+    assert_eq!(r.stdout, "{}\n");
+    let names: Vec<String> = s.server.commands().into_iter().map(|c| c.execute).collect();
+    assert_eq!(names, ["guest-ping"]);
+}

@@ -281,10 +281,19 @@ fn on_a_terminal_events_show_up_while_idle_at_the_prompt() {
         }
     }
     master.write_all(b"\r").unwrap();
-    wait_for(
-        r#"{"return":{"running":true,"status":"running"}}"#,
-        &mut seen,
-    );
+    let reply = r#"{"return":{"running":true,"status":"running"}}"#;
+    wait_for(reply, &mut seen);
+    // Ctrl-D only once the next prompt is up: typed earlier, the terminal (not yet back in
+    // raw mode) would take it as its own end-of-file.
+    let after = seen.find(reply).unwrap() + reply.len();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !seen[after..].contains("(QEMU) ") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(chunk) => seen.push_str(&String::from_utf8_lossy(&chunk)),
+            Err(_) => panic!("no prompt after the reply: {seen:?}"),
+        }
+    }
     master.write_all(b"\x04").unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
