@@ -461,6 +461,16 @@ impl Session {
             self.close_after_quit();
             return;
         }
+        // A reset on the read side means the peer closed with bytes of ours unread (QEMU
+        // exiting while our request was in flight): to the caller that is the same event as
+        // EOF, with the phase it happened in.
+        if op == "read" && err.kind() == io::ErrorKind::ConnectionReset {
+            self.fail(Error::Eof {
+                phase: self.phase,
+                partial_len: self.decoder.buffered_len(),
+            });
+            return;
+        }
         self.fail(Error::Io { op, source: err });
     }
 
@@ -917,12 +927,25 @@ mod tests {
     }
 
     #[test]
-    fn reset_without_quit_is_an_error() {
+    fn reset_without_quit_is_an_eof_error() {
         let mut s = ready();
         s.feed_io_error("read", io::ErrorKind::ConnectionReset.into());
         assert!(matches!(
             s.failure().map(|f| &**f),
-            Some(Error::Io { op: "read", .. })
+            Some(Error::Eof {
+                phase: Phase::Ready,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn write_side_reset_without_quit_is_an_io_error() {
+        let mut s = ready();
+        s.feed_io_error("write", io::ErrorKind::BrokenPipe.into());
+        assert!(matches!(
+            s.failure().map(|f| &**f),
+            Some(Error::Io { op: "write", .. })
         ));
     }
 

@@ -3,4 +3,5 @@
 
 mod launch;
 mod lifecycle;
+mod qtest;
 mod stub;
