@@ -67,11 +67,9 @@ impl Default for DecoderConfig {
 /// Whitespace between messages is skipped. Input that does not start with `{` or `[` (a bare
 /// scalar, garbage) is taken up to the end of its line.
 ///
-/// A message is available as soon as its line feed has arrived, or as soon as the input fed
-/// so far ends with its closing `}` (peers that send no newline, such as clients using
-/// [`Command::encode_into`](crate::Command::encode_into), are served at once). A complete
-/// message followed by the start of another on the same line, with no line feed yet, waits
-/// for that line feed.
+/// A message is available as soon as its closing `}` has been fed, line feed or not (peers
+/// that send no newline, such as clients using
+/// [`Command::encode_into`](crate::Command::encode_into), are served at once).
 ///
 /// # Errors and resynchronisation
 ///
@@ -198,7 +196,7 @@ impl Decoder {
         if chunk.is_empty() {
             return;
         }
-        self.compact();
+        self.compact(chunk.len());
         self.reserve(chunk.len());
         self.buf.extend_from_slice(chunk);
         if self.buf.len() - self.pos > self.config.max_message_size {
@@ -270,19 +268,22 @@ impl Decoder {
         self.msg_start.unwrap_or(self.pos)
     }
 
-    /// Drops consumed bytes once they are at least half the buffer (amortised O(1) per byte).
-    fn compact(&mut self) {
+    /// Drops consumed bytes once they are at least half the buffer, or before the buffer
+    /// would have to grow for `additional` more bytes (amortised O(1) per byte: the second
+    /// case moves only the unfinished message, at most once per message).
+    fn compact(&mut self, additional: usize) {
         let keep = self.keep_from();
         if keep == 0 {
             return;
         }
+        let must_grow = self.buf.len().saturating_add(additional) > self.buf.capacity();
         if keep == self.buf.len() {
             self.buf.clear();
             if self.buf.capacity() > RETAINED_CAPACITY {
                 // Give back the memory of an exceptionally large message.
                 self.buf.shrink_to(MIN_CAPACITY);
             }
-        } else if keep >= self.buf.len() - keep {
+        } else if keep >= self.buf.len() - keep || must_grow {
             self.buf.drain(..keep);
         } else {
             return;
@@ -303,10 +304,12 @@ impl Decoder {
     /// message's first line, or, for pretty-printed output, everything up to a line that
     /// starts with `}`, with serde_json's default recursion limit (128, so the stack stays
     /// bounded). If that does not give exactly one object (deeper than 128, several messages
-    /// on a line, a line starting with `{`, malformed, over the size limit, or the input
-    /// ends with a `}` and no line feed), the message goes the general way: the structural
-    /// scanner from the message's first byte. Both ways give the same result for a given
-    /// message, so chunking never changes the outcome.
+    /// on a line, a line starting with `{`, malformed, over the size limit), the message goes
+    /// the general way: the structural scanner. The scanner also runs over whatever has
+    /// arrived of a message the fast way is still waiting for, so a message that ends
+    /// without a line feed is delivered at once. Both ways end a given message at the same
+    /// byte with the same result, so chunking never changes the outcome; no byte is scanned
+    /// twice.
     ///
     /// With `one`, stops after the first message, so that each message is parsed just before
     /// it is pulled (and dropped while its memory is still in cache).
@@ -314,7 +317,11 @@ impl Decoder {
         loop {
             if let (Some(start), Some(search)) = (self.msg_start, self.line_search) {
                 match self.fast_path(start, search) {
-                    Fast::Wait => break,
+                    // The message is not known to be complete yet. The scanner still looks at
+                    // the bytes received so far (each once), so that a message that is
+                    // complete without a line feed, or broken, ends exactly where the
+                    // general way ends it, however the input is chunked.
+                    Fast::Wait => {}
                     Fast::Done(object, resume) => {
                         self.frames.push_back(Ok(object));
                         self.msg_start = None;
@@ -330,10 +337,34 @@ impl Decoder {
                     Fast::Fallback => self.line_search = None,
                 }
             }
-            match self.scanner.step(&self.buf, self.pos) {
+            // A message is scanned no further than one byte past the size limit, so that
+            // whichever of "too deep" and "too large" comes first in the bytes is reported,
+            // however the input is chunked.
+            let scan_end = match self.msg_start {
+                Some(start) if !self.discarding => self.buf.len().min(
+                    start
+                        .saturating_add(self.config.max_message_size)
+                        .saturating_add(1),
+                ),
+                _ => self.buf.len(),
+            };
+            match self.scanner.step(&self.buf[..scan_end], self.pos) {
                 Step::More => {
-                    self.pos = self.buf.len();
-                    break;
+                    self.pos = scan_end;
+                    match self.msg_start {
+                        Some(start)
+                            if !self.discarding
+                                && scan_end - start > self.config.max_message_size =>
+                        {
+                            self.frames.push_back(Err(self.too_large(start)));
+                            self.discarding = true;
+                            self.line_search = None;
+                            if one {
+                                break;
+                            }
+                        }
+                        _ => break,
+                    }
                 }
                 Step::Start(at) => {
                     self.msg_start = Some(at);
@@ -346,6 +377,7 @@ impl Decoder {
                 }
                 Step::TooDeep(resume) => {
                     self.pos = resume;
+                    self.line_search = None;
                     if !self.discarding {
                         self.discarding = true;
                         self.frames.push_back(Err(Error::TooDeep {
@@ -362,6 +394,7 @@ impl Decoder {
                     complete,
                 } => {
                     self.pos = resume;
+                    self.line_search = None;
                     let start = self.msg_start.take().unwrap_or(end);
                     if self.discarding {
                         self.discarding = false;
@@ -383,14 +416,7 @@ impl Decoder {
             }
         }
         if let Some(start) = self.msg_start {
-            if self.line_search.is_some() {
-                return;
-            }
-            if !self.discarding && self.buf.len() - start > self.config.max_message_size {
-                self.frames.push_back(Err(self.too_large(start)));
-                self.discarding = true;
-            }
-            if self.discarding {
+            if self.discarding && self.pos == self.buf.len() {
                 // Everything from the message start on belongs to the discarded message.
                 self.buf.truncate(start);
                 self.pos = start;
@@ -405,10 +431,7 @@ impl Decoder {
         let limit = self.config.max_message_size;
         loop {
             let Some(offset) = memchr::memchr(b'\n', &self.buf[search..]) else {
-                // No line feed to look at. If the input so far ends with a `}`, the message
-                // may be complete without one (a peer that sends no newline, like
-                // `Command::encode_into`): let the scanner decide, so it is delivered at
-                // once. Otherwise wait for more input, up to the size limit.
+                // No line feed to look at: wait for more input, up to the size limit.
                 self.line_search = Some(self.buf.len());
                 return self.wait_or_fall_back(start);
             };
@@ -449,11 +472,10 @@ impl Decoder {
         }
     }
 
-    /// With no more line feed to look at: wait for input, unless the message may already be
-    /// complete (the input ends with `}`) or is over the size limit.
+    /// With no more line feed to look at: wait for input, unless the message is already over
+    /// the size limit.
     fn wait_or_fall_back(&self, start: usize) -> Fast {
-        let last = trim_end(&self.buf, start, self.buf.len());
-        if self.buf[last - 1] == b'}' || self.buf.len() - start > self.config.max_message_size {
+        if self.buf.len() - start > self.config.max_message_size {
             Fast::Fallback
         } else {
             Fast::Wait
@@ -498,7 +520,7 @@ impl Decoder {
 enum Fast {
     /// A whole message, and where to go on.
     Done(Map<String, Value>, usize),
-    /// Wait for more input.
+    /// Not known to be complete: let the scanner look at what is buffered.
     Wait,
     /// Frame this message with the scanner.
     Fallback,

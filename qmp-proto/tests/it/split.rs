@@ -7,12 +7,15 @@ use crate::util::{decode, decode_bytewise, decode_chunks, fixture, random_chunks
 
 /// Extra inputs beyond the recorded transcripts: malformed and odd cases whose outcome must
 /// not depend on chunking either.
-const EXTRA: [&[u8]; 6] = [
+const EXTRA: [&[u8]; 8] = [
     b"{\"return\": tru}\r\n[1,2]\r\n42\r\n\xff\xfe\r\n{\"return\": \"\\ud800\"}\r\n{\"id\": 1}\n",
     b"{\"return\": {\"a\": 1\r\n{\"return\": \"abc\n{\"return\": 2}{\"return\":3}",
     b"{\"return\": \"\\\\\\\"}\\\\\"}\r\n{\"return\": \"\\u00e9\\\\\"}\n",
     b"   \r\n\r\n{\r\n  \"event\": \"X\",\r\n  \"data\": [\r\n    {}\r\n  ]\r\n}\r\n  garbage  \r\n",
     b"{\"return\": [[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]}\n{\"return\": [[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]}\n",
+    // Found by the fuzzer: messages that end (or break) without a line feed at the very end.
+    b"{\"return\": {\"seconds\": 1}]",
+    b"{\"return\": 1}{\"return\": {\"a\": 2}]{\"a\":1}{\"b\":",
     b"{\"return\": \"0123456789012345678901234567890123456789\"}\r\n{\"return\": \"01234567890123456789012345678901234567890\"}\r\n{\"return\": 1}",
 ];
 
@@ -154,4 +157,33 @@ fn a_thousand_messages_in_one_chunk() {
     }
     let outcomes = decode(&small);
     assert_eq!(outcomes.len(), 1000);
+}
+
+#[test]
+fn the_first_limit_crossed_is_the_one_reported() {
+    // Found by the fuzzer: depth and size limits crossed by the same message must give the
+    // same error however it is chunked: the one whose limit comes first in the bytes.
+    let config = tight();
+    let deep_late = [
+        &b"{\"padding\": \"0123456789012345678901234567890123456789\", "[..],
+        &b"\"a\":[".repeat(25),
+        &b"]".repeat(25),
+        b"}\n",
+    ]
+    .concat();
+    let deep_early = [
+        &b"{\"a\":"[..],
+        &b"[".repeat(25),
+        &b"]".repeat(25),
+        b", \"padding\": \"0123456789012345678901234567890123456789\"}\n",
+    ]
+    .concat();
+    for (input, expected) in [(deep_late, "MessageTooLarge"), (deep_early, "TooDeep")] {
+        let mut stream = input.clone();
+        stream.extend_from_slice(b"{\"return\": 1}\n");
+        let whole = decode_chunks(config, [&stream[..]]);
+        assert_eq!(crate::util::kinds(&whole), [expected, "ok"]);
+        assert_eq!(decode_bytewise(config, &stream), whole);
+        check_every_split(config, &stream, 1, expected);
+    }
 }
