@@ -176,6 +176,11 @@ pub struct ShellArgs {
     /// Deadline for connecting and the greeting.
     #[arg(long, value_parser = parse_duration, default_value = "10s", value_name = "DURATION")]
     pub connect_timeout: Duration,
+    /// On a terminal, show events only before each prompt and after each reply, not while
+    /// typing. (While typing, several keys arriving in one read, as an unbracketed paste
+    /// does, are taken in at the next key: a limit of the line editor.)
+    #[arg(long)]
+    pub no_live_events: bool,
     /// Shell options.
     #[command(flatten)]
     pub shell: ShellOptions,

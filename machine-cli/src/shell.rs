@@ -171,7 +171,7 @@ pub fn run_connected(args: ShellArgs) -> Result<u8> {
         })
         .unwrap_or_else(|| format!("Connected to {address}"));
     let peer = address.to_string();
-    if !std::io::stdin().is_terminal() {
+    if !std::io::stdin().is_terminal() || args.no_live_events {
         let mut connection = connection;
         let code = run(&mut connection, &args.shell, &banner, &peer, None)?;
         connect::close(connection);

@@ -268,11 +268,11 @@ fn on_a_terminal_events_show_up_while_idle_at_the_prompt() {
     wait_for("BLOCK_JOB_READY {\"device\":\"job0\"}", &mut seen);
     // Typed key by key, as a person does (rustyline 15 may leave the rest of a burst of bytes
     // unprocessed until the next key when its external printer is in use).
+    // Each key is sent once the previous one is echoed (no two adjacent keys are equal).
     for key in "query-status".chars() {
-        let before = seen.len();
         master.write_all(key.to_string().as_bytes()).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while seen.len() == before {
+        while !seen.ends_with(key) {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(chunk) => seen.push_str(&String::from_utf8_lossy(&chunk)),
