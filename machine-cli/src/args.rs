@@ -11,10 +11,11 @@ Exit status:
   0    success (for `run`: the VM shut down cleanly)
   1    a QMP command returned an error (or a `shell` line failed)
   2    bad usage or bad input (arguments, key=value syntax, JSON)
-  3    connection failure: unreachable socket, timeout, disconnect
+  3    connection failure: unreachable socket, timeout, disconnect, garbage
   4    QEMU could not be launched (missing binary, bad arguments)
   N    for `run`: QEMU's own exit code when it exited on its own with N != 0
-  128+S  for `run`: QEMU was ended by signal S that we did not send";
+  128+S  for `run`: QEMU was ended by signal S that we did not send
+  137  for `run`: we had to kill QEMU (SIGKILL)";
 
 /// Run QEMU virtual machines, talk QMP to them, and watch their events.
 #[derive(Debug, Parser)]
