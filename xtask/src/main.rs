@@ -4,16 +4,18 @@
 //! - `cargo xtask e2e [--accel tcg|kvm|both] [--filter TEXT]`: the real-QEMU end-to-end suite.
 //! - `cargo xtask bench`: every benchmark, each printing its figure beside a same-run baseline.
 //! - `cargo xtask fuzz --seconds N`: the cargo-fuzz targets, N seconds each.
+//! - `cargo xtask reliability [--quick] [--json FILE]`: the fault catalogue's measured figures.
 
 mod bench;
 mod ci;
 mod e2e;
 mod fuzz;
 mod qemu;
+mod reliability;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <ci | e2e [--accel tcg|kvm|both] [--filter TEXT] | bench | fuzz [--seconds N]>";
+const USAGE: &str = "usage: cargo xtask <ci | e2e [--accel tcg|kvm|both] [--filter TEXT] | bench | fuzz [--seconds N] | reliability [--quick] [--json FILE]>";
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
@@ -27,6 +29,7 @@ fn main() -> ExitCode {
         "e2e" => e2e::run(rest),
         "bench" => bench::run(rest),
         "fuzz" => fuzz::run(rest),
+        "reliability" => reliability::run(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(())
