@@ -41,7 +41,7 @@ pub fn run(args: EventsArgs) -> Result<u8> {
     };
     let mut connection = connect::connect(&address, &options)?;
     // On stderr, so stdout stays pure events; scripts may wait for it before causing events.
-    eprintln!("qemu-machine: streaming events from {address}");
+    output::note(&format!("qemu-machine: streaming events from {address}"));
     let deadline = args.timeout.map(|t| Instant::now() + t);
     let mut printed: u64 = 0;
     loop {
@@ -67,7 +67,7 @@ pub fn run(args: EventsArgs) -> Result<u8> {
                 warn!("{dropped} events were lost: the event queue was full");
             }
             Err(error) if connect::peer_gone(&error) => {
-                eprintln!("qemu-machine: {address} closed the connection");
+                output::note(&format!("qemu-machine: {address} closed the connection"));
                 return Ok(0);
             }
             Err(source) => {

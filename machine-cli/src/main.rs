@@ -96,6 +96,6 @@ fn report(error: &Error) -> ExitCode {
         message.push('\n');
         message.push_str(&details);
     }
-    eprintln!("{message}");
+    output::note(&message);
     ExitCode::from(error.exit_code())
 }

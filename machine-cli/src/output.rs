@@ -6,6 +6,14 @@ use std::io::{IsTerminal, Write};
 
 use crate::error::{Error, Result};
 
+/// Writes `text` and a newline to stderr. A closed or broken stderr (the terminal hung up) is
+/// ignored: diagnostics must never turn into a panic, as `eprintln!` would.
+pub fn note(text: &str) {
+    let mut stderr = std::io::stderr().lock();
+    // Nothing sensible is left to do when stderr itself fails.
+    let _ = writeln!(stderr, "{text}");
+}
+
 /// Writes `text` and a newline to stdout and flushes, so a reader sees each line at once.
 /// A closed pipe comes back as [`Error::Io`] with `BrokenPipe`, which `main` exits on quietly.
 pub fn emit(text: &str) -> Result<()> {

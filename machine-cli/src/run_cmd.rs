@@ -69,11 +69,29 @@ struct Reporter {
     start: Instant,
     /// The console's last byte was not a newline: a human line must start on a new line.
     mid_line: std::cell::Cell<bool>,
+    /// Writing to stdout failed (the terminal hung up, the pipe's reader left): output stops
+    /// and the VM is shut down gracefully rather than killed by an error.
+    broken: std::cell::Cell<bool>,
 }
 
 impl Reporter {
     fn ms(&self) -> u128 {
         self.start.elapsed().as_millis()
+    }
+
+    /// Notes a failed write to stdout instead of failing the run (see `broken`).
+    fn record(&self, written: Result<()>) -> Result<()> {
+        if let Err(error) = written {
+            if !self.broken.replace(true) {
+                debug!("output stopped: {error}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether stdout has failed.
+    fn broken(&self) -> bool {
+        self.broken.get()
     }
 
     /// A lifecycle line: `text` for people, `object` (plus `type` and `ms`) for `--json`.
@@ -83,10 +101,10 @@ impl Reporter {
                 map.insert("type".to_string(), Value::from(kind));
                 map.insert("ms".to_string(), Value::from(self.ms() as u64));
             }
-            output::emit(&object.to_string())
+            self.record(output::emit(&object.to_string()))
         } else {
             self.new_line();
-            eprintln!("[qemu-machine +{} ms] {text}", self.ms());
+            output::note(&format!("[qemu-machine +{} ms] {text}", self.ms()));
             Ok(())
         }
     }
@@ -94,27 +112,31 @@ impl Reporter {
     /// Ends a console line left open, so that a human line does not start mid-line.
     fn new_line(&self) {
         if self.mid_line.replace(false) {
-            eprintln!();
+            output::note("");
         }
     }
 
     fn console(&self, bytes: &[u8]) -> Result<()> {
-        if bytes.is_empty() {
+        if bytes.is_empty() || self.broken() {
             return Ok(());
         }
         self.mid_line.set(!bytes.ends_with(b"\n"));
         if self.json {
             let text = String::from_utf8_lossy(bytes);
-            output::emit(&json!({"type": "console", "text": text}).to_string())
+            self.record(output::emit(
+                &json!({"type": "console", "text": text}).to_string(),
+            ))
         } else {
             let mut stdout = std::io::stdout().lock();
-            stdout
-                .write_all(bytes)
-                .and_then(|()| stdout.flush())
-                .map_err(|source| Error::Io {
-                    what: "writing to stdout",
-                    source,
-                })
+            self.record(
+                stdout
+                    .write_all(bytes)
+                    .and_then(|()| stdout.flush())
+                    .map_err(|source| Error::Io {
+                        what: "writing to stdout",
+                        source,
+                    }),
+            )
         }
     }
 
@@ -125,10 +147,10 @@ impl Reporter {
             if let Value::Object(map) = &mut object {
                 map.insert("type".to_string(), Value::from("event"));
             }
-            output::emit(&object.to_string())
+            self.record(output::emit(&object.to_string()))
         } else {
             self.new_line();
-            eprintln!("[qemu-machine event] {}", view.human_line());
+            output::note(&format!("[qemu-machine event] {}", view.human_line()));
             Ok(())
         }
     }
@@ -140,6 +162,7 @@ pub fn run(args: RunArgs) -> Result<u8> {
         json: args.json,
         start: Instant::now(),
         mid_line: std::cell::Cell::new(false),
+        broken: std::cell::Cell::new(false),
     };
     let (tx, rx) = mpsc::channel::<Msg>();
     // First, before machine-core starts any thread: every thread must inherit the mask.
@@ -437,9 +460,12 @@ fn attach(
             return Ok(Ended::Exited);
         }
 
-        // The ladder's deadlines and the overall timeout.
+        // The ladder's deadlines, the overall timeout, and an output that went away.
         let now = Instant::now();
         match stopping {
+            Stopping::No if reporter.broken() => {
+                stopping = begin_stop(machine, reporter, "output closed", step)?;
+            }
             Stopping::No if stop_at.is_some_and(|at| now >= at) => {
                 stopping = begin_stop(machine, reporter, "--timeout elapsed", step)?;
             }
@@ -595,7 +621,7 @@ fn print_report(reporter: &Reporter, report: &ExitReport, code: u8) -> Result<()
         )
     } else {
         reporter.line("exit", &format!("exit status {code}"), Value::Null)?;
-        eprintln!("{}", report.to_string().trim_end());
+        output::note(report.to_string().trim_end());
         Ok(())
     }
 }

@@ -99,7 +99,7 @@ impl Monitor for Connection {
                 Ok(Some(event)) => events.push(event),
                 Ok(None) => return Ok(events),
                 Err(qmp_client::Error::EventsLost { dropped, .. }) => {
-                    eprintln!("warning: {dropped} events were lost (queue full)");
+                    output::note(&format!("warning: {dropped} events were lost (queue full)"));
                 }
                 // Events that came before the end are still shown.
                 Err(_) if !events.is_empty() => return Ok(events),
@@ -134,7 +134,7 @@ impl Monitor for SharedMonitor {
                 Ok(Some(event)) => events.push(event),
                 Ok(None) => return Ok(events),
                 Err(qmp_client::Error::EventsLost { dropped, .. }) => {
-                    eprintln!("warning: {dropped} events were lost (queue full)");
+                    output::note(&format!("warning: {dropped} events were lost (queue full)"));
                 }
                 Err(_) if !events.is_empty() => return Ok(events),
                 Err(e) => return Err(MonitorError::from_client("events", e)),
@@ -209,8 +209,8 @@ pub fn run<M: Monitor>(
     let interactive = std::io::stdin().is_terminal();
     let mut shell = Shell::new(monitor, options, peer)?;
     let mut input = if interactive {
-        println!("{banner}");
-        println!("Press Ctrl-D to leave; Tab completes command names.");
+        output::emit(banner)?;
+        output::emit("Press Ctrl-D to leave; Tab completes command names.")?;
         let names = shell.command_names();
         let mut input = Input::editor(names, options.history.clone())?;
         if let (Some(pull), Input::Editor { editor, .. }) = (background, &mut input) {
@@ -354,7 +354,7 @@ impl<'m, M: Monitor> Shell<'m, M> {
                 InputLine::Eof => return Ok(()),
                 InputLine::Interrupted => {
                     if self.parser.cancel_transaction() {
-                        eprintln!("transaction cancelled");
+                        output::note("transaction cancelled");
                     }
                     continue;
                 }
@@ -406,7 +406,10 @@ impl<'m, M: Monitor> Shell<'m, M> {
     fn monitor_failed(&mut self, failure: MonitorError) -> Result<Flow> {
         match failure {
             MonitorError::Closed => {
-                eprintln!("qemu-machine: {} closed the connection", self.peer);
+                output::note(&format!(
+                    "qemu-machine: {} closed the connection",
+                    self.peer
+                ));
                 Ok(Flow::Exit)
             }
             MonitorError::Lost(source) => Err(Error::Disconnected {
@@ -425,7 +428,7 @@ impl<'m, M: Monitor> Shell<'m, M> {
             message.push_str(&format!(": {inner}"));
             cause = inner.source();
         }
-        eprintln!("{message}");
+        output::note(&message);
         Ok(Flow::Continue)
     }
 
@@ -645,10 +648,10 @@ impl Input {
         } = self
         {
             if let Err(error) = editor.save_history(path) {
-                eprintln!(
+                output::note(&format!(
                     "warning: cannot save history to {}: {error}",
                     path.display()
-                );
+                ));
             }
         }
     }
@@ -664,10 +667,10 @@ fn load_history(editor: &mut Editor<Completion, DefaultHistory>, path: &Path) {
     match editor.load_history(path) {
         Ok(()) => {}
         Err(ReadlineError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(error) => eprintln!(
+        Err(error) => output::note(&format!(
             "warning: cannot load history from {}: {error}",
             path.display()
-        ),
+        )),
     }
 }
 

@@ -15,6 +15,7 @@ use serde_json::Value;
 use crate::args::WrapArgs;
 use crate::error::{Error, Result};
 use crate::lang::Request;
+use crate::output;
 use crate::shell::{self, Monitor, MonitorError};
 
 /// How long QEMU gets to exit after `quit` when the shell ends with QEMU still running.
@@ -97,10 +98,10 @@ pub fn run(args: WrapArgs) -> Result<u8> {
         machine.wait(Duration::from_secs(5))
     };
     match ended {
-        Ok(report) => eprintln!("{}", report.to_string().trim_end()),
+        Ok(report) => output::note(report.to_string().trim_end()),
         Err(machine_core::Error::AbnormalShutdown { report, cause }) => {
             warn!("qemu had to be killed: {cause}");
-            eprintln!("{}", report.to_string().trim_end());
+            output::note(report.to_string().trim_end());
         }
         Err(error) => warn!("ending qemu: {error}"),
     }

@@ -227,17 +227,33 @@ fn on_a_terminal_events_show_up_while_idle_at_the_prompt() {
     let s = serve(qemu_like());
     let home = tempfile::tempdir().unwrap();
     let pty = nix::pty::openpty(None, None).unwrap();
+    // openpty(3) leaves both ends inheritable: keep close-on-exec copies only, so that no
+    // child keeps the master open (the shell would then never see its terminal hang up).
+    let master_fd = pty.master.try_clone().unwrap();
+    let slave = pty.slave.try_clone().unwrap();
+    drop(pty);
     // setsid -c: a new session whose controlling terminal is the pty, as in a real login.
-    let mut child = Command::new("setsid")
+    let child = Command::new("setsid")
         .args(["-c", env!("CARGO_BIN_EXE_qemu-machine"), "shell", s.addr()])
         .env("HOME", home.path())
         .env("TERM", "xterm")
-        .stdin(Stdio::from(pty.slave.try_clone().unwrap()))
-        .stdout(Stdio::from(pty.slave.try_clone().unwrap()))
-        .stderr(Stdio::from(pty.slave))
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave))
         .spawn()
         .unwrap();
-    let mut master = std::fs::File::from(pty.master);
+    // Killed and reaped if the test fails half-way.
+    struct Reaped(std::process::Child);
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            if let Ok(None) = self.0.try_wait() {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+    }
+    let mut child = Reaped(child);
+    let mut master = std::fs::File::from(master_fd);
     let mut reader = master.try_clone().unwrap();
     let (tx, rx) = mpsc::channel::<Vec<u8>>();
     std::thread::spawn(move || {
@@ -297,7 +313,7 @@ fn on_a_terminal_events_show_up_while_idle_at_the_prompt() {
     master.write_all(b"\x04").unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = child.0.try_wait().unwrap() {
             break status;
         }
         assert!(

@@ -488,6 +488,11 @@ fn run_sigint(ctx: &Ctx) -> Result<(), String> {
 fn run_ctrl_c_on_terminal(ctx: &Ctx) -> Result<(), String> {
     use std::io::Read;
     let pty = nix::pty::openpty(None, None).map_err(|e| format!("openpty: {e}"))?;
+    // openpty(3) leaves both ends inheritable: keep close-on-exec copies only, so that no
+    // child keeps the master open (qemu-machine would then never see its terminal hang up).
+    let dup = |fd: &std::os::fd::OwnedFd| fd.try_clone().map_err(|e| format!("dup: {e}"));
+    let (master, slave_end) = (dup(&pty.master)?, dup(&pty.slave)?);
+    drop(pty);
     let slave = |fd: &std::os::fd::OwnedFd| {
         fd.try_clone()
             .map(Stdio::from)
@@ -501,16 +506,16 @@ fn run_ctrl_c_on_terminal(ctx: &Ctx) -> Result<(), String> {
         .env("QEMU", &ctx.qemu)
         .env("TERM", "xterm")
         .current_dir(&ctx.scratch)
-        .stdin(slave(&pty.slave)?)
-        .stdout(slave(&pty.slave)?)
-        .stderr(slave(&pty.slave)?);
+        .stdin(slave(&slave_end)?)
+        .stdout(slave(&slave_end)?)
+        .stderr(slave(&slave_end)?);
     let mut child = command
         .spawn()
         .map_err(|e| format!("cannot start setsid -c qemu-machine: {e}"))?;
     // Only the child may hold the slave now, so the master reads EIO once it is gone.
     drop(command);
-    drop(pty.slave);
-    let mut master = std::fs::File::from(pty.master);
+    drop(slave_end);
+    let mut master = std::fs::File::from(master);
     let mut reader = master.try_clone().map_err(|e| format!("dup: {e}"))?;
     let (tx, rx) = mpsc::channel::<Vec<u8>>();
     let pump = thread::spawn(move || {
