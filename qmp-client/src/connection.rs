@@ -198,7 +198,7 @@ impl Connection {
         let negotiation_start = Instant::now();
         let deadline = negotiation_start + self.command_timeout;
         match self.pump(deadline, |s| !s.in_handshake())? {
-            Pump::Done if self.session.is_ready() => Ok(()),
+            Pump::Done if self.session.handshake_completed() => Ok(()),
             Pump::Done | Pump::Failed => Err(self.take_failure()),
             Pump::TimedOut => Err(Error::Negotiation {
                 cause: Box::new(Error::CommandTimeout {

@@ -120,6 +120,7 @@ pub struct Session {
     negotiation: Option<RequestId>,
     oob_enabled: bool,
     quit: Option<RequestId>,
+    handshake_completed: bool,
     failure: Option<Arc<Error>>,
 }
 
@@ -166,6 +167,7 @@ impl Session {
             negotiation: None,
             oob_enabled: false,
             quit: None,
+            handshake_completed: false,
             failure: None,
         };
         if !config.await_greeting {
@@ -173,6 +175,7 @@ impl Session {
                 session.start_negotiation();
             } else {
                 session.phase = Phase::Ready;
+                session.handshake_completed = true;
             }
         }
         session
@@ -186,6 +189,13 @@ impl Session {
     /// True once in command mode and not failed.
     pub fn is_ready(&self) -> bool {
         self.phase == Phase::Ready
+    }
+
+    /// True once the handshake finished (command mode was reached), even if the session failed
+    /// afterwards: a server that negotiates and then closes at once (QEMU quitting right after
+    /// its events) still completed the handshake, and its queued events stay readable.
+    pub fn handshake_completed(&self) -> bool {
+        self.handshake_completed
     }
 
     /// True while the handshake (greeting, negotiation) is still running.
@@ -540,6 +550,7 @@ impl Session {
                     self.start_negotiation();
                 } else {
                     self.phase = Phase::Ready;
+                    self.handshake_completed = true;
                 }
             }
             other if self.phase == Phase::Greeting => {
@@ -639,6 +650,7 @@ impl Session {
         match outcome {
             Some(Ok(ServerMessage::Return(_))) => {
                 self.phase = Phase::Ready;
+                self.handshake_completed = true;
                 debug!("negotiated, oob {}", self.oob_enabled);
             }
             Some(Ok(ServerMessage::Error(reply))) => self.fail(Error::Command {

@@ -241,6 +241,30 @@ fn early_events_are_queued_not_taken_as_replies() {
     assert_eq!(names, ["EARLY", "DURING"]);
 }
 
+/// A server that negotiates and closes at once, with the reply, an event and EOF in one read,
+/// still completed the handshake: the connection opens, the event is readable, and only the
+/// next command sees the disconnect.
+#[test]
+fn negotiation_reply_event_and_eof_together_still_connect() {
+    let script = Script::new().on(
+        "qmp_capabilities",
+        vec![
+            Action::Raw(
+                b"{\"return\": {}, \"id\": 1}\r\n{\"event\": \"SHUTDOWN\", \"data\": {\"guest\": false}, \"timestamp\": {\"seconds\": 1, \"microseconds\": 2}}\r\n"
+                    .to_vec(),
+            ),
+            Action::Close,
+        ],
+    );
+    let (_server, mut conn) = connect(script);
+    let names: Vec<String> = conn.drain_events().into_iter().map(|e| e.event).collect();
+    assert_eq!(names, ["SHUTDOWN"]);
+    match conn.execute("query-status", None) {
+        Err(Error::Disconnected { .. }) => {}
+        other => panic!("expected Disconnected, got {other:?}"),
+    }
+}
+
 /// #8: an overlong unix path is refused before anything is created.
 #[test]
 fn path_too_long_is_typed_and_creates_nothing() {
