@@ -2,14 +2,15 @@
 //! on the same messages in the same run (the issue's target: at least 0.8x serde_json).
 //!
 //! The decoder is fed 64 KiB chunks, as a socket reader would, and every message is pulled and
-//! classified; the baseline parses each message's bytes, already cut out, into a `Value`.
-
-use std::hint::black_box;
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+//! classified (`next_message`), or only framed and parsed (`next_object`); the baseline parses
+//! each message's bytes, already cut out, into a `Value`. Times are this thread's CPU time
+//! (the machine is shared), best of several interleaved rounds.
 
 use qmp_proto::Decoder;
 use serde_json::Value;
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 const TARGET_BYTES: usize = 4 * 1024 * 1024;
 const CHUNK: usize = 64 * 1024;
@@ -120,34 +121,28 @@ fn run(label: &str, names: &[&str]) {
     assert_eq!(decoder_pass(&stream), ranges.len(), "message counts differ");
 
     let mut ours = Vec::new();
+    let mut objects = Vec::new();
     let mut theirs = Vec::new();
     for _ in 0..ROUNDS {
-        // Interleaved so that both see the same machine load.
+        // Interleaved so that all three see the same machine load.
         let started = Clock::start();
         black_box(decoder_pass(black_box(&stream)));
         ours.push(started.elapsed());
         let started = Clock::start();
+        black_box(object_pass(black_box(&stream)));
+        objects.push(started.elapsed());
+        let started = Clock::start();
         black_box(serde_pass(black_box(&stream), &ranges));
         theirs.push(started.elapsed());
     }
-    if std::env::var_os("QMP_BENCH_OBJECTS").is_some() {
-        let mut t = Vec::new();
-        for _ in 0..ROUNDS {
-            let started = Clock::start();
-            black_box(object_pass(black_box(&stream)));
-            t.push(started.elapsed());
-        }
-        t.sort();
-        println!("next_object: {:.0} MB/s", mb_per_s(stream.len(), t[0]));
-    }
-    ours.sort();
-    theirs.sort();
     // The fastest round of each: the machine is shared, and interference only adds time.
-    let (ours, theirs) = (ours[0], theirs[0]);
-    let (ours_mbs, theirs_mbs) = (mb_per_s(stream.len(), ours), mb_per_s(stream.len(), theirs));
+    let best = |times: &[Duration]| times.iter().min().copied().unwrap_or_default();
+    let mbs = |times: &[Duration]| mb_per_s(stream.len(), best(times));
+    let (ours_mbs, objects_mbs, theirs_mbs) = (mbs(&ours), mbs(&objects), mbs(&theirs));
     println!(
-        "qmp-proto decode [{label}] {:.1} MB, {} messages: Decoder {ours_mbs:.0} MB/s, \
-         serde_json::from_slice::<Value> {theirs_mbs:.0} MB/s, ratio {:.2}x (best of {ROUNDS}, thread CPU time)",
+        "qmp-proto decode [{label}] {:.1} MB, {} messages: Decoder::next_message {ours_mbs:.0} MB/s \
+         (next_object {objects_mbs:.0} MB/s), serde_json::from_slice::<Value> {theirs_mbs:.0} MB/s, \
+         ratio {:.2}x (best of {ROUNDS}, thread CPU time)",
         stream.len() as f64 / 1e6,
         ranges.len(),
         ours_mbs / theirs_mbs,

@@ -95,7 +95,8 @@ impl Default for DecoderConfig {
 /// - Duplicate keys: the last occurrence wins (QMP calls duplicates unpredictable; this
 ///   decoder is deterministic).
 /// - Numbers: integers that fit `u64` or `i64` are exact; larger integers become the nearest
-///   `f64` (precision is lost); floats are `f64`; a number beyond `f64`'s range such as `1e400`
+///   `f64` (precision is lost); floats are the nearest `f64` (correctly rounded, so encoding
+///   and decoding again gives the same value); a number beyond `f64`'s range such as `1e400`
 ///   is [`Error::Malformed`]; `-0` reads as the float `-0.0`, and `-0.0` stays `-0.0`.
 /// - `\u0000` escapes are accepted (they are valid JSON); raw control bytes are not.
 ///
@@ -126,8 +127,8 @@ pub struct Decoder {
     pos: usize,
     /// Offset of the first byte of the message being framed, if one has started.
     msg_start: Option<usize>,
-    /// The message being framed is tried as one compact line first (see [`Decoder::frame`]);
-    /// `Some(offset)`: no line feed before `offset`.
+    /// The message being framed is still being tried the fast way (see [`Decoder::frame`]);
+    /// the next line feed to look for is at or after this offset.
     line_search: Option<usize>,
     /// The fast way has not yet reached the end of the message's first line.
     first_line: bool,

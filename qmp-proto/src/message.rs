@@ -187,6 +187,16 @@ pub struct ErrorInfo {
     pub desc: String,
 }
 
+impl ErrorInfo {
+    /// A placeholder filled in while classifying (both members are known to be present).
+    fn default_generic() -> ErrorInfo {
+        ErrorInfo {
+            class: ErrorClass::GenericError,
+            desc: String::new(),
+        }
+    }
+}
+
 /// A success reply: `{"return": ..., "id": ...}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReturnReply {
@@ -292,6 +302,15 @@ fn timestamp_lenient(value: Option<&Value>) -> Timestamp {
     }
 }
 
+/// Which known shape a server message has, by its keys.
+#[derive(Clone, Copy)]
+enum Shape {
+    Greeting,
+    Return,
+    Error,
+    Event,
+}
+
 /// Anything a QMP server sends, classified.
 ///
 /// Classification looks at which of the keys `QMP`, `return`, `error` and `event` are present:
@@ -316,54 +335,92 @@ pub enum ServerMessage {
 
 impl ServerMessage {
     /// Classifies a decoded JSON object (see the type docs). Never fails.
-    pub fn from_object(mut object: Map<String, Value>) -> ServerMessage {
-        let has = |key: &str| object.contains_key(key);
-        let keys = [has("QMP"), has("return"), has("error"), has("event")];
-        if keys.iter().filter(|present| **present).count() != 1 {
-            return ServerMessage::Unknown(object);
-        }
-        if keys[0] {
-            return match object.get("QMP").and_then(Value::as_object) {
-                Some(inner) => ServerMessage::Greeting(Greeting::from_lenient(inner)),
-                None => ServerMessage::Unknown(object),
+    pub fn from_object(object: Map<String, Value>) -> ServerMessage {
+        // One pass over the keys decides the shape; the values are then moved out in a
+        // second pass that also frees the map, as dropping it would.
+        let mut shape = None;
+        for key in object.keys() {
+            let kind = match key.as_str() {
+                "QMP" => Shape::Greeting,
+                "return" => Shape::Return,
+                "error" => Shape::Error,
+                "event" => Shape::Event,
+                _ => continue,
             };
-        }
-        if keys[1] {
-            let ret = object.remove("return").unwrap_or(Value::Null);
-            let id = object.remove("id");
-            return ServerMessage::Return(ReturnReply { ret, id });
-        }
-        if keys[2] {
-            let info = object
-                .get("error")
-                .and_then(Value::as_object)
-                .and_then(|error| {
-                    let class = error.get("class")?.as_str()?;
-                    let desc = error.get("desc")?.as_str()?;
-                    Some(ErrorInfo {
-                        class: ErrorClass::from(class),
-                        desc: desc.to_owned(),
-                    })
-                });
-            return match info {
-                Some(error) => ServerMessage::Error(ErrorReply {
-                    error,
-                    id: object.remove("id"),
-                }),
-                None => ServerMessage::Unknown(object),
-            };
-        }
-        match object.get_mut("event") {
-            Some(Value::String(name)) => {
-                let event = std::mem::take(name);
-                let timestamp = timestamp_lenient(object.get("timestamp"));
-                ServerMessage::Event(Event {
-                    event,
-                    data: object.remove("data"),
-                    timestamp,
-                })
+            if shape.replace(kind).is_some() {
+                return ServerMessage::Unknown(object);
             }
-            _ => ServerMessage::Unknown(object),
+        }
+        let well_typed = match shape {
+            None => false,
+            Some(Shape::Greeting) => object.get("QMP").is_some_and(Value::is_object),
+            Some(Shape::Return) => true,
+            Some(Shape::Error) => object.get("error").is_some_and(|error| {
+                error.get("class").is_some_and(Value::is_string)
+                    && error.get("desc").is_some_and(Value::is_string)
+            }),
+            Some(Shape::Event) => object.get("event").is_some_and(Value::is_string),
+        };
+        let Some(shape) = shape.filter(|_| well_typed) else {
+            return ServerMessage::Unknown(object);
+        };
+        match shape {
+            Shape::Greeting => match object.get("QMP") {
+                Some(Value::Object(inner)) => {
+                    ServerMessage::Greeting(Greeting::from_lenient(inner))
+                }
+                _ => ServerMessage::Unknown(object),
+            },
+            Shape::Return => {
+                let (mut ret, mut id) = (Value::Null, None);
+                for (key, value) in object {
+                    match key.as_str() {
+                        "return" => ret = value,
+                        "id" => id = Some(value),
+                        _ => {}
+                    }
+                }
+                ServerMessage::Return(ReturnReply { ret, id })
+            }
+            Shape::Error => {
+                let (mut error, mut id) = (ErrorInfo::default_generic(), None);
+                for (key, value) in object {
+                    match (key.as_str(), value) {
+                        ("error", Value::Object(info)) => {
+                            for (key, value) in info {
+                                match (key.as_str(), value) {
+                                    ("class", Value::String(class)) => {
+                                        error.class = ErrorClass::from(class)
+                                    }
+                                    ("desc", Value::String(desc)) => error.desc = desc,
+                                    _ => {}
+                                }
+                            }
+                        }
+                        ("id", value) => id = Some(value),
+                        _ => {}
+                    }
+                }
+                ServerMessage::Error(ErrorReply { error, id })
+            }
+            Shape::Event => {
+                let mut event = Event {
+                    event: String::new(),
+                    data: None,
+                    timestamp: Timestamp::UNAVAILABLE,
+                };
+                for (key, value) in object {
+                    match (key.as_str(), value) {
+                        ("event", Value::String(name)) => event.event = name,
+                        ("data", data) => event.data = Some(data),
+                        ("timestamp", timestamp) => {
+                            event.timestamp = timestamp_lenient(Some(&timestamp))
+                        }
+                        _ => {}
+                    }
+                }
+                ServerMessage::Event(event)
+            }
         }
     }
 

@@ -1,7 +1,7 @@
 //! Fuzz target `decoder`: arbitrary bytes fed in arbitrary chunks.
 //!
 //! Invariants: no panic; the outcome (every message and every error, with its bytes) is the
-//! same as with a single feed and with one-byte feeding; the buffer never holds more than
+//! same as with a single feed and (for inputs up to 2 KiB) with one-byte feeding; the buffer never holds more than
 //! the message limit plus the largest chunk fed (while messages are pulled between feeds).
 //!
 //! Input layout: byte 0 picks the limits (default, or small ones that the input can hit),
@@ -85,6 +85,9 @@ fuzz_target!(|data: &[u8]| {
     let whole = run(config, std::iter::once(stream));
     let chunked = run(config, chunks.into_iter());
     assert_eq!(whole, chunked, "chunking changed the outcome");
-    let bytewise = run(config, stream.chunks(1));
-    assert_eq!(whole, bytewise, "one-byte feeding changed the outcome");
+    // One-byte feeding is the slowest run; keep it for inputs small enough to stay fast.
+    if stream.len() <= 2048 {
+        let bytewise = run(config, stream.chunks(1));
+        assert_eq!(whole, bytewise, "one-byte feeding changed the outcome");
+    }
 });

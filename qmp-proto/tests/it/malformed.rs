@@ -253,3 +253,26 @@ fn b23_odd_values() {
     assert_eq!(ids, vec![Some(json!(1)), Some(json!("1"))]);
     assert_ne!(json!(1), json!("1"));
 }
+
+/// Found by the fuzzer: floats must survive encode -> decode exactly.
+#[test]
+fn floats_round_trip_exactly() {
+    for text in [
+        "1.8446744077440737e24",
+        "1e300",
+        "0.1",
+        "5e-324",
+        "1.7976931348623157e308",
+    ] {
+        let input = format!("{{\"return\": {text}}}");
+        let value = single_return(input.as_bytes());
+        let mut out = Vec::new();
+        ServerMessage::Return(ReturnReply {
+            ret: value.clone(),
+            id: None,
+        })
+        .encode_into(&mut out);
+        assert_eq!(single_return(&out), value, "{text}");
+        assert_eq!(value.as_f64(), text.parse::<f64>().ok(), "{text}");
+    }
+}
