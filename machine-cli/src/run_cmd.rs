@@ -256,14 +256,10 @@ pub fn run(args: RunArgs) -> Result<u8> {
 /// The machine as configured by the options (the tiny guest's arguments come later).
 fn build(args: &RunArgs, listen: &[Address]) -> Result<Machine> {
     let mut builder = MachineBuilder::new(&args.qemu);
-    if attached_to_terminal() {
-        // Ctrl-C goes to the terminal's whole foreground process group; QEMU must not get it
-        // (it would quit at once), so it runs in a session of its own and we run the ladder.
-        // setsid(1) execs QEMU in place: same pid, same fds, parent-death signal kept.
-        if let Some(setsid) = find_program("setsid") {
-            builder.wrapper([setsid]);
-        }
-    }
+    // Ctrl-C goes to the terminal's whole foreground process group; QEMU must not get it (it
+    // would quit at once), so on a terminal it runs in a session of its own and we run the
+    // ladder.
+    builder.new_session(attached_to_terminal());
     builder
         .greeting_timeout(args.launch_timeout)
         .command_timeout(args.shutdown_timeout)
