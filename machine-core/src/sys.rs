@@ -232,6 +232,13 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         {
             return fail(ctx);
         }
+        // dup2 onto the same number keeps the old flags: if our /dev/null or pipe happened to
+        // be fd 0, 1 or 2 already, it may still be close-on-exec. Clear it on all three.
+        for fd in 0..3 {
+            if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                return fail(ctx);
+            }
+        }
         let marked = libc::syscall(
             libc::SYS_close_range,
             3 as libc::c_uint,
