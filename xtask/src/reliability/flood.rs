@@ -158,6 +158,73 @@ impl Drop for ServerProcess {
     }
 }
 
+/// The same-run baseline: the same flood read raw (no decoding, no queue) until the reply's
+/// `"return"` shows up: what the server and the socket alone cost.
+fn raw_flood_once(settings: &Settings, index: usize) -> Result<Duration, String> {
+    use std::io::{Read, Write};
+    let server = ServerProcess::start(
+        settings,
+        "flood",
+        &format!("raw-{index}.sock"),
+        FLOOD_EVENTS,
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut stream = loop {
+        match std::os::unix::net::UnixStream::connect(&server.path) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() >= deadline => return Err(format!("connect: {e}")),
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 64 * 1024];
+    // Greeting, then the negotiation's reply.
+    let mut seen = Vec::new();
+    stream
+        .write_all(b"{\"execute\": \"qmp_capabilities\", \"id\": 1}\r\n")
+        .map_err(|e| e.to_string())?;
+    while !seen.windows(8).any(|w| w == b"\"return\"") {
+        let n = stream.read(&mut buf).map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err("eof before the negotiation reply".into());
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let t0 = Instant::now();
+    stream
+        .write_all(b"{\"execute\": \"query-status\", \"id\": 2}\r\n")
+        .map_err(|e| e.to_string())?;
+    // The events come first and never hold the word "return": count bytes until they are
+    // all in, then look for the reply in what follows (keeping a few bytes of overlap).
+    let flood_bytes = FLOOD_EVENTS * EVENT_BYTES;
+    let mut total = 0usize;
+    let mut tail: Vec<u8> = Vec::new();
+    loop {
+        if Instant::now() >= t0 + FLOOD_COMMAND_TIMEOUT {
+            return Err("raw flood: no reply within the deadline".into());
+        }
+        let n = stream.read(&mut buf).map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err("eof before the reply".into());
+        }
+        total += n;
+        if total + 64 >= flood_bytes {
+            tail.extend_from_slice(&buf[..n]);
+            if tail.windows(8).any(|w| w == b"\"return\"") {
+                break;
+            }
+            let keep = tail.len().saturating_sub(8);
+            tail.drain(..keep);
+        }
+    }
+    let elapsed = t0.elapsed();
+    drop(stream);
+    drop(server);
+    Ok(elapsed)
+}
+
 struct FloodRun {
     latency: Duration,
     peak_growth: i64,
@@ -218,6 +285,14 @@ pub fn run_event_flood(settings: &Settings) -> Figure {
             Err(e) => errors.push(e),
         }
     }
+    let mut raw: Vec<Duration> = Vec::new();
+    for i in 0..settings.event_flood_runs {
+        match raw_flood_once(settings, i) {
+            Ok(d) => raw.push(d),
+            Err(e) => errors.push(format!("raw baseline: {e}")),
+        }
+    }
+    let raw_stats = Stats::of(&raw);
     let n = settings.event_flood_runs;
     let stats = Stats::of(&runs.iter().map(|r| r.latency).collect::<Vec<_>>());
     let worst_growth = runs.iter().map(|r| r.peak_growth).max().unwrap_or(i64::MAX);
@@ -253,7 +328,14 @@ pub fn run_event_flood(settings: &Settings) -> Figure {
         format!("{}/{n}", accounted.min(bounded)),
         accounted == n && bounded == n,
     );
+    figure.check(
+        "same-run baseline: the same bytes read raw, no decoding",
+        "report",
+        raw_stats.to_string(),
+        true,
+    );
     figure.detail("latency", stats.to_json());
+    figure.detail("raw_baseline", raw_stats.to_json());
     figure.detail(
         "runs",
         json!(runs

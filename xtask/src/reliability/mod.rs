@@ -507,7 +507,7 @@ fn figure_deadline(name: &str, s: &Settings) -> Duration {
         "event-flood" => 60 + 20 * s.event_flood_runs as u64,
         "max-message" => 60,
         "chaos-kill" => 60 + s.chaos as u64 / 2,
-        "console-flood" => 60 + (s.flood_time.as_secs() + 10) * s.console_runs as u64,
+        "console-flood" => 60 + (s.flood_time.as_secs() + 25) * s.console_runs as u64,
         "security" => 120,
         _ => 60,
     };

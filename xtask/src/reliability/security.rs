@@ -73,6 +73,27 @@ fn chardev_fds(vm: &Machine) -> BTreeSet<i32> {
 fn fd_check(settings: &Settings, figure: &mut Figure) {
     let result = (|| -> Result<(usize, usize, Vec<String>, BTreeMap<i32, String>), String> {
         let decoys = decoys(&settings.scratch())?;
+        // The control: a plain child (std's spawn, no fd allow-list) inherits the decoys, so
+        // the detector below can see an inherited fd.
+        let mut control = std::process::Command::new("sleep")
+            .arg("10")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot spawn sleep: {e}"))?;
+        let control_fds = sys::fds_of(&control.id().to_string());
+        let _ = control.kill();
+        let _ = control.wait();
+        let seen = decoys
+            .targets
+            .iter()
+            .filter(|t| control_fds.values().any(|c| c == *t))
+            .count();
+        if seen != decoys.targets.len() {
+            return Err(format!(
+                "control: a plain child shows {seen} of the {} decoys; the check cannot see leaks",
+                decoys.targets.len()
+            ));
+        }
         let mut builder = settings.none_machine();
         builder.console();
         let mut vm = builder.build();
@@ -113,7 +134,8 @@ fn fd_check(settings: &Settings, figure: &mut Figure) {
                 "0",
                 format!(
                     "{} (QEMU holds {total}: {allowed} allowed = stdio + monitor + console, \
-                     the rest its own; 5 non-CLOEXEC decoys held by us)",
+                     the rest its own; 5 non-CLOEXEC decoys held by us, all 5 seen in a \
+                     plain child as the control)",
                     extra.len()
                 ),
                 extra.is_empty(),
