@@ -261,3 +261,22 @@ pub fn run(settings: &Settings) -> Figure {
     }
     figure
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_matrix_has_100_distinct_cases_each_with_a_needle() {
+        let cases = cases();
+        assert_eq!(cases.len(), 100);
+        let distinct: std::collections::BTreeSet<_> = cases
+            .iter()
+            .map(|c| (c.machine, c.tcg, c.args.clone()))
+            .collect();
+        assert_eq!(distinct.len(), 100);
+        let labels: std::collections::BTreeSet<_> = cases.iter().map(|c| &c.label).collect();
+        assert_eq!(labels.len(), 100);
+        assert!(cases.iter().all(|c| !c.needle.is_empty()));
+    }
+}

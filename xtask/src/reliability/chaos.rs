@@ -249,3 +249,34 @@ pub fn run(settings: &Settings) -> Figure {
     }
     figure
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_timeout_is_a_hang_and_a_disconnect_is_expected() {
+        let timeout: Result<Value, Error> = Err(Error::Qmp {
+            command: "query-status".into(),
+            source: qmp_client::Error::CommandTimeout {
+                command: "query-status".into(),
+                waited: Duration::from_secs(2),
+            },
+        });
+        assert_eq!(classify(&timeout), "CommandTimeout (hang)");
+        assert!(!expected(classify(&timeout)));
+        let closed: Result<Value, Error> = Err(Error::Qmp {
+            command: "stop".into(),
+            source: qmp_client::Error::Closed,
+        });
+        assert!(expected(classify(&closed)));
+        assert!(expected(classify(&Ok(json!({})))));
+        assert!(!expected(classify(&Err(Error::NoConsole))));
+    }
+
+    #[test]
+    fn the_script_cycles_through_distinct_commands() {
+        let names: std::collections::BTreeSet<&str> = (0..8).map(|i| script_step(i).0).collect();
+        assert_eq!(names.len(), 8);
+    }
+}

@@ -443,3 +443,29 @@ pub fn run_max_message(settings: &Settings) -> Figure {
     figure.note("message size counts the JSON text without its CRLF terminator");
     figure
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_have_the_announced_size_and_decode() {
+        for i in [0, 7, 99_999] {
+            let bytes = event_bytes(i);
+            assert_eq!(bytes.len(), EVENT_BYTES);
+            assert!(bytes.ends_with(b"\r\n"));
+            let value: Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(value["data"]["n"], json!(i));
+        }
+    }
+
+    #[test]
+    fn replies_have_exactly_the_requested_size() {
+        for size in [100, 4096, 10 * 1024 * 1024, 10 * 1024 * 1024 + 1] {
+            let bytes = reply_of_size(Some(&json!(2)), size);
+            assert_eq!(bytes.len(), size + 2);
+            let value: Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(value["id"], json!(2));
+        }
+    }
+}

@@ -601,3 +601,66 @@ pub fn chain(err: &dyn std::error::Error) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_use_nearest_rank() {
+        let samples: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        let s = Stats::of(&samples);
+        assert_eq!(s.n, 100);
+        assert_eq!(s.median_ms, 50.0);
+        assert_eq!(s.p99_ms, 99.0);
+        assert_eq!(s.max_ms, 100.0);
+        let one = Stats::of(&[Duration::from_millis(7)]);
+        assert_eq!((one.median_ms, one.p99_ms, one.max_ms), (7.0, 7.0, 7.0));
+        assert_eq!(Stats::of(&[]).n, 0);
+    }
+
+    #[test]
+    fn rng_is_reproducible_and_bounded() {
+        let mut a = Rng::new(42);
+        let mut b = Rng::new(42);
+        let xs: Vec<u64> = (0..1000).map(|_| a.below(50_000)).collect();
+        let ys: Vec<u64> = (0..1000).map(|_| b.below(50_000)).collect();
+        assert_eq!(xs, ys);
+        assert!(xs.iter().all(|x| *x < 50_000));
+        // Spread over the window, not stuck in a corner.
+        assert!(xs.iter().any(|x| *x < 10_000) && xs.iter().any(|x| *x > 40_000));
+        assert_ne!(Rng::new(0).next_u64(), 0);
+    }
+
+    #[test]
+    fn a_figure_without_checks_or_with_a_miss_fails() {
+        let mut f = Figure::new("x");
+        assert!(!f.passed());
+        f.check("a", "0", "0", true);
+        assert!(f.passed());
+        f.check("b", "0", "1", false);
+        assert!(!f.passed());
+        assert_eq!(f.to_json(Duration::ZERO)["pass"], json!(false));
+    }
+
+    #[test]
+    fn every_figure_has_a_deadline_longer_than_its_work() {
+        let s = Settings {
+            quick: false,
+            cycles: 1000,
+            chaos: 1000,
+            console_runs: 20,
+            flood_time: Duration::from_secs(4),
+            event_flood_runs: 10,
+            greeting: vec![(Duration::from_secs(30), 1)],
+            seed: 1,
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            dir: PathBuf::from("/nonexistent"),
+        };
+        assert!(figure_deadline("greeting-timeout", &s) > Duration::from_secs(33));
+        assert!(figure_deadline("soak", &s) > Duration::from_secs(2000 / 10));
+        for name in FIGURES {
+            assert!(figure_deadline(name, &s) >= Duration::from_secs(60));
+        }
+    }
+}

@@ -70,8 +70,20 @@ fn chardev_fds(vm: &Machine) -> BTreeSet<i32> {
     out
 }
 
+/// What QEMU's fd table showed.
+struct FdFindings {
+    /// Fds QEMU holds.
+    total: usize,
+    /// Of which allowed: stdio and our chardev ends.
+    allowed: usize,
+    /// Inherited ones that should not be there.
+    extra: Vec<String>,
+    /// The whole table: fd -> target.
+    theirs: BTreeMap<i32, String>,
+}
+
 fn fd_check(settings: &Settings, figure: &mut Figure) {
-    let result = (|| -> Result<(usize, usize, Vec<String>, BTreeMap<i32, String>), String> {
+    let result = (|| -> Result<FdFindings, String> {
         let decoys = decoys(&settings.scratch())?;
         // The control: a plain child (std's spawn, no fd allow-list) inherits the decoys, so
         // the detector below can see an inherited fd.
@@ -125,10 +137,20 @@ fn fd_check(settings: &Settings, figure: &mut Figure) {
         let _ = vm.kill();
         drop(decoys);
         let _ = std::fs::remove_file(settings.scratch().join("decoy-file"));
-        Ok((theirs.len(), allowed.len(), extra, theirs))
+        Ok(FdFindings {
+            total: theirs.len(),
+            allowed: allowed.len(),
+            extra,
+            theirs,
+        })
     })();
     match result {
-        Ok((total, allowed, extra, theirs)) => {
+        Ok(FdFindings {
+            total,
+            allowed,
+            extra,
+            theirs,
+        }) => {
             figure.check(
                 "extra (inherited) fds in QEMU (/proc/<pid>/fd)",
                 "0",
