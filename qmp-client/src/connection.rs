@@ -250,6 +250,12 @@ impl Connection {
                 return Ok(Pump::Failed);
             }
             if self.read_hint {
+                // The read budget ran out with data still waiting (a flood): keep reading,
+                // but never past the deadline, or a peer that never pauses would hold the
+                // caller forever. What is left is read by the next call.
+                if Instant::now() >= deadline {
+                    return Ok(Pump::TimedOut);
+                }
                 continue;
             }
             if polled && Instant::now() >= deadline {

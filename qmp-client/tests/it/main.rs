@@ -2,6 +2,7 @@
 
 mod commands;
 mod concurrency;
+mod deadlines;
 mod events;
 mod fds;
 mod framing;
