@@ -146,6 +146,9 @@ impl Shared {
             let mut chunk = None;
             if poller.read_hint {
                 chunk = Some(sockio::read_chunk(&self.inner.stream, &mut poller.buf));
+                // A read is a check too: under a flood that never lets the socket run dry the
+                // deadline must still end the wait.
+                checked_once = true;
             } else {
                 match sockio::wait(&mut poller.poll, &mut poller.events, deadline) {
                     Ok(wake) => {

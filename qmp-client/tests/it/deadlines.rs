@@ -9,7 +9,7 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use qmp_client::{Config, Connection, Error};
+use qmp_client::{Config, Connection, Error, Shared};
 use qmp_proto::EventFilter;
 
 /// How long a call promised to finish in 300 ms may take before the test calls it hung.
@@ -124,6 +124,23 @@ fn drain_events_returns_under_an_endless_flood() {
     drop(conn);
     flooder.join().unwrap();
     assert!(drained > 0, "the flood was read");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+}
+
+#[test]
+fn shared_wait_event_keeps_its_deadline_under_an_endless_flood() {
+    let (conn, peer) = raw_pair(Duration::from_secs(5));
+    let shared = Shared::new(conn).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooder = flood(peer, Arc::clone(&stop));
+    let waiter = shared.clone();
+    let (res, took) = within_hung(move || {
+        waiter.wait_event(&[EventFilter::new("NEVER")], Duration::from_millis(300))
+    });
+    stop.store(true, Ordering::Relaxed);
+    shared.close().unwrap();
+    flooder.join().unwrap();
+    assert!(matches!(res, Err(Error::EventTimeout { .. })), "{res:?}");
     assert!(took < Duration::from_secs(2), "took {took:?}");
 }
 
