@@ -383,6 +383,14 @@ impl Shared {
                     // The peer is not reading: wait for room without holding the lock.
                     drop(st);
                     wait_writable(unix, deadline)?;
+                    // The pump above checks nothing when its condition already holds, so the
+                    // deadline is checked here, or a peer that never reads would spin us.
+                    if Instant::now() >= deadline {
+                        return Err(Error::CommandTimeout {
+                            command: cmd.execute,
+                            waited: start.elapsed(),
+                        });
+                    }
                     st = self.lock();
                 }
                 Err(e) => {

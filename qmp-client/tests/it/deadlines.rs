@@ -145,6 +145,22 @@ fn shared_wait_event_keeps_its_deadline_under_an_endless_flood() {
 }
 
 #[test]
+fn shared_getfd_keeps_its_deadline_when_the_peer_stops_reading() {
+    let (ours, _peer) = UnixStream::pair().unwrap();
+    let filler = ours.try_clone().unwrap();
+    let config = Config::default()
+        .with_await_greeting(false)
+        .with_negotiate(false)
+        .with_command_timeout(Duration::from_millis(300));
+    let shared = Shared::new(Connection::from_unix_stream(ours, &config).unwrap()).unwrap();
+    fill(&filler);
+    let (_a, b) = UnixStream::pair().unwrap();
+    let (res, took) = within_hung(move || shared.getfd("net0", b.as_fd()));
+    assert!(matches!(res, Err(Error::CommandTimeout { .. })), "{res:?}");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+}
+
+#[test]
 fn getfd_keeps_its_deadline_when_the_peer_stops_reading() {
     let (ours, _peer) = UnixStream::pair().unwrap();
     let filler = ours.try_clone().unwrap();
