@@ -46,7 +46,11 @@ pub enum DrainStatus {
 ///
 /// Waits on the [`Console`] block until the drainer delivers output, so they must run on
 /// another thread than the one driving the poll; on the driving thread use a zero timeout
-/// (a non-blocking check). Dropping the drainer flushes the log.
+/// (a non-blocking check). Dropping the drainer flushes the log and, if the stream had not
+/// ended yet, ends it for the [`Console`]: its waits return [`Error::Closed`] with
+/// [`CloseReason::Local`] at once, as nothing will deliver output any more.
+///
+/// [`Error::Closed`]: crate::Error::Closed
 ///
 /// ```
 /// use std::os::unix::net::UnixStream;
@@ -220,7 +224,13 @@ impl Source for Drainer {
 
 impl Drop for Drainer {
     fn drop(&mut self) {
-        self.shared.flush_log();
+        // Nobody will deliver output any more: waiters get `Closed` now instead of sitting
+        // out their timeouts. `finish` also flushes the log.
+        if self.finished {
+            self.shared.flush_log();
+        } else {
+            self.finish(CloseReason::Local);
+        }
     }
 }
 

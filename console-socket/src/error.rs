@@ -16,7 +16,8 @@ pub enum CloseReason {
     Eof,
     /// The peer reset the connection (QEMU exited with our input still unread).
     Reset,
-    /// We closed the console ourselves ([`Console::close`](crate::Console::close) or drop).
+    /// We closed the console ourselves ([`Console::close`](crate::Console::close) or drop), or
+    /// dropped its [`Drainer`](crate::Drainer) before the stream ended.
     Local,
     /// Reading the socket failed with this error kind; the drain stopped.
     ReadFailed(io::ErrorKind),

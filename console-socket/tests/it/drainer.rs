@@ -146,3 +146,27 @@ fn a_waiter_on_another_thread_is_woken_by_the_polling_thread() {
     let rest = console.read_available();
     assert!(rest.ends_with(b" and more"));
 }
+
+/// An owner that stops driving (drops the drainer without waiting for the end) must not leave
+/// a waiter sitting out its timeout: nothing will ever deliver output again.
+#[test]
+fn dropping_the_drainer_ends_waits_at_once() {
+    let (ours, mut peer) = UnixStream::pair().unwrap();
+    let (mut drainer, mut console) = Drainer::from_unix_stream(ours, Config::default()).unwrap();
+    peer.write_all(b"partial output").unwrap();
+    assert_eq!(drainer.drain(), DrainStatus::Open);
+    let waiter = std::thread::spawn(move || {
+        let start = Instant::now();
+        let res = console.wait_for(&Pattern::substring("never printed"), LONG);
+        (res, start.elapsed(), console)
+    });
+    // Whether the wait starts before or after the drop, it must end at once.
+    drop(drainer);
+    let (res, took, console) = waiter.join().unwrap();
+    match res {
+        Err(Error::Closed { unconsumed, .. }) => assert_eq!(unconsumed, b"partial output"),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert!(console.is_closed());
+}
