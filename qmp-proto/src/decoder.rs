@@ -443,7 +443,13 @@ impl Decoder {
                 if end - start > limit {
                     return Fast::Fallback;
                 }
-                match parse_line(&self.buf[start..end]) {
+                // A lone `{` opens every pretty-printed message: no need to ask serde_json.
+                let first = if end - start == 1 {
+                    Line::Unfinished
+                } else {
+                    parse_line(&self.buf[start..end])
+                };
+                match first {
                     Line::Object(object) => return Fast::Done(object, line_feed + 1),
                     // The object goes on over the next lines: pretty-printed.
                     Line::Unfinished => search = line_feed,
