@@ -212,6 +212,15 @@ pub enum Error {
         /// The limit.
         limit: usize,
     },
+    /// A `--qmp-listen` path that exists and is not a stale socket (QEMU would unlink it).
+    #[error("cannot listen on {}", path.display())]
+    ListenPath {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: machine_core::Error,
+    },
     /// Opening or writing a file failed.
     #[error("cannot write {}", path.display())]
     File {

@@ -175,6 +175,16 @@ pub fn run(args: RunArgs) -> Result<u8> {
     }
     let tiny = args.qemu_args.is_empty();
     let listen: Vec<Address> = args.qmp_listen.iter().map(|a| Address::parse(a)).collect();
+    // QEMU unlinks whatever is at a listening unix path before it binds: a user's file there
+    // would be lost. Only a stale socket may go.
+    for address in &listen {
+        if let Address::Unix(path) = address {
+            machine_core::prepare_socket_path(path).map_err(|source| Error::ListenPath {
+                path: path.clone(),
+                source,
+            })?;
+        }
+    }
     let mut machine = build(&args, &listen)?;
     if tiny {
         let guest_machine = match args.machine.as_deref() {

@@ -106,6 +106,6 @@ pub use crate::error::{Error, Result};
 pub use crate::ladder::{
     ShutdownLadder, Step, StepOutcome, StepRecord, DEFAULT_GRACEFUL_TIMEOUT, DEFAULT_REAP_TIMEOUT,
 };
-pub use crate::machine::{Args, Machine, LAUNCH_OUTPUT_LIMIT, UNIX_PATH_MAX};
+pub use crate::machine::{prepare_socket_path, Args, Machine, LAUNCH_OUTPUT_LIMIT, UNIX_PATH_MAX};
 pub use crate::process::{signal_name, ExitStatus};
 pub use crate::report::{EndedBy, ExitReport, ShutdownEvent};

@@ -1200,9 +1200,14 @@ fn check_executable(program: &Path) -> Result<()> {
         })
 }
 
-/// Checks a monitor socket path before binding: length, and no existing file (a stale socket
-/// nobody listens on is removed; anything else is refused).
-fn prepare_socket_path(path: &Path) -> Result<()> {
+/// Checks a unix socket path before anything (we, or QEMU with `server=on`) binds it: the
+/// length limit ([`UNIX_PATH_MAX`], [`Error::SocketPathTooLong`]), and no existing file. A
+/// stale socket nobody listens on is removed; anything else (a regular file, a symlink, a
+/// live socket) is [`Error::SocketPathInUse`], never replaced.
+///
+/// QEMU itself unlinks whatever is at a `-qmp unix:PATH,server=on` path before binding it, so
+/// call this on such paths before launching QEMU.
+pub fn prepare_socket_path(path: &Path) -> Result<()> {
     let len = path.as_os_str().len();
     if len > UNIX_PATH_MAX {
         return Err(Error::SocketPathTooLong {

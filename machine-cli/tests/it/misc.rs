@@ -73,3 +73,66 @@ fn qemu_missing_is_status_4() {
         r.stderr
     );
 }
+
+/// QEMU unlinks whatever sits at a `-qmp unix:PATH,server=on` path before it binds (measured
+/// on QEMU 7.2: a regular file there became the socket). The stub does the same, and notes
+/// that it ran: `run` must refuse an existing non-socket path before starting QEMU at all.
+#[test]
+fn qmp_listen_on_an_existing_file_is_refused_before_qemu_starts() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("dir");
+    let ran = dir.path().join("stub-ran");
+    let stub = dir.path().join("qemu-stub");
+    std::fs::write(
+        &stub,
+        format!(
+            "#!/bin/sh\ntouch '{}'\nfor a in \"$@\"; do case \"$a\" in unix:*) p=${{a#unix:}}; rm -f \"${{p%%,server=on*}}\";; esac; done\nexit 1\n",
+            ran.display()
+        ),
+    )
+    .expect("write stub");
+    std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let precious = dir.path().join("precious.txt");
+    std::fs::write(&precious, b"user data").expect("write");
+    let r = run(
+        &[
+            "run",
+            "--qemu",
+            stub.to_str().expect("utf-8"),
+            "--qmp-listen",
+            precious.to_str().expect("utf-8"),
+            "--",
+            "-M",
+            "none",
+        ],
+        "",
+        &[],
+    );
+    assert_eq!(
+        std::fs::read(&precious).expect("the user's file is still there"),
+        b"user data"
+    );
+    r.expect_code(2);
+    assert!(r.stderr.contains("already exists"), "{}", r.stderr);
+    assert!(!ran.exists(), "qemu was started");
+    // A symlink (even a dangling one) is refused the same way.
+    let link = dir.path().join("link.sock");
+    std::os::unix::fs::symlink(dir.path().join("nowhere"), &link).expect("symlink");
+    let r = run(
+        &[
+            "run",
+            "--qemu",
+            stub.to_str().expect("utf-8"),
+            "--qmp-listen",
+            link.to_str().expect("utf-8"),
+            "--",
+            "-M",
+            "none",
+        ],
+        "",
+        &[],
+    );
+    r.expect_code(2);
+    assert!(std::fs::symlink_metadata(&link).is_ok(), "symlink removed");
+    assert!(!ran.exists(), "qemu was started");
+}

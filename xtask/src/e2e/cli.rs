@@ -53,6 +53,12 @@ pub fn scenarios() -> Vec<Scenario> {
         ),
         s("cli_run_missing_qemu", TCG, 60, run_missing_qemu),
         s(
+            "cli_run_qmp_listen_never_replaces_a_file",
+            TCG,
+            60,
+            run_listen_on_existing_file,
+        ),
+        s(
             "cli_qmp_events_shell_against_run",
             TCG,
             60,
@@ -636,6 +642,39 @@ fn run_missing_qemu(ctx: &Ctx) -> Result<(), String> {
         || done.stderr.iter().any(|l| l.contains("panicked"))
     {
         return Err(format!("unexpected error output: {:?}", done.stderr));
+    }
+    Ok(())
+}
+
+/// QEMU unlinks whatever is at a `-qmp unix:PATH,server=on` path before binding it: a user's
+/// file there must make `run` refuse, before QEMU starts, and survive.
+fn run_listen_on_existing_file(ctx: &Ctx) -> Result<(), String> {
+    let file = ctx.scratch.join("precious.txt");
+    std::fs::write(&file, b"user data").map_err(|e| format!("write: {e}"))?;
+    let path = file.to_str().ok_or("non-UTF-8 scratch path")?;
+    let done = one_shot(
+        ctx,
+        &[
+            "run",
+            "--accel",
+            accel(ctx),
+            "--timeout",
+            "1s",
+            "--qmp-listen",
+            path,
+            "--",
+            "-M",
+            "none",
+        ],
+        None,
+    )?;
+    let kept = std::fs::read(&file).map_err(|e| format!("{path} is gone: {e}"))?;
+    if kept != b"user data" {
+        return Err(format!("{path} was replaced: {kept:?}"));
+    }
+    done.expect_code(2)?;
+    if !done.stderr.iter().any(|l| l.contains("already exists")) {
+        return Err(format!("no clear refusal: {:?}", done.stderr));
     }
     Ok(())
 }
