@@ -118,7 +118,6 @@ impl Default for DecoderConfig {
 /// decoder.feed(b"{\"seconds\": 1, \"microseconds\": 2}}\r\n");
 /// assert!(matches!(decoder.next_message(), Some(Ok(ServerMessage::Event(_)))));
 /// ```
-#[derive(Debug)]
 pub struct Decoder {
     config: DecoderConfig,
     /// Bytes received and not yet framed, plus the unfinished message.
@@ -145,6 +144,19 @@ const MIN_CAPACITY: usize = 8 * 1024;
 const RETAINED_CAPACITY: usize = 1024 * 1024;
 /// serde_json's own recursion limit, under which a message may skip the structural scan.
 const SERDE_DEPTH_LIMIT: usize = 128;
+
+impl std::fmt::Debug for Decoder {
+    /// A summary: the buffer itself can hold megabytes.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decoder")
+            .field("config", &self.config)
+            .field("buffered_len", &self.buffered_len())
+            .field("buffer_capacity", &self.buf.capacity())
+            .field("in_message", &self.in_message())
+            .field("pending", &self.frames.len())
+            .finish()
+    }
+}
 
 impl Default for Decoder {
     fn default() -> Decoder {

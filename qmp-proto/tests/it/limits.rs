@@ -256,3 +256,13 @@ fn depth_limit_is_clamped() {
         Some(Err(qmp_proto::Error::TooDeep { limit: 1 }))
     ));
 }
+
+#[test]
+fn debug_output_is_a_summary() {
+    let mut decoder = Decoder::new();
+    decoder.feed(&message_of_len(100_000)[..90_000]);
+    assert!(decoder.next_message().is_none());
+    let text = format!("{decoder:?}");
+    assert!(text.len() < 300, "{text}");
+    assert!(text.contains("buffered_len: 90000"), "{text}");
+}
