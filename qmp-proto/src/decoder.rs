@@ -198,9 +198,9 @@ impl Decoder {
     /// [`Decoder::next_message`]; a caller that feeds more than `max_message_size` bytes
     /// without pulling gets them decoded here instead, so memory stays bounded either way.
     pub fn feed(&mut self, mut chunk: &[u8]) {
-        if self.discarding {
-            // The rest of an oversized message is scanned straight from the chunk and never
-            // stored.
+        if self.discarding && self.msg_start.is_none() {
+            // The rest of a discarded message (everything buffered of it is already dropped)
+            // is scanned straight from the chunk and never stored.
             match self.skip_discarded(chunk) {
                 Some(resume) => chunk = &chunk[resume..],
                 None => return,

@@ -1,7 +1,8 @@
 //! Fuzz target `decoder`: arbitrary bytes fed in arbitrary chunks.
 //!
 //! Invariants: no panic; the outcome (every message and every error, with its bytes) is the
-//! same as with a single feed and (for inputs up to 2 KiB) with one-byte feeding; the buffer never holds more than
+//! same as with a single feed, with random chunks pulled after each feed or only one message
+//! per feed, and (for inputs up to 2 KiB) with one-byte feeding; the buffer never holds more than
 //! the message limit plus the largest chunk fed (while messages are pulled between feeds).
 //!
 //! Input layout: byte 0 picks the limits (default, or small ones that the input can hit),
@@ -57,6 +58,25 @@ fn run<'a>(config: DecoderConfig, chunks: impl Iterator<Item = &'a [u8]>) -> Vec
     out
 }
 
+/// Feeds `chunks`, pulling at most one message after each feed, then drains the rest.
+fn run_pulling_one<'a>(
+    config: DecoderConfig,
+    chunks: impl Iterator<Item = &'a [u8]>,
+) -> Vec<Outcome> {
+    let mut decoder = Decoder::with_config(config);
+    let mut out = Vec::new();
+    for chunk in chunks {
+        decoder.feed(chunk);
+        if let Some(result) = decoder.next_object() {
+            out.push(outcome(result));
+        }
+    }
+    while let Some(result) = decoder.next_object() {
+        out.push(outcome(result));
+    }
+    out
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&[mode, seed_low, seed_high], stream)) = data.split_first_chunk::<3>() else {
         return;
@@ -83,8 +103,13 @@ fuzz_target!(|data: &[u8]| {
     }
 
     let whole = run(config, std::iter::once(stream));
+    let lazy = run_pulling_one(config, chunks.iter().copied());
     let chunked = run(config, chunks.into_iter());
     assert_eq!(whole, chunked, "chunking changed the outcome");
+    assert_eq!(
+        whole, lazy,
+        "pulling one message per feed changed the outcome"
+    );
     // One-byte feeding is the slowest run; keep it for inputs small enough to stay fast.
     if stream.len() <= 2048 {
         let bytewise = run(config, stream.chunks(1));

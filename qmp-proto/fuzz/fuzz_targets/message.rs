@@ -15,9 +15,15 @@ fn decode_one(bytes: &[u8]) -> ServerMessage {
     decoder.feed(bytes);
     let message = match decoder.next_message() {
         Some(Ok(message)) => message,
-        other => panic!("re-decoding {:?} gave {other:?}", String::from_utf8_lossy(bytes)),
+        other => panic!(
+            "re-decoding {:?} gave {other:?}",
+            String::from_utf8_lossy(bytes)
+        ),
     };
-    assert!(decoder.next_message().is_none(), "one message encoded, several decoded");
+    assert!(
+        decoder.next_message().is_none(),
+        "one message encoded, several decoded"
+    );
     message
 }
 

@@ -187,3 +187,36 @@ fn the_first_limit_crossed_is_the_one_reported() {
         check_every_split(config, &stream, 1, expected);
     }
 }
+
+#[test]
+fn pulling_one_message_per_feed_gives_the_same_outcome() {
+    // A caller that does not drain the decoder after every feed: errors detected mid-buffer
+    // (too deep, too large) must not let later input overtake what is still buffered.
+    let mut stream = Vec::new();
+    for input in EXTRA {
+        stream.extend_from_slice(input);
+        stream.extend_from_slice(b"\n");
+    }
+    stream.extend_from_slice(&fixture("session.server"));
+    for config in [DecoderConfig::default(), tight()] {
+        let expected = decode_chunks(config, [&stream[..]]);
+        for chunk in [1, 7, 64, 4096] {
+            let mut decoder = qmp_proto::Decoder::with_config(config);
+            let mut out = Vec::new();
+            for piece in stream.chunks(chunk) {
+                decoder.feed(piece);
+                if let Some(result) = decoder.next_message() {
+                    out.push(result);
+                }
+            }
+            let mut rest = Vec::new();
+            crate::util::drain(&mut decoder, &mut rest);
+            let got: Vec<crate::util::Outcome> = out
+                .into_iter()
+                .map(crate::util::outcome)
+                .chain(rest)
+                .collect();
+            assert_eq!(got, expected, "chunk {chunk}");
+        }
+    }
+}

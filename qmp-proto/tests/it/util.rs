@@ -24,7 +24,7 @@ pub fn kind(error: &Error) -> &'static str {
     }
 }
 
-fn outcome(result: qmp_proto::Result<ServerMessage>) -> Outcome {
+pub fn outcome(result: qmp_proto::Result<ServerMessage>) -> Outcome {
     match result {
         Ok(message) => Outcome::Message(message),
         Err(error) => Outcome::Failed {
