@@ -20,14 +20,16 @@ pub enum Step {
         timeout: Duration,
     },
     /// Send QMP `system_powerdown` (ACPI power button) and wait up to `timeout` for the exit.
-    /// Skipped without a QMP monitor.
+    /// Skipped without a usable QMP monitor.
     Powerdown {
         /// Budget for the command and the exit together.
         timeout: Duration,
     },
     /// Send QMP `quit` (unless one was already sent) and wait up to `timeout` for the exit.
     /// End-of-file or a connection reset after `quit` is success. Without a QMP monitor this
-    /// step sends SIGTERM instead, as the seed does.
+    /// step sends SIGTERM instead, as the seed does; so it does when the monitor has already
+    /// failed or closed (a `quit` could not arrive, and waiting for it would only burn the
+    /// budget before a SIGKILL).
     Quit {
         /// Budget for the command and the exit together.
         timeout: Duration,
@@ -208,8 +210,9 @@ pub(crate) enum RequestError {
 pub(crate) trait LadderOps {
     /// Whether QEMU has exited (reaping it if so).
     fn exited(&mut self) -> bool;
-    /// Whether a QMP monitor is connected.
-    fn has_qmp(&self) -> bool;
+    /// Whether a QMP monitor is connected and usable (a monitor that has failed or closed
+    /// cannot carry a request: the ladder then treats the machine as having none).
+    fn has_qmp(&mut self) -> bool;
     /// Whether a `quit` was already sent.
     fn quit_sent(&self) -> bool;
     /// Sends a QMP command (no arguments) and waits for its reply until `deadline`.
@@ -249,6 +252,11 @@ pub(crate) fn run(ops: &mut dyn LadderOps, ladder: &ShutdownLadder) -> LadderRun
         let mut note = None;
         let outcome = match configured {
             Step::Wait { .. } => wait_outcome(ops, deadline, &mut note),
+            // Before the monitor check: after our `quit` the monitor is closed on purpose.
+            Step::Quit { .. } if ops.quit_sent() => {
+                note = Some("quit already sent".to_owned());
+                wait_outcome(ops, deadline, &mut note)
+            }
             Step::Powerdown { .. } | Step::Quit { .. } if !ops.has_qmp() => {
                 if let Step::Quit { timeout } = configured {
                     step = Step::Signal {
@@ -261,10 +269,6 @@ pub(crate) fn run(ops: &mut dyn LadderOps, ladder: &ShutdownLadder) -> LadderRun
                         reason: "no QMP monitor".to_owned(),
                     }
                 }
-            }
-            Step::Quit { .. } if ops.quit_sent() => {
-                note = Some("quit already sent".to_owned());
-                wait_outcome(ops, deadline, &mut note)
             }
             Step::Powerdown { .. } | Step::Quit { .. } => {
                 let command = if matches!(configured, Step::Quit { .. }) {
@@ -392,7 +396,7 @@ mod tests {
         fn exited(&mut self) -> bool {
             !self.alive
         }
-        fn has_qmp(&self) -> bool {
+        fn has_qmp(&mut self) -> bool {
             self.qmp
         }
         fn quit_sent(&self) -> bool {
@@ -513,6 +517,17 @@ mod tests {
         let run = run(&mut fake, &ShutdownLadder::graceful(T));
         assert_eq!(fake.log, vec!["SIGKILL"]);
         assert_eq!(run.records[0].note.as_deref(), Some("quit already sent"));
+    }
+
+    #[test]
+    fn after_our_quit_a_closed_monitor_means_waiting_not_sigterm() {
+        // The user's `quit` closed the monitor: the Quit step waits for the exit it asked for.
+        let mut fake = Fake::new(&[]);
+        fake.quit_sent = true;
+        fake.qmp = false;
+        let run = run(&mut fake, &ShutdownLadder::graceful(T));
+        assert_eq!(fake.log, vec!["SIGKILL"]);
+        assert!(matches!(run.records[0].step, Step::Quit { .. }));
     }
 
     #[test]

@@ -1113,8 +1113,12 @@ impl LadderOps for Ops<'_> {
         matches!(self.run.child.try_reap(), Ok(Some(_)))
     }
 
-    fn has_qmp(&self) -> bool {
-        self.run.qmp.is_some()
+    fn has_qmp(&mut self) -> bool {
+        match self.run.qmp.as_mut() {
+            // Read what has arrived first: an end-of-file may be waiting in the socket.
+            Some(conn) => conn.process_io().is_ok(),
+            None => false,
+        }
     }
 
     fn quit_sent(&self) -> bool {

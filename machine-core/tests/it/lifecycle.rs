@@ -391,3 +391,39 @@ fn new_session_puts_qemu_in_its_own_session() {
         m.shutdown().expect("shutdown");
     }
 }
+
+#[test]
+fn a_dead_monitor_makes_the_quit_step_a_sigterm_not_a_wasted_wait() {
+    let _g = shared();
+    // Negotiate, then close the monitor but keep running; SIGTERM ends it cleanly, as it
+    // does QEMU. `quit` cannot be delivered: waiting the whole budget for it is pointless.
+    let stub = Stub::new(
+        "greet\nserve_one\neval \"exec $MON>&-\"\ntrap 'exit 0' TERM\nsleep 300 &\nwait $!\nexit 9",
+    );
+    let mut b = stub.builder();
+    b.shutdown_ladder(ShutdownLadder::graceful(Duration::from_secs(3)));
+    let mut m = b.build();
+    m.launch().expect("launch");
+    // Let the stub close its end and the client notice.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while m.cmd("query-status", ()).is_ok() {
+        assert!(Instant::now() < deadline, "the monitor never closed");
+    }
+    let started = Instant::now();
+    let report = m.shutdown().expect("a graceful end through SIGTERM");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert_eq!(report.status, ExitStatus::Code(0));
+    assert_eq!(
+        report.ended_by,
+        EndedBy::OurSignal {
+            signal: libc::SIGTERM
+        }
+    );
+    assert!(
+        matches!(report.steps[0].step, Step::Signal { signal, .. } if signal == libc::SIGTERM),
+        "{:?}",
+        report.steps
+    );
+    assert_eq!(stub.leftovers(), 0);
+}
