@@ -6,7 +6,7 @@ use std::net::Shutdown;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,8 @@ use crate::pattern::{AnyMatch, Match, Outcome, Pattern};
 pub struct Console {
     shared: Arc<Shared>,
     writer: UnixStream,
+    /// One send at a time, so sends from several threads never interleave on the wire.
+    sending: SendTurn,
     thread: Option<DrainThread>,
     line_ending: LineEnding,
     send_timeout: Duration,
@@ -63,6 +65,7 @@ impl Console {
         Console {
             shared,
             writer,
+            sending: SendTurn::default(),
             thread: None,
             line_ending: config.line_ending,
             send_timeout: config.send_timeout,
@@ -221,7 +224,9 @@ impl Console {
 
     /// Sends bytes to the console (within [`Config::send_timeout`]).
     ///
-    /// [`Error::BrokenPipe`] when the peer has gone; never raises `SIGPIPE`.
+    /// Sends from several threads go out one after the other, each whole: a send waits (within
+    /// its own timeout) while another is still writing. [`Error::BrokenPipe`] when the peer has
+    /// gone; never raises `SIGPIPE`.
     pub fn send(&self, data: &[u8]) -> Result<()> {
         let deadline = deadline_after(self.send_timeout);
         self.send_until(data, deadline, self.send_timeout)
@@ -338,7 +343,56 @@ impl Console {
                 reason: CloseReason::Local,
             });
         }
+        let Some(_turn) = self.sending.acquire(deadline) else {
+            return Err(Error::SendTimeout {
+                written: 0,
+                len: data.len(),
+                timeout,
+            });
+        };
         crate::sys::send_all(self.writer.as_fd(), data, deadline, timeout)
+    }
+}
+
+/// Turns at the socket for sending threads: a partial write of one send must not be followed
+/// by bytes of another. Waiting for a turn respects the sender's own deadline.
+#[derive(Default)]
+struct SendTurn {
+    busy: Mutex<bool>,
+    free: Condvar,
+}
+
+/// A sender's turn; the next sender may go when it is dropped.
+struct Turn<'a>(&'a SendTurn);
+
+impl SendTurn {
+    fn lock(&self) -> MutexGuard<'_, bool> {
+        self.busy.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits until no other send runs, or `None` once `deadline` passes.
+    fn acquire(&self, deadline: Instant) -> Option<Turn<'_>> {
+        let mut busy = self.lock();
+        while *busy {
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            busy = self
+                .free
+                .wait_timeout(busy, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        *busy = true;
+        Some(Turn(self))
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        *self.0.lock() = false;
+        self.0.free.notify_one();
     }
 }
 

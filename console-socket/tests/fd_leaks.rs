@@ -62,7 +62,10 @@ fn no_path_leaks_an_fd() {
     no_leak("refused fds and configs", || {
         let (a, _b) = UnixDatagram::pair().unwrap();
         let res = Console::from_fd(OwnedFd::from(a), Config::default());
-        assert!(matches!(res, Err(Error::NotAStreamSocket { .. })), "{res:?}");
+        assert!(
+            matches!(res, Err(Error::NotAStreamSocket { .. })),
+            "{res:?}"
+        );
         let (ours, _peer) = UnixStream::pair().unwrap();
         let bad_log = Config::default().with_log_file(path("missing-dir/x.log"));
         assert!(matches!(
@@ -70,7 +73,9 @@ fn no_path_leaks_an_fd() {
             Err(Error::LogOpen { .. })
         ));
         let (ours, _peer) = UnixStream::pair().unwrap();
-        assert!(Console::from_unix_stream(ours, Config::default().with_buffer_capacity(0)).is_err());
+        assert!(
+            Console::from_unix_stream(ours, Config::default().with_buffer_capacity(0)).is_err()
+        );
     });
     no_leak("connect: missing path times out", || {
         let config = Config::default().with_connect_timeout(Duration::from_millis(50));

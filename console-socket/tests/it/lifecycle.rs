@@ -344,3 +344,29 @@ fn zero_capacity_is_an_invalid_config() {
         Err(Error::InvalidConfig { .. })
     ));
 }
+
+/// `Console` is `Sync` and `send_line` promises one write: sends from several threads must
+/// reach the peer whole, one after the other, even when the socket fills up mid-send.
+#[test]
+fn concurrent_sends_are_not_interleaved() {
+    const LEN: usize = 1024 * 1024;
+    let (console, mut peer) = pair(Config::default().with_send_timeout(LONG));
+    let reader = std::thread::spawn(move || {
+        let mut got = vec![0u8; 3 * LEN];
+        peer.read_exact(&mut got).unwrap();
+        got
+    });
+    std::thread::scope(|s| {
+        for byte in [b'a', b'b', b'c'] {
+            let console = &console;
+            s.spawn(move || console.send(&vec![byte; LEN]).unwrap());
+        }
+    });
+    let got = reader.join().unwrap();
+    let runs: Vec<(u8, usize)> = got
+        .chunk_by(|a, b| a == b)
+        .map(|r| (r[0], r.len()))
+        .collect();
+    assert_eq!(runs.len(), 3, "sends interleaved: {} runs", runs.len());
+    assert!(runs.iter().all(|&(_, n)| n == LEN), "{runs:?}");
+}
