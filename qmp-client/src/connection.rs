@@ -412,7 +412,8 @@ impl Connection {
 
     /// Sends `cmd` and waits for its reply and for the first event matching any of `filters`
     /// that arrives after the command was sent (before or after the reply), all within one
-    /// total `timeout`. Avoids the race of subscribing after the command: e.g. `device_del` and
+    /// total `timeout`. Events queued or already waiting unread in the socket when it is
+    /// called count as older and are not taken. Avoids the race of subscribing after the command: e.g. `device_del` and
     /// `DEVICE_DELETED` for that device. Other events stay queued in order.
     pub fn execute_and_wait(
         &mut self,
@@ -423,6 +424,10 @@ impl Connection {
     ) -> Result<(Value, Event)> {
         let start = Instant::now();
         let deadline = start + timeout;
+        // Events already waiting in the socket predate the command as much as queued ones:
+        // read them (without blocking) before drawing the line. A failure found here is
+        // sticky and reported by the send below.
+        let _ = self.pump(start, |_| false);
         let since = self.session.event_seq();
         let value = into_return(cmd, self.run(command(cmd, args, false), deadline)?)?;
         let event = self.wait_event_since(filters, since, deadline, timeout)?;

@@ -238,3 +238,41 @@ fn clear_events_empties_the_queue() {
     conn.clear_events();
     assert!(conn.drain_events().is_empty());
 }
+
+/// An event already waiting in the socket (sent before our command, not read yet) is just as
+/// old as one already queued: `execute_and_wait` must not take it for the command's event.
+#[test]
+fn execute_and_wait_ignores_events_unread_before_the_send() {
+    use std::io::{Read, Write};
+    let (ours, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let config = crate::util::config()
+        .with_await_greeting(false)
+        .with_negotiate(false);
+    let mut conn = qmp_client::Connection::from_unix_stream(ours, &config).unwrap();
+    // QEMU stopped on its own a moment ago; we have not read that yet.
+    peer.write_all(
+        b"{\"event\": \"STOP\", \"timestamp\": {\"seconds\": 1, \"microseconds\": 0}}\r\n",
+    )
+    .unwrap();
+    let server = std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        let n = peer.read(&mut buf).unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).contains("\"stop\""));
+        // Already stopped: QEMU replies and emits no new STOP.
+        peer.write_all(b"{\"return\": {}, \"id\": 1}\r\n").unwrap();
+        peer
+    });
+    let res = conn.execute_and_wait(
+        "stop",
+        None,
+        &[EventFilter::new("STOP")],
+        Duration::from_millis(200),
+    );
+    let _peer = server.join().unwrap();
+    assert!(matches!(res, Err(Error::EventTimeout { .. })), "{res:?}");
+    assert_eq!(
+        conn.session().queued_events(),
+        1,
+        "the old STOP stays queued"
+    );
+}
