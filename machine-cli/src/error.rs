@@ -219,7 +219,7 @@ pub enum Error {
         path: PathBuf,
         /// Why.
         #[source]
-        source: machine_core::Error,
+        source: Box<machine_core::Error>,
     },
     /// Opening or writing a file failed.
     #[error("cannot write {}", path.display())]

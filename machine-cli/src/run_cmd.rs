@@ -181,7 +181,7 @@ pub fn run(args: RunArgs) -> Result<u8> {
         if let Address::Unix(path) = address {
             machine_core::prepare_socket_path(path).map_err(|source| Error::ListenPath {
                 path: path.clone(),
-                source,
+                source: Box::new(source),
             })?;
         }
     }
