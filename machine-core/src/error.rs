@@ -29,6 +29,10 @@ pub enum Error {
     /// A QMP operation on a machine configured without a monitor ([`crate::Monitor::None`]).
     #[error("the machine has no QMP monitor")]
     NoMonitor,
+    /// The QMP connection is shared ([`crate::Machine::qmp_shared`]): the operation needs the
+    /// connection itself (use the [`qmp_client::Shared`] handle instead).
+    #[error("the QMP connection is shared; use the shared handle")]
+    QmpShared,
     /// `console()` on a machine configured without a console.
     #[error("the machine has no console (see set_console)")]
     NoConsole,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use qmp_client::{Connection, Listener};
+use qmp_client::{Connection, Listener, Shared};
 use qmp_proto::{Event, EventFilter};
 use serde_json::{Map, Value};
 
@@ -138,12 +138,87 @@ fn conv_keys(map: Map<String, Value>) -> Map<String, Value> {
         .collect()
 }
 
+/// The QMP connection of a run: owned by the machine (the default), or shared with other
+/// threads after [`Machine::qmp_shared`].
+// One per run, never moved in a hot path: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Qmp {
+    Owned(Connection),
+    Shared(Shared),
+}
+
+impl Qmp {
+    fn execute_raw(
+        &mut self,
+        command: &str,
+        args: Option<Map<String, Value>>,
+    ) -> qmp_client::Result<qmp_proto::ServerMessage> {
+        match self {
+            Qmp::Owned(conn) => conn.execute_raw(command, args),
+            Qmp::Shared(shared) => shared.execute_raw(command, args),
+        }
+    }
+
+    fn execute_with_timeout(
+        &mut self,
+        command: &str,
+        args: Option<Map<String, Value>>,
+        timeout: Duration,
+    ) -> qmp_client::Result<Value> {
+        match self {
+            Qmp::Owned(conn) => conn.execute_with_timeout(command, args, timeout),
+            Qmp::Shared(shared) => shared.execute_with_timeout(command, args, timeout),
+        }
+    }
+
+    fn pull_event(&mut self, timeout: Duration) -> qmp_client::Result<Option<Event>> {
+        match self {
+            Qmp::Owned(conn) => conn.pull_event(timeout),
+            Qmp::Shared(shared) => shared.pull_event(timeout),
+        }
+    }
+
+    fn wait_event(
+        &mut self,
+        filters: &[EventFilter],
+        timeout: Duration,
+    ) -> qmp_client::Result<Event> {
+        match self {
+            Qmp::Owned(conn) => conn.wait_event(filters, timeout),
+            Qmp::Shared(shared) => shared.wait_event(filters, timeout),
+        }
+    }
+
+    fn drain_events(&mut self) -> Vec<Event> {
+        match self {
+            Qmp::Owned(conn) => conn.drain_events(),
+            Qmp::Shared(shared) => shared.drain_events(),
+        }
+    }
+
+    fn getfd(&mut self, name: &str, fd: BorrowedFd<'_>) -> qmp_client::Result<()> {
+        match self {
+            Qmp::Owned(conn) => conn.getfd(name, fd),
+            Qmp::Shared(shared) => shared.getfd(name, fd),
+        }
+    }
+
+    /// Reads what has arrived (owned) and tells whether the connection still works.
+    fn usable(&mut self) -> bool {
+        match self {
+            Qmp::Owned(conn) => conn.process_io().is_ok(),
+            // What the sharing threads have read so far (reading here could take their events).
+            Qmp::Shared(shared) => shared.is_connected(),
+        }
+    }
+}
+
 /// One running QEMU and everything that lives exactly as long as it.
 struct Run {
     child: ChildGuard,
     poll: Poll,
     events: Events,
-    qmp: Option<Connection>,
+    qmp: Option<Qmp>,
     output: Option<OutputDrain>,
     command: CommandLine,
     started: Instant,
@@ -406,8 +481,68 @@ impl Machine {
         self.console.as_mut().ok_or(Error::NotRunning)
     }
 
-    /// The QMP connection itself, for what this type does not wrap.
+    /// The QMP connection itself, for what this type does not wrap. Not available once the
+    /// connection is shared ([`Machine::qmp_shared`]): then [`Error::QmpShared`].
     pub fn qmp_connection(&mut self) -> Result<&mut Connection> {
+        match self.qmp_handle()? {
+            Qmp::Owned(conn) => Ok(conn),
+            Qmp::Shared(_) => Err(Error::QmpShared),
+        }
+    }
+
+    /// A thread-safe handle on this run's QMP connection ([`qmp_client::Shared`]): clone it,
+    /// send commands and wait for events from other threads while this machine keeps
+    /// working (its own [`Machine::cmd`], [`Machine::qmp`], events and shutdown go through the
+    /// same handle from then on).
+    ///
+    /// The first call turns the machine's connection into the shared one for the rest of the
+    /// run; later calls return clones. Events are one queue: whichever thread takes an event
+    /// (through the handle or through [`Machine::event`]) takes it for everybody, so give the
+    /// events to one reader. Afterwards [`Machine::qmp_connection`] and
+    /// [`Machine::send_fd_scm`] are not available ([`Error::QmpShared`]; [`Machine::getfd`]
+    /// is). The handle fails with a disconnection once QEMU has exited.
+    ///
+    /// ```no_run
+    /// # fn main() -> machine_core::Result<()> {
+    /// use std::time::Duration;
+    /// let mut vm = machine_core::MachineBuilder::new("qemu-system-x86_64")
+    ///     .machine_type("none")
+    ///     .build();
+    /// vm.launch()?;
+    /// let qmp = vm.qmp_shared()?;
+    /// let watcher = std::thread::spawn(move || qmp.pull_event(Duration::from_secs(5)));
+    /// vm.cmd("stop", ())?;
+    /// let _stop = watcher.join();
+    /// vm.shutdown()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn qmp_shared(&mut self) -> Result<Shared> {
+        self.qmp_handle()?;
+        let Some(run) = self.run.as_mut() else {
+            return Err(Error::NotRunning);
+        };
+        match run.qmp.take() {
+            Some(Qmp::Owned(conn)) => {
+                // From now on the handle's users read the socket; the exit watch keeps only
+                // the pidfd.
+                let raw = conn.as_raw_fd();
+                if let Err(err) = run.poll.registry().deregister(&mut SourceFd(&raw)) {
+                    log::debug!("deregistering the monitor: {err}");
+                }
+                let shared = Shared::new(conn).map_err(|source| Error::qmp("share", source))?;
+                run.qmp = Some(Qmp::Shared(shared.clone()));
+                Ok(shared)
+            }
+            Some(Qmp::Shared(shared)) => {
+                run.qmp = Some(Qmp::Shared(shared.clone()));
+                Ok(shared)
+            }
+            None => Err(Error::NotRunning),
+        }
+    }
+
+    fn qmp_handle(&mut self) -> Result<&mut Qmp> {
         if self.config.monitor == Monitor::None {
             return Err(Error::NoMonitor);
         }
@@ -643,7 +778,7 @@ impl Machine {
                 .register(&mut SourceFd(&raw), QMP, Interest::READABLE)
                 .map_err(Error::os("epoll_ctl"))?;
         }
-        run.qmp = connection;
+        run.qmp = connection.map(Qmp::Owned);
         Ok(())
     }
 
@@ -764,8 +899,8 @@ impl Machine {
 
     // ----- QMP -----
 
-    fn connection(&mut self) -> Result<&mut Connection> {
-        self.qmp_connection()
+    fn connection(&mut self) -> Result<&mut Qmp> {
+        self.qmp_handle()
     }
 
     /// Runs `command` and returns QEMU's whole reply (`{"return": ...}` or `{"error": ...}`);
@@ -840,8 +975,8 @@ impl Machine {
     /// Takes every event that has arrived, oldest first.
     pub fn events(&mut self) -> Vec<Event> {
         let mut out: Vec<Event> = self.leftover_events.drain(..).collect();
-        if let Some(conn) = self.run.as_mut().and_then(|r| r.qmp.as_mut()) {
-            out.extend(conn.drain_events());
+        if let Some(qmp) = self.run.as_mut().and_then(|r| r.qmp.as_mut()) {
+            out.extend(qmp.drain_events());
         }
         for event in &out[..] {
             self.note_event(event);
@@ -885,9 +1020,10 @@ impl Machine {
     }
 
     /// Passes `fd` to QEMU over the QMP socket (SCM_RIGHTS) for a following `getfd`/`add-fd`
-    /// (the seed's `send_fd_scm(fd=...)`). Unix-socket monitors only.
+    /// (the seed's `send_fd_scm(fd=...)`). Unix-socket monitors only; not on a shared
+    /// connection (use [`Machine::getfd`], which sends the fd and names it atomically).
     pub fn send_fd_scm(&mut self, fd: BorrowedFd<'_>) -> Result<()> {
-        self.connection()?
+        self.qmp_connection()?
             .send_fds(&[fd])
             .map_err(|source| Error::qmp("send_fd_scm", source))
     }
@@ -1006,10 +1142,12 @@ impl Machine {
         let status = run.child.status().unwrap_or(ExitStatus::Code(-1));
         // Events QEMU sent before it died (SHUTDOWN comes before quit's reply) are still in
         // the socket; keep them for events() and the report.
-        if let Some(mut conn) = run.qmp.take() {
-            let raw = conn.as_raw_fd();
-            let _ = run.poll.registry().deregister(&mut SourceFd(&raw));
-            let leftovers = conn.drain_events();
+        if let Some(mut qmp) = run.qmp.take() {
+            if let Qmp::Owned(conn) = &qmp {
+                let raw = conn.as_raw_fd();
+                let _ = run.poll.registry().deregister(&mut SourceFd(&raw));
+            }
+            let leftovers = qmp.drain_events();
             for event in &leftovers {
                 self.note_event(event);
                 if let Some(shutdown) = ShutdownEvent::from_event(event) {
@@ -1114,11 +1252,8 @@ impl LadderOps for Ops<'_> {
     }
 
     fn has_qmp(&mut self) -> bool {
-        match self.run.qmp.as_mut() {
-            // Read what has arrived first: an end-of-file may be waiting in the socket.
-            Some(conn) => conn.process_io().is_ok(),
-            None => false,
-        }
+        // Read what has arrived first: an end-of-file may be waiting in the socket.
+        self.run.qmp.as_mut().is_some_and(Qmp::usable)
     }
 
     fn quit_sent(&self) -> bool {
@@ -1171,7 +1306,7 @@ impl LadderOps for Ops<'_> {
             }
             let qmp_ready = run.events.iter().any(|e| e.token() == QMP);
             if qmp_ready {
-                if let Some(conn) = run.qmp.as_mut() {
+                if let Some(Qmp::Owned(conn)) = run.qmp.as_mut() {
                     // Keep the event queue current while we wait (SHUTDOWN, reasons); a
                     // failure here is the connection ending, which the exit explains.
                     let _ = conn.process_io();

@@ -398,7 +398,7 @@ fn a_dead_monitor_makes_the_quit_step_a_sigterm_not_a_wasted_wait() {
     // Negotiate, then close the monitor but keep running; SIGTERM ends it cleanly, as it
     // does QEMU. `quit` cannot be delivered: waiting the whole budget for it is pointless.
     let stub = Stub::new(
-        "greet\nserve_one\neval \"exec $MON>&-\"\ntrap 'exit 0' TERM\nsleep 300 &\nwait $!\nexit 9",
+        "trap 'kill $nap 2>/dev/null; exit 0' TERM\ngreet\nserve_one\neval \"exec $MON>&-\"\nsleep 300 >/dev/null 2>&1 &\nnap=$!\nwait $nap\nexit 9",
     );
     let mut b = stub.builder();
     b.shutdown_ladder(ShutdownLadder::graceful(Duration::from_secs(3)));
@@ -426,4 +426,68 @@ fn a_dead_monitor_makes_the_quit_step_a_sigterm_not_a_wasted_wait() {
         report.steps
     );
     assert_eq!(stub.leftovers(), 0);
+}
+
+#[test]
+fn a_shared_qmp_handle_works_from_another_thread_beside_the_machine() {
+    let _g = shared();
+    let stub = Stub::serving();
+    let mut m = stub.machine();
+    m.launch().expect("launch");
+    let qmp = m.qmp_shared().expect("shared handle");
+    assert!(matches!(m.qmp_connection(), Err(Error::QmpShared)));
+    // Another thread waits for the SHUTDOWN event while this one keeps using the machine.
+    let waiter = {
+        let qmp = qmp.clone();
+        std::thread::spawn(move || {
+            let status = qmp
+                .execute("query-status", None)
+                .expect("query from a thread");
+            let event = qmp
+                .wait_event(
+                    &[machine_core::qmp_proto::EventFilter::new("SHUTDOWN")],
+                    Duration::from_secs(10),
+                )
+                .expect("SHUTDOWN seen by the other thread");
+            (status, event)
+        })
+    };
+    assert_eq!(
+        m.cmd("query-status", ()).expect("query")["status"],
+        "running"
+    );
+    // A second call hands out the same connection.
+    let again = m.qmp_shared().expect("again");
+    assert!(again.is_connected());
+    m.cmd("quit", ()).expect("quit");
+    let (status, event) = waiter.join().expect("thread");
+    assert_eq!(status["status"], "running");
+    assert_eq!(event.event, "SHUTDOWN");
+    let report = m.wait(Duration::from_secs(10)).expect("wait");
+    assert_eq!(report.ended_by, EndedBy::Quit);
+    assert_eq!(report.status, ExitStatus::Code(0));
+    assert!(
+        qmp.execute("query-status", None).is_err(),
+        "handle outlived the run"
+    );
+    assert_eq!(stub.leftovers(), 0);
+    // A relaunch gets a fresh, owned connection again.
+    m.launch().expect("relaunch");
+    assert!(m.qmp_connection().is_ok());
+    m.shutdown().expect("shutdown");
+}
+
+#[test]
+fn the_shutdown_ladder_works_on_a_shared_connection() {
+    let _g = shared();
+    let stub = Stub::serving();
+    let mut m = stub.machine();
+    m.launch().expect("launch");
+    let _qmp = m.qmp_shared().expect("shared handle");
+    let report = m.shutdown().expect("shutdown");
+    assert_eq!(report.ended_by, EndedBy::Quit);
+    assert_eq!(
+        report.shutdown_event.as_ref().map(|e| e.reason.as_str()),
+        Some("host-qmp-quit")
+    );
 }
