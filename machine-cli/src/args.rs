@@ -273,6 +273,10 @@ pub struct WrapArgs {
     /// Shell options.
     #[command(flatten)]
     pub shell: ShellOptions,
+    /// On a terminal, show events only before each prompt and after each reply, not while
+    /// typing (as `shell --no-live-events`).
+    #[arg(long)]
+    pub no_live_events: bool,
     /// QEMU's arguments.
     #[arg(last = true, required = true, value_name = "QEMU ARGS")]
     pub qemu_args: Vec<OsString>,

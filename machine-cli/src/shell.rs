@@ -11,7 +11,9 @@
 //! - `shell` on a terminal: a background thread waits for events on the shared connection
 //!   (`qmp_client::Shared`) and prints each at once through rustyline's external printer, above
 //!   the line being typed;
-//! - otherwise (piped stdin, or `wrap`, whose machine owns its connection): the shell reads the
+//! - `wrap` on a terminal: the same, on the launched machine's shared QMP handle
+//!   (`Machine::qmp_shared`);
+//! - otherwise (piped stdin, or `--no-live-events`): the shell reads the
 //!   events that have arrived before each prompt and right after each reply, and prints them
 //!   then, before the reply when they came with it (so piped output has a stable order).
 //!

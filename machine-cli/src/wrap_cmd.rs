@@ -2,12 +2,17 @@
 //! on its QMP monitor (qmp-shell-wrap, without its socket file in the current directory: the
 //! monitor is a socketpair).
 //!
+//! On a terminal, events are printed as they arrive, as `shell` does: the machine's QMP
+//! connection is shared (`Machine::qmp_shared`) with the background event printer.
+//!
 //! When the shell ends (Ctrl-D, or `quit`), a QEMU still running is shut down (`quit`, then
 //! SIGKILL after the timeout) and the exit report goes to stderr.
 
 use std::time::Duration;
 
-use log::warn;
+use std::io::IsTerminal;
+
+use log::{debug, warn};
 use machine_core::qmp_proto::Event;
 use machine_core::{Args, Machine, MachineBuilder, ShutdownLadder};
 use serde_json::Value;
@@ -16,31 +21,46 @@ use crate::args::WrapArgs;
 use crate::error::{Error, Result};
 use crate::lang::Request;
 use crate::output;
-use crate::shell::{self, Monitor, MonitorError};
+use crate::shell::{self, EventPull, Monitor, MonitorError};
 
 /// How long QEMU gets to exit after `quit` when the shell ends with QEMU still running.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
 
-impl Monitor for Machine {
+/// The launched machine as the shell's monitor. With a background event printer (on a
+/// terminal) the events are left to it: it pulls them from the machine's shared QMP handle.
+struct MachineMonitor<'m> {
+    machine: &'m mut Machine,
+    printer: bool,
+}
+
+impl Monitor for MachineMonitor<'_> {
     fn request(&mut self, request: &Request) -> std::result::Result<Value, MonitorError> {
         let args = match &request.arguments {
             Some(map) => Args::exact(Value::Object(map.clone())),
             None => Args::none(),
         };
-        self.qmp(&request.execute, args)
+        self.machine
+            .qmp(&request.execute, args)
             .map_err(|e| from_machine(&request.execute, e))
     }
 
     fn poll_events(&mut self) -> std::result::Result<Vec<Event>, MonitorError> {
         let mut events = Vec::new();
+        if self.printer {
+            return Ok(events);
+        }
         loop {
-            match self.event(Duration::ZERO) {
+            match self.machine.event(Duration::ZERO) {
                 Ok(Some(event)) => events.push(event),
                 Ok(None) => return Ok(events),
                 Err(_) if !events.is_empty() => return Ok(events),
                 Err(e) => return Err(from_machine("events", e)),
             }
         }
+    }
+
+    fn events_taken_elsewhere(&mut self) {
+        self.printer = true;
     }
 }
 
@@ -91,7 +111,24 @@ pub fn run(args: WrapArgs) -> Result<u8> {
         None => "Connected to QEMU".to_string(),
     };
     let peer = format!("qemu pid {}", machine.pid().unwrap_or_default());
-    let outcome = shell::run(&mut machine, &args.shell, &banner, &peer, None);
+    // On a terminal, events are printed as they arrive (as `shell` does): a background thread
+    // waits on the machine's shared QMP handle while the shell sends commands through it.
+    let background: Option<EventPull> = if std::io::stdin().is_terminal() && !args.no_live_events {
+        match machine.qmp_shared() {
+            Ok(events) => Some(Box::new(move |timeout| events.pull_event(timeout))),
+            Err(error) => {
+                debug!("no live events: {error}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mut monitor = MachineMonitor {
+        machine: &mut machine,
+        printer: false,
+    };
+    let outcome = shell::run(&mut monitor, &args.shell, &banner, &peer, background);
     let ended = if machine.is_running() {
         machine.shutdown_with(&ShutdownLadder::graceful(QUIT_TIMEOUT))
     } else {

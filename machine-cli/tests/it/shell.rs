@@ -326,3 +326,115 @@ fn on_a_terminal_events_show_up_while_idle_at_the_prompt() {
     let history = std::fs::read_to_string(home.path().join(".qemu-machine_history")).unwrap();
     assert!(history.lines().any(|l| l == "query-status"), "{history:?}");
 }
+
+/// A stub QEMU for `wrap`: greets on its `-chardev socket,id=mon,fd=N`, answers every command
+/// with `{}` (`quit`: then exits), and sends one event once the file `$WRAP_TRIGGER` exists.
+const WRAP_STUB: &str = r#"#!/bin/bash
+for a in "$@"; do
+  case "$a" in socket,id=mon,fd=*) MON=${a#socket,id=mon,fd=};; esac
+done
+printf '{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": []}}\r\n' >&$MON
+while true; do
+  if [ -z "$sent" ] && [ -e "$WRAP_TRIGGER" ]; then
+    printf '{"event": "BLOCK_JOB_READY", "data": {"device": "job0"}, "timestamp": {"seconds": 1, "microseconds": 2}}\r\n' >&$MON
+    sent=1
+  fi
+  if IFS= read -r -t 0.05 -d '}' -u $MON cmd; then
+    id=null
+    [[ $cmd =~ \"id\":([0-9]+) ]] && id=${BASH_REMATCH[1]}
+    printf '{"return": {}, "id": %s}\r\n' "$id" >&$MON
+    case "$cmd" in *'"quit"'*) exit 0;; esac
+  elif [ $? -le 128 ]; then
+    exit 0
+  fi
+done
+"#;
+
+/// `wrap` on a terminal prints an event while the user sits at the prompt, like `shell`
+/// (it used to show events only after the next line, as its machine owned the connection).
+#[test]
+fn wrap_on_a_terminal_shows_events_while_idle_at_the_prompt() {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Stdio};
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let stub = dir.path().join("qemu-stub");
+    std::fs::write(&stub, WRAP_STUB).unwrap();
+    std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let trigger = dir.path().join("send-event");
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let master_fd = pty.master.try_clone().unwrap();
+    let slave = pty.slave.try_clone().unwrap();
+    drop(pty);
+    let child = Command::new("setsid")
+        .args(["-c", env!("CARGO_BIN_EXE_qemu-machine"), "wrap", "--qemu"])
+        .arg(&stub)
+        .args(["--", "-M", "none"])
+        .env("HOME", dir.path())
+        .env("TERM", "xterm")
+        .env("WRAP_TRIGGER", &trigger)
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave))
+        .spawn()
+        .unwrap();
+    struct Reaped(std::process::Child);
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            if let Ok(None) = self.0.try_wait() {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+    }
+    let mut child = Reaped(child);
+    let mut master = std::fs::File::from(master_fd);
+    let mut reader = master.try_clone().unwrap();
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let wait_for = |needle: &str, seen: &mut String| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !seen.contains(needle) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(chunk) => seen.push_str(&String::from_utf8_lossy(&chunk)),
+                Err(_) => panic!("{needle:?} not seen on the terminal; got {seen:?}"),
+            }
+        }
+    };
+    wait_for("(QEMU) ", &mut seen);
+    std::fs::write(&trigger, b"").unwrap();
+    // Nothing typed: the event must show up by itself.
+    wait_for("BLOCK_JOB_READY {\"device\":\"job0\"}", &mut seen);
+    use std::io::Write;
+    master.write_all(b"\x04").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "wrap did not leave on Ctrl-D: {seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert_eq!(status.code(), Some(0), "{seen:?}");
+    // Ended by our quit after Ctrl-D: the rest of the output (the report) until the
+    // terminal hangs up.
+    while let Ok(chunk) = rx.recv_timeout(Duration::from_secs(5)) {
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(seen.contains("our quit"), "{seen:?}");
+}
