@@ -17,19 +17,23 @@ const HUNG: Duration = Duration::from_secs(10);
 
 /// A connection in command mode at once (no greeting, no negotiation) and the raw peer end.
 fn raw_pair(command_timeout: Duration) -> (Connection, UnixStream) {
-    let (ours, theirs) = UnixStream::pair().unwrap();
+    let (ours, theirs) = UnixStream::pair().expect("socketpair");
     let config = Config::default()
         .with_await_greeting(false)
         .with_negotiate(false)
         .with_command_timeout(command_timeout);
-    (Connection::from_unix_stream(ours, &config).unwrap(), theirs)
+    (
+        Connection::from_unix_stream(ours, &config).expect("adopt the socket"),
+        theirs,
+    )
 }
 
 /// A peer that writes events as fast as it can until `stop` is set or the socket closes, so
 /// the client's socket is never empty. Its send buffer is made large and filled before this
 /// returns, so every read the client makes finds a full chunk waiting.
 fn flood(peer: UnixStream, stop: Arc<AtomicBool>) -> JoinHandle<()> {
-    nix::sys::socket::setsockopt(&peer, nix::sys::socket::sockopt::SndBuf, &(4 << 20)).unwrap();
+    nix::sys::socket::setsockopt(&peer, nix::sys::socket::sockopt::SndBuf, &(4 << 20))
+        .expect("SO_SNDBUF");
     let (primed_tx, primed_rx) = mpsc::channel();
     let handle = std::thread::spawn(move || {
         let one = br#"{"event": "NOISE", "data": {"x": 1}, "timestamp": {"seconds": 1, "microseconds": 2}}"#;
@@ -70,7 +74,7 @@ fn within_hung<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> (T,
 /// Fills the socket's send buffer through `writer` (a duplicate of the client's socket) until
 /// not one more byte fits.
 fn fill(writer: &UnixStream) {
-    writer.set_nonblocking(true).unwrap();
+    writer.set_nonblocking(true).expect("nonblocking");
     let big = vec![b' '; 64 * 1024];
     while (&*writer).write(&big).is_ok() {}
     while (&*writer).write(b" ").is_ok() {}
