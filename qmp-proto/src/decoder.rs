@@ -215,7 +215,7 @@ impl Decoder {
         if self.buf.len() - self.pos > self.config.max_message_size {
             // The caller is feeding without pulling: frame now, so that an oversized message
             // is cut off and memory stays bounded.
-            self.frame(false);
+            let _none = self.frame(false);
         }
     }
 
@@ -250,10 +250,10 @@ impl Decoder {
     /// The next message as a plain JSON object, without classifying it (a server uses this
     /// to read commands, see [`Command::from_object`](crate::Command::from_object)).
     pub fn next_object(&mut self) -> Option<Result<Map<String, Value>>> {
-        if self.frames.is_empty() {
-            self.frame(true);
+        match self.frames.pop_front() {
+            Some(frame) => Some(frame),
+            None => self.frame(true),
         }
-        self.frames.pop_front()
     }
 
     /// Bytes received and not yet decoded. Once [`Decoder::next_message`] has returned
@@ -324,9 +324,10 @@ impl Decoder {
     /// byte with the same result, so chunking never changes the outcome; no byte is scanned
     /// twice.
     ///
-    /// With `one`, stops after the first message, so that each message is parsed just before
-    /// it is pulled (and dropped while its memory is still in cache).
-    fn frame(&mut self, one: bool) {
+    /// With `one`, stops at the first message and returns it, so that each message is parsed
+    /// just before it is pulled (and dropped while its memory is still in cache); otherwise
+    /// queues every message and returns `None`.
+    fn frame(&mut self, one: bool) -> Option<Result<Map<String, Value>>> {
         loop {
             if let (Some(start), Some(search)) = (self.msg_start, self.line_search) {
                 match self.fast_path(start, search) {
@@ -336,14 +337,14 @@ impl Decoder {
                     // general way ends it, however the input is chunked.
                     Fast::Wait => {}
                     Fast::Done(object, resume) => {
-                        self.frames.push_back(Ok(object));
                         self.msg_start = None;
                         self.line_search = None;
                         self.pos = resume;
                         self.scanner.reset();
                         if one {
-                            return;
+                            return Some(Ok(object));
                         }
+                        self.frames.push_back(Ok(object));
                         continue;
                     }
                     // The scanner has not moved since the message started.
@@ -369,12 +370,13 @@ impl Decoder {
                             if !self.discarding
                                 && scan_end - start > self.config.max_message_size =>
                         {
-                            self.frames.push_back(Err(self.too_large(start)));
+                            let error = self.too_large(start);
                             self.discarding = true;
                             self.line_search = None;
                             if one {
-                                break;
+                                return Some(Err(error));
                             }
+                            self.frames.push_back(Err(error));
                         }
                         _ => break,
                     }
@@ -393,12 +395,13 @@ impl Decoder {
                     self.line_search = None;
                     if !self.discarding {
                         self.discarding = true;
-                        self.frames.push_back(Err(Error::TooDeep {
+                        let error = Error::TooDeep {
                             limit: self.config.max_depth,
-                        }));
+                        };
                         if one {
-                            return;
+                            return Some(Err(error));
                         }
+                        self.frames.push_back(Err(error));
                     }
                 }
                 Step::End {
@@ -413,18 +416,18 @@ impl Decoder {
                         self.discarding = false;
                         continue;
                     }
-                    if end - start > self.config.max_message_size {
+                    let item = if end - start > self.config.max_message_size {
                         // Sized before trimming, like the check on an unfinished message
-                        // below, so the outcome never depends on where chunks were cut.
-                        self.frames.push_back(Err(self.too_large(start)));
+                        // above, so the outcome never depends on where chunks were cut.
+                        Err(self.too_large(start))
                     } else {
                         let end = trim_end(&self.buf, start, end);
-                        self.frames
-                            .push_back(parse_object(&self.buf[start..end], complete));
-                    }
+                        parse_object(&self.buf[start..end], complete)
+                    };
                     if one {
-                        return;
+                        return Some(item);
                     }
+                    self.frames.push_back(item);
                 }
             }
         }
@@ -436,6 +439,7 @@ impl Decoder {
                 self.msg_start = None;
             }
         }
+        None
     }
 
     /// The fast way for the message starting at `start`, searching for line feeds from
