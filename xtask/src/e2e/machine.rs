@@ -38,6 +38,7 @@ pub fn scenarios() -> Vec<Scenario> {
         s("machine_events_and_waits", BOTH, 30, events_and_waits),
         s("machine_key_conversion_and_exact", TCG, 30, key_conversion),
         s("machine_kill", TCG, 30, kill),
+        s("machine_shared_qmp_handle", TCG, 30, shared_qmp_handle),
         s("machine_relaunch", TCG, 30, relaunch),
         s("machine_no_qmp_sigterm_and_log", TCG, 30, no_qmp_sigterm),
         s("machine_add_fd", TCG, 30, add_fd),
@@ -224,6 +225,45 @@ fn launch_cmd_qmp_shutdown(ctx: &Ctx) -> Result<(), String> {
     // Idempotent: a second shutdown returns the same report.
     let again = m.shutdown().map_err(err("second shutdown"))?;
     check(again.status == report.status, "second shutdown report")?;
+    Ok(())
+}
+
+/// `Machine::qmp_shared`: another thread commands QEMU and takes events through the shared
+/// handle while the machine keeps working; the ladder ends QEMU through it.
+fn shared_qmp_handle(ctx: &Ctx) -> Result<(), String> {
+    let base = base_dir()?;
+    let mut m = none_builder(ctx, base.path()).build();
+    m.launch().map_err(err("launch"))?;
+    let qmp = m.qmp_shared().map_err(err("qmp_shared"))?;
+    let watcher = {
+        let qmp = qmp.clone();
+        std::thread::spawn(move || {
+            qmp.wait_event(&[EventFilter::new("STOP")], Duration::from_secs(5))
+                .map_err(|e| format!("STOP on the other thread: {e}"))?;
+            qmp.execute("cont", None)
+                .map_err(|e| format!("cont from the other thread: {e}"))
+        })
+    };
+    m.cmd("stop", ()).map_err(err("stop"))?;
+    watcher
+        .join()
+        .map_err(|_| "watcher thread panicked".to_string())??;
+    let status = m.cmd("query-status", ()).map_err(err("query-status"))?;
+    check(status["status"] == "running", format!("status {status}"))?;
+    check(
+        matches!(m.qmp_connection(), Err(Error::QmpShared)),
+        "qmp_connection on a shared run",
+    )?;
+    let report = m.shutdown().map_err(err("shutdown"))?;
+    check(
+        report.ended_by == EndedBy::Quit,
+        format!("ended by {}", report.ended_by),
+    )?;
+    check(
+        qmp.execute("query-status", None).is_err(),
+        "handle after exit",
+    )?;
+    check(entries(base.path()) == 0, "temp dir left")?;
     Ok(())
 }
 
