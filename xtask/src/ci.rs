@@ -43,6 +43,17 @@ pub fn run(args: &[String]) -> Result<(), String> {
             Box::new(|| cargo(&["test", "--workspace", "--all-features"], &[])),
         ),
         ("e2e", Box::new(|| crate::e2e::run(&[]))),
+        (
+            "reliability",
+            Box::new(|| {
+                let json = crate::workspace_root().join("target/reliability-quick.json");
+                crate::reliability::run(&[
+                    "--quick".to_string(),
+                    "--json".to_string(),
+                    json.to_string_lossy().into_owned(),
+                ])
+            }),
+        ),
     ];
     let mut results = Vec::new();
     for (name, step) in &steps {
