@@ -197,7 +197,8 @@ pub enum Error {
         /// The limit (8).
         limit: usize,
     },
-    /// An id-less command is already waiting for its reply (at most one may be).
+    /// An id-less command is already waiting for its reply, or timed out with its reply still
+    /// due (at most one may be outstanding: id-less replies cannot be told apart).
     #[error("an id-less command is already in flight")]
     IdlessBusy,
     /// The request id is not (or no longer) pending.

@@ -37,7 +37,8 @@
 //!   after its command timed out) is dropped, logged at warn and counted
 //!   ([`Connection::unknown_replies`]); it never reaches another caller. An `error` without an
 //!   id while no id-less command is pending ends the session with [`Error::ServerParse`], as the
-//!   QMP specification describes.
+//!   QMP specification describes; the late reply of a timed-out id-less command is dropped like
+//!   any late reply, and no new id-less command is sent until it has come.
 //! - **Pipelining.** Several commands may be in flight ([`Connection::send`] +
 //!   [`Connection::wait_reply`]); at most 8 in-band ones, the limit of the spec: a further send
 //!   waits for a slot within its deadline. `exec-oob` commands ([`Connection::execute_oob`]) are

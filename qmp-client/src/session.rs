@@ -94,7 +94,9 @@ struct TimedOut {
 ///   with an unknown id (e.g. late, after its command timed out) is dropped, logged at warn and
 ///   counted in [`Session::unknown_replies`].
 /// - An `error` without an id while no id-less command is pending ends the session
-///   ([`Error::ServerParse`]), as the QMP spec prescribes.
+///   ([`Error::ServerParse`]), as the QMP spec prescribes. While a timed-out id-less command's
+///   reply is still due, the next id-less `return` or `error` is taken as that late reply and
+///   dropped (W12), and [`Session::send_without_id`] refuses new id-less commands.
 /// - The first failure is sticky: afterwards every pending and new request fails at once with
 ///   [`Error::Disconnected`] carrying it. EOF (or ECONNRESET) after a `quit` we sent is a clean
 ///   close: the `quit` request completes with `{"return": {}}` and the cause is [`Error::Closed`].
@@ -265,9 +267,16 @@ impl Session {
 
     /// Queues `command` without an id (at most one such command may be in flight; any id-less
     /// reply goes to it). Prefer [`Session::send`]: this exists for servers that reject ids.
+    ///
+    /// Fails with [`Error::IdlessBusy`] while another id-less command waits for its reply, or
+    /// one timed out and its late reply has not come yet (it would be taken for this one's).
+    /// That late reply, `error` included, is dropped and counted like any late reply.
     pub fn send_without_id(&mut self, mut command: Command) -> Result<RequestId> {
         self.check_can_send(&command)?;
-        if self.pending.contains_key(&RequestId::IDLESS) {
+        // A timed-out id-less command's reply may still come, and could not be told apart.
+        if self.pending.contains_key(&RequestId::IDLESS)
+            || self.timed_out.contains_key(&RequestId::IDLESS)
+        {
             return Err(Error::IdlessBusy);
         }
         command.id = None;
@@ -379,8 +388,15 @@ impl Session {
             return;
         }
         if self.timed_out.len() >= TIMED_OUT_MEMORY {
-            // Forget the oldest; if its reply ever comes it is still dropped, as unknown.
-            if let Some(oldest) = self.timed_out.keys().min().copied() {
+            // Forget the oldest; if its reply ever comes it is still dropped, as unknown. The
+            // id-less one is kept: forgetting it would let its late `error` end the session.
+            let oldest = self
+                .timed_out
+                .keys()
+                .filter(|id| **id != RequestId::IDLESS)
+                .min()
+                .copied();
+            if let Some(oldest) = oldest {
                 if let Some(t) = self.timed_out.remove(&oldest) {
                     if !t.oob {
                         self.inband = self.inband.saturating_sub(1);
@@ -628,6 +644,18 @@ impl Session {
                 if !p.oob {
                     self.inband = self.inband.saturating_sub(1);
                 }
+                return;
+            }
+        }
+        // The late reply of a timed-out id-less command (W12): an `error` here is that
+        // command's, not a server parse error, so it must not end the session.
+        if matches!(message, ServerMessage::Return(_) | ServerMessage::Error(_)) {
+            if let Some(t) = self.timed_out.remove(&RequestId::IDLESS) {
+                if !t.oob {
+                    self.inband = self.inband.saturating_sub(1);
+                }
+                warn!("dropping late reply to timed-out id-less `{}`", t.command);
+                self.unknown_replies += 1;
                 return;
             }
         }

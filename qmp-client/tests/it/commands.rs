@@ -373,3 +373,73 @@ fn command_timeout_is_accurate() {
     assert!(matches!(res, Err(Error::CommandTimeout { .. })), "{res:?}");
     assert_near(took, Duration::from_millis(250));
 }
+
+/// W12: the late error reply of a timed-out id-less command is that command's, not a server
+/// parse error: it is dropped and counted, and the session lives on.
+#[test]
+fn late_idless_error_after_timeout_does_not_end_the_session() {
+    let script = Script::new()
+        .on(
+            "slow",
+            vec![
+                Action::Sleep(Duration::from_millis(300)),
+                Action::Send(json!({"error": {"class": "GenericError", "desc": "late"}})),
+            ],
+        )
+        .on("echo", vec![Action::reply(json!("alive"))]);
+    let (_server, mut conn) = connect(script);
+    let id = conn
+        .session_mut()
+        .send_without_id(Command::new("slow"))
+        .unwrap();
+    let res = conn.wait_reply(id, Instant::now() + Duration::from_millis(50));
+    assert!(matches!(res, Err(Error::CommandTimeout { .. })), "{res:?}");
+    // The server answers `echo` only after the late error: it has been read by then.
+    assert_eq!(conn.execute("echo", None).unwrap(), json!("alive"));
+    assert!(conn.is_connected());
+    assert_eq!(conn.unknown_replies(), 1);
+}
+
+/// Id-less replies cannot be told apart: while a timed-out id-less command's reply is still
+/// due, a new id-less command is refused rather than handed the old reply.
+#[test]
+fn late_idless_reply_never_reaches_the_next_idless_command() {
+    let script = Script::new()
+        .on(
+            "slow",
+            vec![
+                Action::Sleep(Duration::from_millis(300)),
+                Action::Send(json!({"return": "first"})),
+            ],
+        )
+        .on("fast", vec![Action::Send(json!({"return": "second"}))])
+        .on("echo", vec![Action::reply(json!({}))]);
+    let (_server, mut conn) = connect(script);
+    let slow = conn
+        .session_mut()
+        .send_without_id(Command::new("slow"))
+        .unwrap();
+    let res = conn.wait_reply(slow, Instant::now() + Duration::from_millis(50));
+    assert!(matches!(res, Err(Error::CommandTimeout { .. })), "{res:?}");
+    match conn.session_mut().send_without_id(Command::new("fast")) {
+        Err(Error::IdlessBusy) => {}
+        Ok(fast) => {
+            let got = conn.wait_reply(fast, Instant::now() + Duration::from_secs(5));
+            panic!("a second id-less command was sent and got {got:?}");
+        }
+        Err(e) => panic!("unexpected {e:?}"),
+    }
+    // Once the late reply has come (and been dropped), id-less commands work again.
+    conn.execute("echo", None).unwrap();
+    let fast = conn
+        .session_mut()
+        .send_without_id(Command::new("fast"))
+        .unwrap();
+    match conn
+        .wait_reply(fast, Instant::now() + Duration::from_secs(5))
+        .unwrap()
+    {
+        ServerMessage::Return(r) => assert_eq!(r.ret, json!("second")),
+        other => panic!("{other:?}"),
+    }
+}
