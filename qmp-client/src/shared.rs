@@ -144,12 +144,7 @@ impl Shared {
             drop(st);
             let mut failure = None;
             let mut chunk = None;
-            if poller.read_hint {
-                chunk = Some(sockio::read_chunk(&self.inner.stream, &mut poller.buf));
-                // A read is a check too: under a flood that never lets the socket run dry the
-                // deadline must still end the wait.
-                checked_once = true;
-            } else {
+            if !poller.read_hint {
                 match sockio::wait(&mut poller.poll, &mut poller.events, deadline) {
                     Ok(wake) => {
                         poller.read_hint = wake.socket;
@@ -157,8 +152,15 @@ impl Shared {
                     }
                     Err(e) => failure = Some(e),
                 }
-                checked_once = true;
             }
+            // Read at once what the poll reported: with the deadline reached (a zero timeout
+            // above all) the loop would otherwise end before looking at it.
+            if poller.read_hint && failure.is_none() {
+                chunk = Some(sockio::read_chunk(&self.inner.stream, &mut poller.buf));
+            }
+            // A read is a check too: under a flood that never lets the socket run dry the
+            // deadline must still end the wait.
+            checked_once = true;
             st = self.lock();
             if let Some(chunk) = chunk {
                 // A short read drained the socket (see `sockio::read_available`).
@@ -291,9 +293,14 @@ impl Shared {
         }
     }
 
-    /// Takes every queued event, oldest first.
+    /// Takes every queued event (after a nonblocking read of what has arrived, unless another
+    /// thread is reading right now), oldest first.
     pub fn drain_events(&self) -> Vec<Event> {
-        self.lock().session.drain_events()
+        // A failure here is sticky and reported by the next call that can return an error.
+        match self.pump(self.lock(), Instant::now(), |_| false) {
+            Ok((mut st, _)) => st.session.drain_events(),
+            Err(_) => self.lock().session.drain_events(),
+        }
     }
 
     /// Discards every queued event.

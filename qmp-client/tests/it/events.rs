@@ -276,3 +276,52 @@ fn execute_and_wait_ignores_events_unread_before_the_send() {
         "the old STOP stays queued"
     );
 }
+
+/// `Shared::drain_events` reads what has arrived, like `Connection::drain_events` (and the
+/// seed's `get_qmp_events(wait=False)`): an event already in the socket is not left behind
+/// just because no call happened to be reading.
+#[test]
+fn shared_drain_events_reads_what_has_arrived() {
+    use std::io::Write;
+    let (ours, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let config = crate::util::config()
+        .with_await_greeting(false)
+        .with_negotiate(false);
+    let conn = qmp_client::Connection::from_unix_stream(ours, &config).unwrap();
+    let shared = qmp_client::Shared::new(conn).unwrap();
+    peer.write_all(
+        b"{\"event\": \"STOP\", \"timestamp\": {\"seconds\": 1, \"microseconds\": 0}}\r\n",
+    )
+    .unwrap();
+    let names: Vec<_> = shared.drain_events().into_iter().map(|e| e.event).collect();
+    assert_eq!(names, ["STOP"]);
+}
+
+/// A zero timeout still reads what has arrived on a `Shared` (one nonblocking check), also
+/// when an earlier read left the socket drained.
+#[test]
+fn shared_pull_event_with_zero_timeout_reads_what_has_arrived() {
+    use std::io::{Read, Write};
+    let (ours, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let config = crate::util::config()
+        .with_await_greeting(false)
+        .with_negotiate(false);
+    let conn = qmp_client::Connection::from_unix_stream(ours, &config).unwrap();
+    let shared = qmp_client::Shared::new(conn).unwrap();
+    let server = std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        let n = peer.read(&mut buf).unwrap();
+        assert!(n > 0);
+        peer.write_all(b"{\"return\": {}, \"id\": 1}\r\n").unwrap();
+        peer
+    });
+    shared.execute("cont", None).unwrap();
+    let mut peer = server.join().unwrap();
+    assert!(shared.pull_event(Duration::ZERO).unwrap().is_none());
+    peer.write_all(
+        b"{\"event\": \"STOP\", \"timestamp\": {\"seconds\": 1, \"microseconds\": 0}}\r\n",
+    )
+    .unwrap();
+    let event = shared.pull_event(Duration::ZERO).unwrap();
+    assert_eq!(event.map(|e| e.event).as_deref(), Some("STOP"));
+}
