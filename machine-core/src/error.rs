@@ -120,6 +120,10 @@ pub enum Error {
         #[source]
         cause: Box<Error>,
     },
+    /// The caller's abort fd turned readable during the launch
+    /// ([`crate::Machine::launch_with_abort`]); the cause of an [`Error::LaunchFailed`].
+    #[error("the launch was aborted")]
+    LaunchAborted,
     /// The QMP connection failed while running `command` (transport, timeout, protocol).
     #[error("qmp {command}")]
     Qmp {

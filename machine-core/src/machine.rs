@@ -561,6 +561,18 @@ impl Machine {
     /// On any failure everything is rolled back: no process, fd, temp dir or socket file
     /// is left.
     pub fn launch(&mut self) -> Result<()> {
+        self.launch_inner(None)
+    }
+
+    /// [`Machine::launch`] that also ends at once when `abort` turns readable (e.g. the read
+    /// end of a pipe a signal handler or another thread writes to): QEMU is then killed and
+    /// everything rolled back, and the result is [`Error::LaunchFailed`] with the cause
+    /// [`Error::LaunchAborted`]. The machine can be launched again afterwards.
+    pub fn launch_with_abort(&mut self, abort: BorrowedFd<'_>) -> Result<()> {
+        self.launch_inner(Some(abort))
+    }
+
+    fn launch_inner(&mut self, abort: Option<BorrowedFd<'_>>) -> Result<()> {
         if let Some(run) = &mut self.run {
             let pid = run.child.pid();
             match run.child.try_reap() {
@@ -584,7 +596,7 @@ impl Machine {
         self.report = None;
         self.command = None;
         let once = std::mem::take(&mut self.once_fds);
-        match self.start(once) {
+        match self.start(once, abort) {
             Ok(run) => {
                 log::info!(
                     "launched qemu pid {} ({})",
@@ -605,7 +617,7 @@ impl Machine {
         }
     }
 
-    fn start(&mut self, once: Vec<OwnedFd>) -> Result<Run> {
+    fn start(&mut self, once: Vec<OwnedFd>, abort: Option<BorrowedFd<'_>>) -> Result<Run> {
         let program = self
             .config
             .wrapper
@@ -717,13 +729,13 @@ impl Machine {
             &mut run,
             out_read,
             log_file,
-            monitor_ours,
-            listener,
+            (monitor_ours, listener),
             console_ours,
+            abort,
         );
         match result {
             Ok(()) => Ok(run),
-            Err(cause) => Err(self.fail_launch(run, cause)),
+            Err(cause) => Err(self.fail_launch(run, cause, abort)),
         }
     }
 
@@ -733,9 +745,10 @@ impl Machine {
         run: &mut Run,
         out_read: OwnedFd,
         log_file: Option<File>,
-        monitor_ours: Option<UnixStream>,
-        listener: Option<Listener>,
+        // Our socketpair end, or the listener QEMU connects to.
+        (monitor_ours, listener): (Option<UnixStream>, Option<Listener>),
         console_ours: Option<UnixStream>,
+        abort: Option<BorrowedFd<'_>>,
     ) -> Result<()> {
         let pidfd_raw = run.child.pidfd().as_raw_fd();
         run.poll
@@ -758,7 +771,19 @@ impl Machine {
             self.console = Some(console);
         }
         let qmp_config = &self.config.qmp;
-        let pidfd = run.child.pidfd();
+        // The handshake watches one fd: QEMU's pidfd, or, with a caller's abort fd, an epoll
+        // fd readable when either is.
+        let combined = match abort {
+            Some(abort) => Some(
+                crate::sys::combine_readable(&[run.child.pidfd(), abort])
+                    .map_err(Error::os("epoll_create"))?,
+            ),
+            None => None,
+        };
+        let pidfd = match &combined {
+            Some(fd) => fd.as_fd(),
+            None => run.child.pidfd(),
+        };
         let connection = match (monitor_ours, listener) {
             (Some(stream), _) => Some(
                 Connection::from_unix_stream_with_abort(stream, qmp_config, Some(pidfd))
@@ -783,7 +808,15 @@ impl Machine {
     }
 
     /// Rolls a failed launch back and builds the error.
-    fn fail_launch(&mut self, mut run: Run, cause: Error) -> Error {
+    fn fail_launch(&mut self, mut run: Run, cause: Error, abort: Option<BorrowedFd<'_>>) -> Error {
+        // The caller's abort (not QEMU's exit) ended the handshake: kill at once.
+        let aborted = matches!(&cause, Error::Qmp { source, .. }
+                if matches!(source.root(), qmp_client::Error::Aborted))
+            && abort.is_some_and(|fd| {
+                crate::process::poll_readable(fd, Duration::ZERO).unwrap_or(false)
+            })
+            && !crate::process::poll_readable(run.child.pidfd(), Duration::ZERO).unwrap_or(false);
+        let cause = if aborted { Error::LaunchAborted } else { cause };
         let gone = matches!(&cause, Error::Qmp { source, .. } if monitor_gone(source));
         let grace = if gone { EXIT_GRACE } else { Duration::ZERO };
         let mut status = run.child.wait_until(Instant::now() + grace).ok().flatten();

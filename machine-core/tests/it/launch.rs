@@ -148,3 +148,49 @@ fn a_failed_launch_can_be_retried_on_the_same_machine() {
     );
     m.shutdown().expect("shutdown");
 }
+
+#[test]
+fn a_launch_can_be_aborted_by_the_caller_during_the_handshake() {
+    use std::io::Write;
+    use std::os::fd::AsFd;
+    let _g = shared();
+    // Never greets: without an abort the launch would wait for the whole greeting deadline.
+    let stub = Stub::new("exec sleep 300");
+    let mut b = stub.builder();
+    b.greeting_timeout(Duration::from_secs(20));
+    let mut m = b.build();
+    let (abort_r, abort_w) = nix::unistd::pipe().expect("pipe");
+    let poker = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        let mut w = std::fs::File::from(abort_w);
+        w.write_all(b"x").expect("poke");
+    });
+    let started = Instant::now();
+    let err = m
+        .launch_with_abort(abort_r.as_fd())
+        .expect_err("aborted launch");
+    let took = started.elapsed();
+    poker.join().expect("poker");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    match &err {
+        Error::LaunchFailed {
+            status,
+            killed,
+            cause,
+            ..
+        } => {
+            assert!(killed, "{err:?}");
+            assert_eq!(status.and_then(ExitStatus::signal), Some(libc::SIGKILL));
+            assert!(matches!(**cause, Error::LaunchAborted), "{cause:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!m.is_running());
+    assert_eq!(stub.leftovers(), 0);
+    // The same machine launches normally afterwards (and an idle abort fd changes nothing).
+    let serving = Stub::serving();
+    let mut ok = serving.builder().build();
+    let (idle_r, _idle_w) = nix::unistd::pipe().expect("pipe");
+    ok.launch_with_abort(idle_r.as_fd()).expect("launch");
+    ok.shutdown().expect("shutdown");
+}
