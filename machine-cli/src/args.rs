@@ -15,6 +15,7 @@ Exit status:
   4    QEMU could not be launched (missing binary, bad arguments)
   N    for `run`: QEMU's own exit code when it exited on its own with N != 0
   128+S  for `run`: QEMU was ended by signal S that we did not send
+  130  for `run`: Ctrl-C (or SIGTERM...) before QEMU was up; QEMU was killed
   137  for `run`: we had to kill QEMU (SIGKILL)";
 
 /// Run QEMU virtual machines, talk QMP to them, and watch their events.

@@ -16,6 +16,8 @@ pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_CONNECTION: u8 = 3;
 /// Exit status when QEMU cannot be launched.
 pub const EXIT_LAUNCH: u8 = 4;
+/// Exit status when a signal ended `run` before QEMU was up (128 + SIGINT, as a shell says).
+pub const EXIT_INTERRUPTED: u8 = 130;
 
 /// A failure of `qemu-machine`, printed once with its causes by `main`.
 #[derive(Debug, thiserror::Error)]
@@ -172,6 +174,12 @@ pub enum Error {
         #[source]
         source: machine_core::Error,
     },
+    /// A signal (Ctrl-C, SIGTERM...) arrived while QEMU was starting: it was killed.
+    #[error("interrupted by {signal} while qemu was starting; qemu was killed")]
+    Interrupted {
+        /// The signal, as named in messages.
+        signal: &'static str,
+    },
     /// The QEMU binary is not an executable file (nor found on `$PATH`).
     #[error("QEMU binary {} not found (install qemu-system-x86, or give --qemu PATH or $QEMU)", path.display())]
     QemuNotFound {
@@ -258,6 +266,7 @@ impl Error {
             | Error::Events { .. }
             | Error::Disconnected { .. } => EXIT_CONNECTION,
             Error::Launch { .. } | Error::QemuNotFound { .. } => EXIT_LAUNCH,
+            Error::Interrupted { .. } => EXIT_INTERRUPTED,
             Error::File { .. }
             | Error::Io { .. }
             | Error::Readline { .. }

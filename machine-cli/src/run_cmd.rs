@@ -16,7 +16,8 @@
 //! The exit status says how the VM ended: 0 when it shut down cleanly (our request, or the
 //! guest powering off), QEMU's own code when it exited by itself with one (the tiny guest's
 //! `exit N` gives `2N+1`), 128+S when a signal S we did not send ended it, 137 when we had to
-//! kill it, 1 for another abnormal end (a guest reset with `-no-reboot`, a panic).
+//! kill it, 1 for another abnormal end (a guest reset with `-no-reboot`, a panic). A signal
+//! that arrives while QEMU is still starting ends the launch at once (QEMU killed, status 130).
 
 use std::ffi::OsString;
 use std::io::{IsTerminal, Read, Write};
@@ -166,7 +167,7 @@ pub fn run(args: RunArgs) -> Result<u8> {
     };
     let (tx, rx) = mpsc::channel::<Msg>();
     // First, before machine-core starts any thread: every thread must inherit the mask.
-    signals::install(tx.clone(), Msg::Signal)?;
+    let signals = signals::install(tx.clone(), Msg::Signal)?;
 
     if find_program(&args.qemu).is_none() {
         return Err(Error::QemuNotFound {
@@ -209,10 +210,25 @@ pub fn run(args: RunArgs) -> Result<u8> {
         machine.add_args(guest::qemu_args(&kernel, guest_machine));
     }
 
-    machine.launch().map_err(|source| Error::Launch {
-        binary: args.qemu.clone(),
-        source,
-    })?;
+    // A signal during the handshake ends the launch at once (QEMU is killed).
+    match machine.launch_with_abort(signals.wakeup()) {
+        Ok(()) => {}
+        Err(machine_core::Error::LaunchFailed { cause, .. })
+            if matches!(*cause, machine_core::Error::LaunchAborted) =>
+        {
+            let signal = match rx.try_recv() {
+                Ok(Msg::Signal(signal)) => signal_text(signal),
+                _ => "a signal",
+            };
+            return Err(Error::Interrupted { signal });
+        }
+        Err(source) => {
+            return Err(Error::Launch {
+                binary: args.qemu.clone(),
+                source,
+            })
+        }
+    }
     let pid = machine.pid().unwrap_or_default();
     let command = machine
         .command_line()
@@ -485,12 +501,7 @@ fn attach(
         // Wait for a signal or typed input, at most one tick.
         match rx.recv_timeout(TICK) {
             Ok(Msg::Signal(signal)) => {
-                let what = match signal {
-                    Received::Interrupt => "Ctrl-C",
-                    Received::Terminate => "SIGTERM",
-                    Received::HangUp => "SIGHUP",
-                    Received::Quit => "SIGQUIT",
-                };
+                let what = signal_text(signal);
                 if stopping == Stopping::No && signal != Received::Quit {
                     stopping = begin_stop(machine, reporter, what, step)?;
                 } else {
@@ -515,6 +526,16 @@ fn attach(
             }
             Err(mpsc::RecvTimeoutError::Timeout) | Err(mpsc::RecvTimeoutError::Disconnected) => {}
         }
+    }
+}
+
+/// How a received signal is named in messages.
+fn signal_text(signal: Received) -> &'static str {
+    match signal {
+        Received::Interrupt => "Ctrl-C",
+        Received::Terminate => "SIGTERM",
+        Received::HangUp => "SIGHUP",
+        Received::Quit => "SIGQUIT",
     }
 }
 

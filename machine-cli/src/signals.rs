@@ -5,8 +5,14 @@
 //! exists, so every thread inherits the mask and none is interrupted; one small thread then
 //! takes them with `sigwait` and forwards them. No signal handler runs, so there is nothing
 //! async-signal-unsafe to get wrong, and no `unsafe` here. QEMU does not inherit the mask:
-//! the standard library empties the signal mask of every child it spawns.
+//! machine-core empties the signal mask of every QEMU it spawns.
+//!
+//! Each signal is also announced by a byte on a pipe ([`Signals::wakeup`]), which a blocking
+//! wait that cannot read the channel (the launch's handshake) watches to end at once.
 
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::mpsc::Sender;
 use std::thread;
 
@@ -27,10 +33,32 @@ pub enum Received {
     Quit,
 }
 
-/// Blocks SIGINT, SIGTERM, SIGHUP and SIGQUIT in this thread (and so in every thread spawned after it), and
-/// starts the thread that sends each one as `wrap(Received)` on `sender` until the receiver
-/// is gone. Call it first thing, before anything spawns a thread.
-pub fn install<T: Send + 'static>(sender: Sender<T>, wrap: fn(Received) -> T) -> Result<()> {
+/// What [`install`] gives: the read end of the wake-up pipe.
+pub struct Signals {
+    wakeup: OwnedFd,
+}
+
+impl Signals {
+    /// Readable once any of the signals has arrived (never drained: it stays readable).
+    pub fn wakeup(&self) -> BorrowedFd<'_> {
+        self.wakeup.as_fd()
+    }
+}
+
+/// Blocks SIGINT, SIGTERM, SIGHUP and SIGQUIT in this thread (and so in every thread spawned
+/// after it), and starts the thread that sends each one as `wrap(Received)` on `sender` until
+/// the receiver is gone, and writes a byte to the wake-up pipe. Call it first thing, before
+/// anything spawns a thread.
+pub fn install<T: Send + 'static>(sender: Sender<T>, wrap: fn(Received) -> T) -> Result<Signals> {
+    use nix::fcntl::OFlag;
+    // Nonblocking: a full pipe (thousands of signals nobody waits for) must not stop the
+    // thread; one byte is enough to make it readable.
+    let (wakeup, poke) =
+        nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).map_err(|errno| Error::Io {
+            what: "creating the signal wake-up pipe",
+            source: errno.into(),
+        })?;
+    let mut poke = File::from(poke);
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);
@@ -52,6 +80,8 @@ pub fn install<T: Send + 'static>(sender: Sender<T>, wrap: fn(Received) -> T) ->
                 // sigwait fails only for an invalid set; stop rather than spin.
                 Err(_) => return,
             };
+            // A full pipe is readable already.
+            let _ = poke.write(b"!");
             if sender.send(wrap(received)).is_err() {
                 return;
             }
@@ -60,5 +90,5 @@ pub fn install<T: Send + 'static>(sender: Sender<T>, wrap: fn(Received) -> T) ->
             what: "starting the signal thread",
             source,
         })?;
-    Ok(())
+    Ok(Signals { wakeup })
 }

@@ -136,3 +136,83 @@ fn qmp_listen_on_an_existing_file_is_refused_before_qemu_starts() {
     assert!(std::fs::symlink_metadata(&link).is_ok(), "symlink removed");
     assert!(!ran.exists(), "qemu was started");
 }
+
+/// Ctrl-C (or SIGTERM) while QEMU has not greeted yet ends `run` at once, with QEMU killed,
+/// instead of waiting out the launch deadline.
+#[test]
+fn a_signal_during_a_slow_launch_ends_run_at_once() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().expect("dir");
+    let stub = dir.path().join("qemu-stub");
+    let pidfile = dir.path().join("stub.pid");
+    // Writes its pid, then never greets.
+    std::fs::write(
+        &stub,
+        format!(
+            "#!/bin/sh\necho $$ > '{}'\nexec sleep 300\n",
+            pidfile.display()
+        ),
+    )
+    .expect("write stub");
+    std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    for signal in [
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGTERM,
+    ] {
+        let _ = std::fs::remove_file(&pidfile);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_qemu-machine"))
+            .args(["run", "--qemu"])
+            .arg(&stub)
+            .args(["--launch-timeout", "20s", "--", "-M", "none"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let qemu_pid: i32 = loop {
+            if let Some(pid) = std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+            {
+                break pid;
+            }
+            assert!(Instant::now() < deadline, "the stub never started");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let sent = Instant::now();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal)
+            .expect("signal");
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if sent.elapsed() > Duration::from_secs(15) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("run did not end within 15 s of {signal}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let took = sent.elapsed();
+        let mut stderr = String::new();
+        use std::io::Read;
+        let _ = child
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut stderr);
+        assert!(
+            took < Duration::from_secs(3),
+            "{signal}: took {took:?}: {stderr}"
+        );
+        assert_eq!(status.code(), Some(130), "{signal}: {stderr}");
+        assert!(stderr.contains("interrupted"), "{stderr}");
+        assert!(
+            !std::path::Path::new(&format!("/proc/{qemu_pid}")).exists(),
+            "the stub QEMU survived"
+        );
+    }
+}
