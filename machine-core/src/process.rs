@@ -320,7 +320,7 @@ mod tests {
 
     #[test]
     fn wait_until_respects_its_deadline() {
-        let mut child = spawn_sh("sleep 30");
+        let mut child = spawn_sh("exec sleep 30");
         let started = Instant::now();
         let status = child
             .wait_until(started + Duration::from_millis(100))
@@ -336,7 +336,7 @@ mod tests {
 
     #[test]
     fn drop_kills_and_reaps() {
-        let child = spawn_sh("sleep 30");
+        let child = spawn_sh("exec sleep 30");
         let pid = child.pid();
         drop(child);
         // Reaped: the pid is no longer our child.
