@@ -16,6 +16,9 @@ use crate::io::{self as sockio, Stream, READ_CHUNK};
 use crate::session::{Phase, RequestId, Session};
 use crate::sys;
 
+/// Most bytes one [`Connection::process_io`] call reads before it returns control.
+pub const PROCESS_BUDGET: usize = 1024 * 1024;
+
 /// How a wait on the session ended.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Pump {
@@ -300,9 +303,15 @@ impl Connection {
         &mut self.session
     }
 
-    /// Nonblocking: writes pending output and reads everything available (until
-    /// `WouldBlock`). Call it when the socket is readable or writable in the caller's own Poll
-    /// (register it edge-triggered, READABLE | WRITABLE). Fails only with the sticky failure.
+    /// Nonblocking: writes pending output and reads what is available, until `WouldBlock` or
+    /// [`PROCESS_BUDGET`] bytes, whichever comes first. Call it when the socket is readable or
+    /// writable in the caller's own Poll (register it edge-triggered, READABLE | WRITABLE).
+    /// Fails only with the sticky failure.
+    ///
+    /// The budget keeps one flooding peer from holding a thread that drives many connections:
+    /// when it runs out, [`Connection::wants_read`] is true and no new readiness event may come
+    /// for the input left, so call `process_io` again (after serving the other sources) before
+    /// waiting in the poll.
     pub fn process_io(&mut self) -> Result<()> {
         sockio::flush(
             &self.stream,
@@ -310,13 +319,25 @@ impl Connection {
             &mut self.write_interest,
             &mut self.session,
         );
-        // The caller's Poll may not tell us about RDHUP: always read until WouldBlock here.
-        while sockio::read_available(&self.stream, &mut self.buf, &mut self.session, true) {}
-        self.read_hint = false;
+        // The caller's Poll may not tell us about RDHUP: read until WouldBlock here, within
+        // the budget.
+        let mut budget = PROCESS_BUDGET;
+        let mut more = true;
+        while more && budget > 0 {
+            more = sockio::read_available(&self.stream, &mut self.buf, &mut self.session, true);
+            budget = budget.saturating_sub(sockio::READ_BUDGET);
+        }
+        self.read_hint = more;
         match self.session.failure() {
             Some(_) => Err(self.session.disconnected()),
             None => Ok(()),
         }
+    }
+
+    /// True when [`Connection::process_io`] stopped at its budget with input possibly left
+    /// (call it again; no readiness event may announce that input).
+    pub fn wants_read(&self) -> bool {
+        self.read_hint
     }
 
     /// Runs `cmd` with `args` and returns its `return` value, within [`Config::command_timeout`].

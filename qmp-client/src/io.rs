@@ -23,7 +23,7 @@ pub(crate) const ABORT: Token = Token(1);
 pub(crate) const READ_CHUNK: usize = 64 * 1024;
 /// Most bytes read in one go before the caller's condition is checked again, so an event flood
 /// never starves the reply the caller waits for.
-const READ_BUDGET: usize = 4 * READ_CHUNK;
+pub(crate) const READ_BUDGET: usize = 4 * READ_CHUNK;
 
 /// A connected stream socket.
 #[derive(Debug)]

@@ -98,7 +98,7 @@ mod sys;
 pub mod testing;
 
 pub use config::{Config, OobPolicy, OverflowPolicy};
-pub use connection::Connection;
+pub use connection::{Connection, PROCESS_BUDGET};
 pub use error::{Error, Result};
 pub use listener::Listener;
 pub use session::{Phase, RequestId, Session, MAX_IN_FLIGHT};

@@ -181,3 +181,24 @@ fn getfd_keeps_its_deadline_when_the_peer_stops_reading() {
     assert!(matches!(res, Err(Error::CommandTimeout { .. })), "{res:?}");
     assert!(took < Duration::from_secs(2), "took {took:?}");
 }
+
+/// A caller driving the socket from its own poll (many connections on one thread) gets control
+/// back from `process_io` even while a peer floods without pause, and is told input is left.
+#[test]
+fn process_io_returns_under_an_endless_flood() {
+    let (mut conn, peer) = raw_pair(Duration::from_secs(5));
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooder = flood(peer, Arc::clone(&stop));
+    let (res, took) = within_hung(move || {
+        let res = conn.process_io();
+        let more = conn.wants_read();
+        (res, more, conn)
+    });
+    stop.store(true, Ordering::Relaxed);
+    let (res, more, conn) = res;
+    drop(conn);
+    flooder.join().expect("flooder");
+    assert!(res.is_ok(), "{res:?}");
+    assert!(more, "input is left: the caller must call again");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+}
