@@ -115,9 +115,10 @@ impl Console {
     /// Connects to a unix socket path where QEMU listens (`-chardev
     /// socket,path=P,server=on,wait=off`) and starts draining.
     ///
-    /// A missing path or a refused connection is retried until [`Config::connect_timeout`]
-    /// (QEMU may not have created the socket yet), then [`Error::ConnectTimeout`]. Paths over
-    /// 107 bytes fail at once with [`Error::PathTooLong`].
+    /// A missing path, a refused connection or a full backlog is retried until
+    /// [`Config::connect_timeout`] (QEMU may not have created the socket yet, or may be busy),
+    /// then [`Error::ConnectTimeout`]. Paths over 107 bytes fail at once with
+    /// [`Error::PathTooLong`].
     pub fn connect(path: &Path, config: Config) -> Result<Console> {
         let stream = connect_unix(path, config.connect_timeout)?;
         Console::from_unix_stream(stream, config)
@@ -447,13 +448,15 @@ fn run_drain_thread(mut drainer: Drainer, mut poll: Poll) {
     }
 }
 
-/// Connects to `path`, retrying while it is missing or refuses connections.
+/// Connects to `path`, retrying while it is missing, refuses connections or has a full
+/// backlog.
 pub(crate) fn connect_unix(path: &Path, timeout: Duration) -> Result<UnixStream> {
     check_socket_path(path)?;
     let deadline = deadline_after(timeout);
     let mut backoff = Duration::from_millis(1);
     loop {
-        match UnixStream::connect(path) {
+        // Nonblocking: a full backlog must not put us to sleep past the deadline.
+        match crate::sys::connect_unix_nonblocking(path) {
             Ok(stream) => {
                 log::info!("console connected to {}", path.display());
                 return Ok(stream);

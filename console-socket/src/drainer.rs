@@ -121,7 +121,8 @@ impl Drainer {
     }
 
     /// Connects to a unix socket path where QEMU listens (`server=on,wait=off`), retrying
-    /// until [`Config::connect_timeout`] while the path is missing or refuses connections.
+    /// until [`Config::connect_timeout`] while the path is missing, refuses connections or has a
+    /// full backlog.
     pub fn connect(path: &Path, config: Config) -> Result<(Drainer, Console)> {
         let stream = crate::console::connect_unix(path, config.connect_timeout)?;
         Drainer::from_unix_stream(stream, config)

@@ -3,11 +3,16 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::socket::{getsockopt, send, sockopt, MsgFlags, SockType};
+use nix::sys::socket::{
+    connect, getsockopt, send, socket, sockopt, AddressFamily, MsgFlags, SockFlag, SockType,
+    UnixAddr,
+};
 
 use crate::error::{Error, Result};
 
@@ -82,4 +87,18 @@ fn wait_writable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<()> {
         Ok(_) | Err(Errno::EINTR) => Ok(()),
         Err(errno) => Err(io::Error::from(errno)),
     }
+}
+
+/// One nonblocking connect to the unix socket `path` (close-on-exec). A listener whose backlog
+/// is full gives `WouldBlock` at once, where a blocking connect would sleep without limit.
+pub(crate) fn connect_unix_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    let addr = UnixAddr::new(path)?;
+    connect(fd.as_raw_fd(), &addr)?;
+    Ok(UnixStream::from(fd))
 }

@@ -370,3 +370,53 @@ fn concurrent_sends_are_not_interleaved() {
     assert_eq!(runs.len(), 3, "sends interleaved: {} runs", runs.len());
     assert!(runs.iter().all(|&(_, n)| n == LEN), "{runs:?}");
 }
+
+/// A listener whose backlog is full (QEMU busy, not accepting) makes a blocking connect sleep
+/// without limit: the connect timeout must still hold.
+#[test]
+fn connect_to_a_jammed_backlog_keeps_its_deadline() {
+    use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jammed.sock");
+    let listener = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    let addr = UnixAddr::new(&path).unwrap();
+    socket::bind(listener.as_raw_fd(), &addr).unwrap();
+    socket::listen(&listener, Backlog::new(1).unwrap()).unwrap();
+    // Fill the backlog with nonblocking connects nobody accepts.
+    let mut queued = Vec::new();
+    loop {
+        let fd = socket::socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .unwrap();
+        match socket::connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => queued.push(fd),
+            Err(nix::errno::Errno::EAGAIN) => break,
+            Err(e) => panic!("unexpected {e}"),
+        }
+        assert!(queued.len() < 1000, "the backlog never filled");
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        let config = Config::default().with_connect_timeout(Duration::from_millis(200));
+        let res = Console::connect(&path, config).map(|_| ());
+        let _ = tx.send((res, start.elapsed()));
+    });
+    let (res, took) = rx
+        .recv_timeout(LONG)
+        .expect("connect overran its 200 ms deadline by more than 10 s");
+    assert!(matches!(res, Err(Error::ConnectTimeout { .. })), "{res:?}");
+    assert!(took < Duration::from_millis(600), "{took:?}");
+    drop((listener, queued));
+}
