@@ -66,6 +66,12 @@ pub fn scenarios() -> Vec<Scenario> {
         ),
         s("cli_qom_and_shell_hmp_mode", TCG, 60, shell_hmp),
         s("cli_wrap_shell_quit", TCG, 60, wrap_shell),
+        s(
+            "cli_wrap_live_events_on_a_terminal",
+            TCG,
+            60,
+            wrap_live_events,
+        ),
     ]
 }
 
@@ -813,6 +819,100 @@ fn wrap_shell(ctx: &Ctx) -> Result<(), String> {
         .any(|l| l.contains("qemu ended by our quit"))
     {
         return Err(format!("no exit report: {:?}", done.stderr));
+    }
+    Ok(())
+}
+
+/// `wrap` on a terminal shows an event while the prompt sits idle: another QMP client stops
+/// the VM through a second monitor, and STOP appears without a key being pressed.
+fn wrap_live_events(ctx: &Ctx) -> Result<(), String> {
+    use std::io::Read;
+    let extra = ctx.scratch.join("wrap-extra.sock");
+    let extra_arg = format!("unix:{},server=on,wait=off", extra.display());
+    let pty = nix::pty::openpty(None, None).map_err(|e| format!("openpty: {e}"))?;
+    let dup = |fd: &std::os::fd::OwnedFd| fd.try_clone().map_err(|e| format!("dup: {e}"));
+    let (master, slave_end) = (dup(&pty.master)?, dup(&pty.slave)?);
+    drop(pty);
+    let slave = |fd: &std::os::fd::OwnedFd| {
+        fd.try_clone()
+            .map(Stdio::from)
+            .map_err(|e| format!("dup: {e}"))
+    };
+    let mut command = Command::new("setsid");
+    command
+        .arg("-c")
+        .arg(binary()?)
+        .args(["wrap", "--", "-M", "none", "-accel", accel(ctx), "-qmp"])
+        .arg(&extra_arg)
+        .env("QEMU", &ctx.qemu)
+        .env("HOME", &ctx.scratch)
+        .env("TERM", "xterm")
+        .current_dir(&ctx.scratch)
+        .stdin(slave(&slave_end)?)
+        .stdout(slave(&slave_end)?)
+        .stderr(slave(&slave_end)?);
+    let mut child = command
+        .spawn()
+        .map_err(|e| format!("cannot start setsid -c qemu-machine wrap: {e}"))?;
+    drop(command);
+    drop(slave_end);
+    let mut master = std::fs::File::from(master);
+    let mut reader = master.try_clone().map_err(|e| format!("dup: {e}"))?;
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    let pump = thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let wait_for = |needle: &str, seen: &mut String| -> Result<(), String> {
+        while !seen.contains(needle) {
+            match rx.recv_timeout(ctx.remaining()) {
+                Ok(chunk) => seen.push_str(&String::from_utf8_lossy(&chunk)),
+                Err(_) => return Err(format!("{needle:?} not seen on the terminal: {seen:?}")),
+            }
+        }
+        Ok(())
+    };
+    let result = (|| {
+        wait_for("(QEMU) ", &mut seen)?;
+        let config = qmp_client::Config::default();
+        let mut other = qmp_client::Connection::connect_unix(&extra, &config)
+            .map_err(|e| format!("second monitor: {e}"))?;
+        other
+            .execute("stop", None)
+            .map_err(|e| format!("stop through the second monitor: {e}"))?;
+        // Nothing typed: the event must show up by itself.
+        wait_for(" STOP", &mut seen)?;
+        drop(other);
+        master
+            .write_all(b"\x04")
+            .map_err(|e| format!("typing Ctrl-D: {e}"))?;
+        wait_for("qemu ended by our quit", &mut seen)?;
+        Ok::<(), String>(())
+    })();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < ctx.deadline && result.is_ok() => {
+                thread::sleep(Duration::from_millis(1))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                result?;
+                return Err(format!("wrap did not exit after Ctrl-D: {seen:?}"));
+            }
+        }
+    };
+    drop(master);
+    let _ = pump.join();
+    result?;
+    if status.code() != Some(0) {
+        return Err(format!("exit {status:?}: {seen:?}"));
     }
     Ok(())
 }
