@@ -88,6 +88,10 @@ pub struct RunArgs {
     /// Repeatable: QEMU serves one client per address at a time.
     #[arg(long, value_name = "ADDR")]
     pub qmp_listen: Vec<String>,
+    /// Accept a `--qmp-listen` TCP address that is not loopback. QMP has no authentication:
+    /// anyone who can reach the port controls the VM (and can read and write its disks).
+    #[arg(long)]
+    pub allow_remote_qmp: bool,
     /// Deadline for QEMU to start and greet us.
     #[arg(long, value_parser = parse_duration, default_value = "30s", value_name = "DURATION")]
     pub launch_timeout: Duration,

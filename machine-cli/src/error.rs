@@ -229,6 +229,12 @@ pub enum Error {
         #[source]
         source: Box<machine_core::Error>,
     },
+    /// A `--qmp-listen` TCP address that is (or resolves to) a non-loopback address.
+    #[error("refusing --qmp-listen {address}: not a loopback address, and QMP has no authentication (--allow-remote-qmp overrides)")]
+    RemoteQmp {
+        /// The address as given.
+        address: String,
+    },
     /// Opening or writing a file failed.
     #[error("cannot write {}", path.display())]
     File {

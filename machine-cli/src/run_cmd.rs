@@ -179,11 +179,19 @@ pub fn run(args: RunArgs) -> Result<u8> {
     // QEMU unlinks whatever is at a listening unix path before it binds: a user's file there
     // would be lost. Only a stale socket may go.
     for address in &listen {
-        if let Address::Unix(path) = address {
-            machine_core::prepare_socket_path(path).map_err(|source| Error::ListenPath {
-                path: path.clone(),
-                source: Box::new(source),
-            })?;
+        match address {
+            Address::Unix(path) => {
+                machine_core::prepare_socket_path(path).map_err(|source| Error::ListenPath {
+                    path: path.clone(),
+                    source: Box::new(source),
+                })?;
+            }
+            Address::Tcp(addr) if !args.allow_remote_qmp && !loopback_only(addr) => {
+                return Err(Error::RemoteQmp {
+                    address: addr.clone(),
+                });
+            }
+            Address::Tcp(_) => {}
         }
     }
     let mut machine = build(&args, &listen)?;
@@ -338,6 +346,19 @@ fn accel_args(accel: Accel) -> Vec<&'static str> {
         Accel::Tcg => vec!["-accel", "tcg"],
         Accel::Kvm => vec!["-accel", "kvm"],
         Accel::Auto => vec!["-accel", "kvm", "-accel", "tcg"],
+    }
+}
+
+/// Whether every address `host:port` names is loopback (a name that does not resolve counts
+/// as not loopback; QEMU would fail on it anyway).
+fn loopback_only(host_port: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    match host_port.to_socket_addrs() {
+        Ok(addrs) => {
+            let addrs: Vec<_> = addrs.collect();
+            !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback())
+        }
+        Err(_) => false,
     }
 }
 

@@ -216,3 +216,54 @@ fn a_signal_during_a_slow_launch_ends_run_at_once() {
         );
     }
 }
+
+/// QMP has no authentication: `--qmp-listen` on a non-loopback TCP address is refused before
+/// QEMU starts (fault catalogue D40) unless `--allow-remote-qmp` says otherwise.
+#[test]
+fn qmp_listen_on_a_non_loopback_address_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("dir");
+    let ran = dir.path().join("stub-ran");
+    let stub = dir.path().join("qemu-stub");
+    std::fs::write(
+        &stub,
+        format!("#!/bin/sh\ntouch '{}'\nexit 1\n", ran.display()),
+    )
+    .expect("write stub");
+    std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let stub = stub.to_str().expect("utf-8");
+    for address in ["0.0.0.0:4444", "[::]:4444", "tcp:0.0.0.0:4444"] {
+        let r = run(
+            &[
+                "run",
+                "--qemu",
+                stub,
+                "--qmp-listen",
+                address,
+                "--",
+                "-M",
+                "none",
+            ],
+            "",
+            &[],
+        );
+        r.expect_code(2);
+        assert!(r.stderr.contains("loopback"), "{address}: {}", r.stderr);
+        assert!(!ran.exists(), "qemu was started for {address}");
+    }
+    // Loopback is fine (the stub then fails the launch: status 4), and so is an explicit
+    // override.
+    for args in [
+        vec!["--qmp-listen", "127.0.0.1:4444"],
+        vec!["--qmp-listen", "localhost:4444"],
+        vec!["--qmp-listen", "0.0.0.0:4444", "--allow-remote-qmp"],
+    ] {
+        let _ = std::fs::remove_file(&ran);
+        let mut all = vec!["run", "--qemu", stub];
+        all.extend(args.iter().copied());
+        all.extend(["--", "-M", "none"]);
+        let r = run(&all, "", &[]);
+        r.expect_code(4);
+        assert!(ran.exists(), "{args:?}: qemu was not started");
+    }
+}
