@@ -207,7 +207,10 @@ impl MachineBuilder {
         self
     }
 
-    /// Deadline for QEMU's greeting and negotiation at launch. Default 30 s.
+    /// Deadline for QEMU's greeting at launch. Default 30 s. The `qmp_capabilities`
+    /// negotiation that follows is a command like any other and is bounded by
+    /// [`MachineBuilder::command_timeout`]: its reply waits until QEMU has built the machine,
+    /// which can take long for a big configuration. QEMU exiting ends either wait at once.
     pub fn greeting_timeout(&mut self, timeout: Duration) -> &mut Self {
         self.config.qmp.greeting_timeout = timeout;
         self
