@@ -89,6 +89,8 @@ pub fn signal_name(signal: i32) -> &'static str {
     }
 }
 
+/// How often a spawn that failed with ETXTBSY is retried (3, 6, 9 ... ms apart).
+const ETXTBSY_RETRIES: u64 = 8;
 /// How long `Drop` waits for the child after SIGKILL before giving up (a process stuck in
 /// uninterruptible sleep cannot be reaped; we must not hang the caller forever).
 const DROP_REAP_BOUND: Duration = Duration::from_secs(10);
@@ -152,7 +154,7 @@ impl ChildGuard {
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty command line"))?;
         let resolved = resolve_program(Path::new(program))?;
         let null = std::fs::File::open("/dev/null")?;
-        let (pid, pidfd) = sys::spawn(&sys::SpawnSpec {
+        let sys_spec = sys::SpawnSpec {
             program: resolved.as_os_str(),
             argv: spec.argv,
             stdin: null.as_fd(),
@@ -160,7 +162,25 @@ impl ChildGuard {
             keep: &spec.keep,
             parent_death_signal: spec.parent_death_signal,
             new_session: spec.new_session,
-        })?;
+        };
+        // ETXTBSY is transient in a multithreaded program: a script or binary that one of our
+        // threads has just written stays open for writing in any child another thread forked
+        // in between, until that child execs. Retry briefly (about 0.1 s in all) instead of
+        // failing the launch; any other error is final.
+        let mut attempt = 0u64;
+        let (pid, pidfd) = loop {
+            match sys::spawn(&sys_spec) {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && attempt < ETXTBSY_RETRIES => {
+                    attempt += 1;
+                    log::debug!(
+                        "{}: text file busy, retrying the spawn",
+                        program.to_string_lossy()
+                    );
+                    std::thread::sleep(Duration::from_millis(3 * attempt));
+                }
+                other => break other?,
+            }
+        };
         Ok(ChildGuard {
             pid,
             pidfd,

@@ -70,17 +70,28 @@ fn the_child_sees_only_the_fds_we_list() {
         assert!(Instant::now() < deadline, "stub never exec'd sleep");
         std::thread::yield_now();
     }
-    let fds: BTreeSet<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("ls child fds")
-        .map(|e| {
-            e.expect("entry")
-                .file_name()
-                .to_string_lossy()
-                .parse()
-                .expect("fd number")
-        })
-        .collect();
+    let child_fds = || -> BTreeSet<i32> {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("ls child fds")
+            .map(|e| {
+                e.expect("entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .parse()
+                    .expect("fd number")
+            })
+            .collect()
+    };
     let expected: BTreeSet<i32> = [0, 1, 2, mon, console, passed, once].into_iter().collect();
+    // The kernel switches /proc/PID/exe before it closes the close-on-exec fds of the old
+    // image (bash's own), so right after the switch the table may still show them for a
+    // moment. A real leak stays: give the exec 2 s to finish, then compare.
+    let settle = Instant::now() + Duration::from_secs(2);
+    let mut fds = child_fds();
+    while fds != expected && Instant::now() < settle {
+        std::thread::yield_now();
+        fds = child_fds();
+    }
     assert_eq!(fds, expected, "child fds");
     // The once-fd is closed in our process after the spawn; the kept one is not.
     assert!(nix::fcntl::fcntl(&pass_b, nix::fcntl::FcntlArg::F_GETFD).is_ok());
