@@ -320,6 +320,51 @@ mod tests {
         .expect("spawn")
     }
 
+    /// A program still open for writing cannot be executed (ETXTBSY): the spawn retries for a
+    /// while, succeeds once the writer closes, and gives up with the OS error if it never does.
+    #[test]
+    fn spawn_retries_text_file_busy() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("prog");
+        let mut file = std::fs::File::create(&path).expect("create");
+        file.write_all(b"#!/bin/sh\nexit 7\n").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let argv: Vec<std::ffi::OsString> = vec![path.clone().into()];
+        let spec = |argv| {
+            let (_r, w) = nix::unistd::pipe().expect("pipe");
+            SpawnSpec {
+                argv,
+                stdout: w,
+                keep: Vec::new(),
+                parent_death_signal: true,
+                new_session: false,
+            }
+        };
+        // Never closed while spawning: every retry fails, then the error is ETXTBSY.
+        let started = Instant::now();
+        let err = match ChildGuard::spawn(spec(&argv)) {
+            Err(err) => err,
+            Ok(child) => panic!(
+                "spawned pid {} while the file was open for writing",
+                child.pid()
+            ),
+        };
+        assert_eq!(err.raw_os_error(), Some(libc::ETXTBSY), "{err}");
+        assert!(started.elapsed() >= Duration::from_millis(50), "it retried");
+        // Closed by another thread 20 ms in: a retry succeeds.
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            drop(file);
+        });
+        let mut child = ChildGuard::spawn(spec(&argv)).expect("spawn after the writer closed");
+        closer.join().expect("closer");
+        let status = child
+            .wait_until(Instant::now() + Duration::from_secs(10))
+            .expect("wait");
+        assert_eq!(status, Some(ExitStatus::Code(7)));
+    }
+
     #[test]
     fn exit_code_and_signal_are_told_apart() {
         let mut child = spawn_sh("exit 3");
