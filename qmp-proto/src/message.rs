@@ -339,28 +339,24 @@ impl ServerMessage {
         // One pass over the keys decides the shape; the values are then moved out in a
         // second pass that also frees the map, as dropping it would.
         let mut shape = None;
-        for key in object.keys() {
-            let kind = match key.as_str() {
-                "QMP" => Shape::Greeting,
-                "return" => Shape::Return,
-                "error" => Shape::Error,
-                "event" => Shape::Event,
+        let mut well_typed = false;
+        for (key, value) in &object {
+            let (kind, typed) = match key.as_str() {
+                "QMP" => (Shape::Greeting, value.is_object()),
+                "return" => (Shape::Return, true),
+                "error" => (
+                    Shape::Error,
+                    value.get("class").is_some_and(Value::is_string)
+                        && value.get("desc").is_some_and(Value::is_string),
+                ),
+                "event" => (Shape::Event, value.is_string()),
                 _ => continue,
             };
             if shape.replace(kind).is_some() {
                 return ServerMessage::Unknown(object);
             }
+            well_typed = typed;
         }
-        let well_typed = match shape {
-            None => false,
-            Some(Shape::Greeting) => object.get("QMP").is_some_and(Value::is_object),
-            Some(Shape::Return) => true,
-            Some(Shape::Error) => object.get("error").is_some_and(|error| {
-                error.get("class").is_some_and(Value::is_string)
-                    && error.get("desc").is_some_and(Value::is_string)
-            }),
-            Some(Shape::Event) => object.get("event").is_some_and(Value::is_string),
-        };
         let Some(shape) = shape.filter(|_| well_typed) else {
             return ServerMessage::Unknown(object);
         };
