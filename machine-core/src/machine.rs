@@ -421,11 +421,13 @@ impl Machine {
         }
     }
 
-    /// QEMU's pid until it is reaped.
+    /// QEMU's pid while it runs: None before the launch and as soon as QEMU has exited
+    /// (a non-blocking check of its pidfd, as the seed's `get_pid()`), even before it is
+    /// reaped. The exit report keeps it ([`ExitReport::pid`]).
     pub fn pid(&self) -> Option<u32> {
         self.run
             .as_ref()
-            .filter(|run| run.child.status().is_none())
+            .filter(|_| self.is_running())
             .map(|run| run.child.pid())
     }
 
@@ -1229,6 +1231,7 @@ impl Machine {
         let report = ExitReport {
             ended_by,
             status,
+            pid: run.child.pid(),
             shutdown_event: run.shutdown_event.clone(),
             steps,
             output_tail: last_lines(&log_text, REPORT_LINES),

@@ -114,6 +114,8 @@ pub struct ExitReport {
     pub ended_by: EndedBy,
     /// How the process ended.
     pub status: ExitStatus,
+    /// QEMU's process id ([`crate::Machine::pid`] is None once QEMU has exited).
+    pub pid: u32,
     /// The SHUTDOWN event, if QEMU sent one.
     pub shutdown_event: Option<ShutdownEvent>,
     /// The shutdown ladder steps that ran, with their times (empty if QEMU was already gone).
@@ -365,6 +367,7 @@ mod display_tests {
                 signal: libc::SIGKILL,
                 core_dumped: false,
             },
+            pid: 4242,
             shutdown_event: None,
             steps: vec![StepRecord {
                 step: Step::Quit {

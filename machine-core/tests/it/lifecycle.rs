@@ -515,3 +515,27 @@ fn the_shutdown_ladder_works_on_a_shared_connection() {
         Some("host-qmp-quit")
     );
 }
+
+/// The seed's `get_pid()` is None once QEMU is not running: `pid()` says None as soon as
+/// QEMU has exited, before anything reaps it, and the report keeps the pid.
+#[test]
+fn pid_is_none_once_qemu_exited_and_the_report_keeps_it() {
+    let _g = shared();
+    let stub = Stub::new("greet\nserve_one\nexit 5");
+    let mut m = stub.machine();
+    m.launch().expect("launch");
+    let pid = m.pid().expect("pid while running");
+    // Nothing reaps it here: wait for the exit itself (a zombie, then the pidfd is readable).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while m.is_running() {
+        assert!(Instant::now() < deadline, "stub never exited");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(pid_exists(pid), "not reaped yet: still a zombie");
+    assert_eq!(m.pid(), None, "pid() after QEMU exited");
+    let report = m.wait(Duration::from_secs(10)).expect("wait");
+    assert_eq!(report.status, ExitStatus::Code(5));
+    assert_eq!(report.pid, pid);
+    assert_eq!(m.exit_report().map(|r| r.pid), Some(pid));
+    assert_eq!(m.pid(), None);
+}
