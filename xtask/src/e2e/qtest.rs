@@ -425,12 +425,25 @@ fn machine_lifecycle(ctx: &Ctx) -> Result<(), String> {
         if status["status"] != "running" {
             return Err(format!("query-status: {status}"));
         }
-        // The firmware programs the PM base while we poll it through qtest.
+        // The firmware programs the PM base while we poll it. 0xcf8 is shared with the
+        // firmware's own config cycles: a write of ours between its 0xcf8 write and its 0xcfc
+        // access would redirect that access (and a tight loop of ours can keep the PM base
+        // from ever being set). So each poll stops the vCPU, saves 0xcf8, reads, restores it,
+        // and lets the firmware run a little before the next poll.
         let mut value = 0;
-        while value != 0x601 && Instant::now() < ctx.deadline {
+        let poll_until = (Instant::now() + Duration::from_secs(15)).min(ctx.deadline);
+        while value != 0x601 && Instant::now() < poll_until {
+            vm.cmd("stop", ()).map_err(|e| chain("stop", &e))?;
             let q = vm.qtest().map_err(|e| chain("qtest()", &e))?;
+            let saved = q.inl(0xcf8).map_err(|e| chain("inl 0xcf8", &e))?;
             q.outl(0xcf8, 0x8000_0b40).map_err(|e| chain("outl", &e))?;
             value = q.inl(0xcfc).map_err(|e| chain("inl", &e))?;
+            q.outl(0xcf8, saved)
+                .map_err(|e| chain("restore 0xcf8", &e))?;
+            vm.cmd("cont", ()).map_err(|e| chain("cont", &e))?;
+            if value != 0x601 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
         check(value == 0x601, || format!("PM base register {value:#x}"))?;
         // Stop the vCPU so only qtest touches the i8042, then watch IRQ 1.
