@@ -429,7 +429,13 @@ fn deadline_after(timeout: Duration) -> Instant {
 fn run_drain_thread(mut drainer: Drainer, mut poll: Poll) {
     let mut events = Events::with_capacity(4);
     // Drain first: output may have arrived before registration.
-    while drainer.drain() == DrainStatus::Open {
+    loop {
+        match drainer.drain() {
+            DrainStatus::Closed => break,
+            // Input is left that no event may announce, and this thread drains nothing else.
+            DrainStatus::More => continue,
+            DrainStatus::Open => {}
+        }
         if events.iter().any(|e| e.token() == STOP_TOKEN) {
             // Close asked us to stop; what was queued has just been drained.
             drainer.fail(CloseReason::Local);

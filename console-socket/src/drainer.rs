@@ -20,11 +20,21 @@ use crate::error::{CloseReason, Result};
 /// Longest run of bytes read without waking the waiters during a flood.
 const NOTIFY_MAX: usize = 256 * 1024;
 
+/// Most bytes one [`Drainer::drain`] call reads before it returns control
+/// ([`DrainStatus::More`]), so that one flooding console cannot hold the thread that drives
+/// many. Four 64 KiB reads.
+pub const DRAIN_BUDGET: usize = 256 * 1024;
+
 /// What [`Drainer::drain`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DrainStatus {
     /// Everything available was read (`WouldBlock`); wait for the next readiness event.
     Open,
+    /// The call read [`DRAIN_BUDGET`] bytes and stopped with input possibly left. No readiness
+    /// event may announce that input (the registration is edge-triggered and the peer may have
+    /// gone quiet): call [`drain`](Drainer::drain) again, after serving the other sources,
+    /// without waiting in the poll for this one (poll with a zero timeout meanwhile).
+    More,
     /// The stream ended (EOF, reset, read error or local close): deregister and drop the
     /// drainer. Later calls keep returning `Closed`.
     Closed,
@@ -37,8 +47,14 @@ pub enum DrainStatus {
 /// waits and sends. Register the drainer (it is a [`mio::event::Source`]) for
 /// [`Interest::READABLE`], then, following mio's contract:
 ///
-/// - call [`drain`](Drainer::drain) after every readiness event for its token (it reads until
-///   `WouldBlock`), and once right after registering;
+/// - call [`drain`](Drainer::drain) after every readiness event for its token, and once right
+///   after registering; it reads until `WouldBlock` ([`DrainStatus::Open`]) or until
+///   [`DRAIN_BUDGET`] bytes ([`DrainStatus::More`]);
+/// - after [`DrainStatus::More`], call `drain` again without waiting for a readiness event
+///   (there may be none: the registration is edge-triggered): keep such drainers on a ready
+///   list, serve the other sources, and poll with a zero timeout while the list is not empty.
+///   The budget keeps one flooding console from starving the others on the same thread;
+///   [`wants_read`](Drainer::wants_read) tells the same as the last status;
 /// - bound your `poll` timeout by [`next_flush`](Drainer::next_flush) and call
 ///   [`flush_if_due`](Drainer::flush_if_due) when it passes, so the log file is never more than
 ///   the flush interval behind;
@@ -87,6 +103,8 @@ pub struct Drainer {
     /// Wake waiters at least this often (bytes) while the socket stays readable.
     notify_every: usize,
     finished: bool,
+    /// The last `drain` stopped at its budget.
+    wants_read: bool,
 }
 
 impl Drainer {
@@ -111,6 +129,7 @@ impl Drainer {
             // A quarter of the buffer: waiters get to scan output well before it is evicted.
             notify_every: (config.buffer_capacity / 4).clamp(1, NOTIFY_MAX),
             finished: false,
+            wants_read: false,
         };
         Ok((drainer, Console::new(shared, writer, &config)))
     }
@@ -128,24 +147,45 @@ impl Drainer {
         Drainer::from_unix_stream(stream, config)
     }
 
-    /// Reads everything available, in 64 KiB chunks, into the log and the buffer, until the
-    /// socket would block or the stream ends. Flushes the log if a flush is due.
+    /// Reads what is available, in 64 KiB chunks, into the log and the buffer, until the
+    /// socket would block ([`DrainStatus::Open`]), the stream ends ([`DrainStatus::Closed`]) or
+    /// [`DRAIN_BUDGET`] bytes were read ([`DrainStatus::More`]: call again without waiting for
+    /// an event). Flushes the log if a flush is due.
     pub fn drain(&mut self) -> DrainStatus {
-        // Waiters are woken when the socket runs dry, and at least every `notify_every` bytes
-        // during a flood: one wake-up per burst instead of one per chunk.
+        // Waiters are woken when the socket runs dry or the budget runs out, and at least every
+        // `notify_every` bytes during a flood: one wake-up per burst instead of one per chunk.
         let mut unannounced = 0;
+        let mut budget = DRAIN_BUDGET;
+        self.wants_read = false;
         while !self.finished {
+            if budget == 0 {
+                if unannounced > 0 {
+                    self.shared.notify();
+                }
+                self.shared.flush_log_if_due(Instant::now());
+                self.wants_read = true;
+                return DrainStatus::More;
+            }
             let mut stream = &self.stream;
             let read = self.shared.ingest_from(|spare| {
-                if spare[1].is_empty() {
-                    stream.read(&mut spare[0])
+                // At most the budget left: one call never reads more than `DRAIN_BUDGET`.
+                let (first, rest) = spare.split_at_mut(1);
+                if first[0].len() >= budget || rest[0].is_empty() {
+                    let n = first[0].len().min(budget);
+                    stream.read(&mut first[0][..n])
                 } else {
-                    stream.read_vectored(spare)
+                    let n = rest[0].len().min(budget - first[0].len());
+                    let mut bufs = [
+                        io::IoSliceMut::new(&mut first[0]),
+                        io::IoSliceMut::new(&mut rest[0][..n]),
+                    ];
+                    stream.read_vectored(&mut bufs)
                 }
             });
             match read {
                 Ok(0) => self.finish(CloseReason::Eof),
                 Ok(n) => {
+                    budget = budget.saturating_sub(n);
                     unannounced += n;
                     if unannounced >= self.notify_every {
                         self.shared.notify();
@@ -181,6 +221,12 @@ impl Drainer {
     /// Flushes the log file if its oldest buffered byte has waited the flush interval.
     pub fn flush_if_due(&mut self) {
         self.shared.flush_log_if_due(Instant::now());
+    }
+
+    /// True when the last [`drain`](Drainer::drain) returned [`DrainStatus::More`]: input may
+    /// be left that no readiness event will announce, so call `drain` again before waiting.
+    pub fn wants_read(&self) -> bool {
+        self.wants_read
     }
 
     /// True once [`drain`](Drainer::drain) has returned [`DrainStatus::Closed`].

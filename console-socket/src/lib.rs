@@ -106,6 +106,6 @@ mod sys;
 
 pub use crate::config::{Config, LineEnding};
 pub use crate::console::Console;
-pub use crate::drainer::{DrainStatus, Drainer};
+pub use crate::drainer::{DrainStatus, Drainer, DRAIN_BUDGET};
 pub use crate::error::{CloseReason, Error, Result};
 pub use crate::pattern::{AnyMatch, Match, Outcome, Pattern};

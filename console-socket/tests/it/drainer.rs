@@ -3,9 +3,11 @@
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use console_socket::{Config, DrainStatus, Drainer, Error, Pattern};
+use console_socket::{Config, DrainStatus, Drainer, Error, Pattern, DRAIN_BUDGET};
 use mio::{Events, Interest, Poll, Token};
 
 use crate::LONG;
@@ -37,18 +39,27 @@ fn two_consoles_on_one_poll_are_drained_to_the_end() {
     }
     let mut events = Events::with_capacity(8);
     let deadline = Instant::now() + LONG;
-    for d in &mut drainers {
-        assert_eq!(d.drain(), DrainStatus::Open);
-    }
+    // Drain once after registering, then on events, and again at once while `More`.
+    let mut ready = vec![true; drainers.len()];
     while drainers.iter().any(|d| !d.is_finished()) {
         assert!(Instant::now() < deadline, "drain did not finish");
-        poll.poll(&mut events, Some(Duration::from_millis(100)))
-            .unwrap();
-        for event in &events {
-            let d = &mut drainers[event.token().0];
-            if d.drain() == DrainStatus::Closed {
-                poll.registry().deregister(d).unwrap();
+        for (i, d) in drainers.iter_mut().enumerate() {
+            if std::mem::take(&mut ready[i]) {
+                match d.drain() {
+                    DrainStatus::Closed => poll.registry().deregister(d).unwrap(),
+                    DrainStatus::More => ready[i] = true,
+                    DrainStatus::Open => {}
+                }
             }
+        }
+        let timeout = if ready.contains(&true) {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(100)
+        };
+        poll.poll(&mut events, Some(timeout)).unwrap();
+        for event in &events {
+            ready[event.token().0] = true;
         }
     }
     for w in writers {
@@ -169,4 +180,167 @@ fn dropping_the_drainer_ends_waits_at_once() {
     }
     assert!(took < Duration::from_secs(2), "took {took:?}");
     assert!(console.is_closed());
+}
+
+/// Fairness on a shared poll: one peer floods endlessly (its socket buffer full before the
+/// owner starts), another writes one short line. Each `drain` call reads at most
+/// [`DRAIN_BUDGET`] bytes, so the short line is seen after a bounded number of bytes of the
+/// flood, not after the flood's peer pauses (which it never does).
+#[test]
+fn a_flooding_console_does_not_starve_another_on_the_same_poll() {
+    // Big enough that the flood's queued backlog is many budgets.
+    const SNDBUF: usize = 4 * 1024 * 1024;
+    let (ours_a, peer_a) = UnixStream::pair().unwrap();
+    let (ours_b, mut peer_b) = UnixStream::pair().unwrap();
+    nix::sys::socket::setsockopt(&peer_a, nix::sys::socket::sockopt::SndBuf, &SNDBUF).unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (full_tx, full_rx) = mpsc::channel::<usize>();
+    let flooder = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || flood(peer_a, &stop, &full_tx))
+    };
+    // Wait until the backlog is queued: the first drain of A has all of it available.
+    let backlog = full_rx.recv_timeout(LONG).unwrap();
+    assert!(backlog > 4 * DRAIN_BUDGET, "backlog {backlog}");
+    peer_b.write_all(b"login: ").unwrap();
+
+    let mut poll = Poll::new().unwrap();
+    let (mut a, mut console_a) = Drainer::from_unix_stream(ours_a, Config::default()).unwrap();
+    let (mut b, mut console_b) = Drainer::from_unix_stream(ours_b, Config::default()).unwrap();
+    poll.registry()
+        .register(&mut a, Token(0), Interest::READABLE)
+        .unwrap();
+    poll.registry()
+        .register(&mut b, Token(1), Interest::READABLE)
+        .unwrap();
+
+    // The owner's loop, as documented: drain every source with an event or left at `More`;
+    // poll without waiting while any source is left at `More`.
+    let mut events = Events::with_capacity(8);
+    let mut ready = [true, true];
+    let deadline = Instant::now() + LONG;
+    let mut a_bytes_when_seen = None;
+    while Instant::now() < deadline {
+        for (i, d) in [&mut a, &mut b].into_iter().enumerate() {
+            if ready[i] {
+                let status = d.drain();
+                assert_ne!(status, DrainStatus::Closed);
+                ready[i] = status == DrainStatus::More;
+                assert_eq!(d.wants_read(), ready[i]);
+            }
+        }
+        if a_bytes_when_seen.is_none()
+            && console_b
+                .wait_for(&Pattern::substring("login: "), Duration::ZERO)
+                .is_ok()
+        {
+            a_bytes_when_seen = Some(console_a.bytes_total());
+        }
+        // A keeps being served too: it gets well past its initial backlog.
+        if a_bytes_when_seen.is_some() && console_a.bytes_total() > 2 * backlog as u64 {
+            break;
+        }
+        let timeout = if ready.contains(&true) {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(100)
+        };
+        poll.poll(&mut events, Some(timeout)).unwrap();
+        for event in &events {
+            ready[event.token().0] = true;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let a_total = console_a.bytes_total();
+    // Shuts the socket down: the flooder's blocked write fails and it returns.
+    console_a.close().unwrap();
+    drop(a);
+    let written = flooder.join().unwrap();
+    let seen_after = a_bytes_when_seen.expect("the short line was never seen");
+    assert!(
+        seen_after <= 2 * DRAIN_BUDGET as u64,
+        "the short line was seen only after {seen_after} bytes of the flood \
+         (budget {DRAIN_BUDGET}, backlog {backlog})"
+    );
+    assert!(a_total > 2 * backlog as u64);
+    assert!(a_total <= written as u64);
+}
+
+/// Writes until the socket buffer is full, reports how much is queued, then keeps writing
+/// (blocking) until told to stop or the reader goes away; returns the bytes written.
+fn flood(mut peer: UnixStream, stop: &AtomicBool, full: &mpsc::Sender<usize>) -> usize {
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut written = 0;
+    peer.set_nonblocking(true).unwrap();
+    loop {
+        match peer.write(&chunk) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("flood: {e}"),
+        }
+    }
+    full.send(written).unwrap();
+    peer.set_nonblocking(false).unwrap();
+    while !stop.load(Ordering::Relaxed) {
+        match peer.write(&chunk) {
+            Ok(n) => written += n,
+            Err(_) => break,
+        }
+    }
+    written
+}
+
+/// The edge-triggered contract: when `drain` stops at its budget, no readiness event comes for
+/// the input left (the peer has gone quiet), yet calling `drain` again reads it all.
+#[test]
+fn input_left_at_the_budget_is_read_by_calling_drain_again_without_an_event() {
+    const TOTAL: usize = 3 * DRAIN_BUDGET + 100;
+    let (ours, peer) = UnixStream::pair().unwrap();
+    nix::sys::socket::setsockopt(&peer, nix::sys::socket::sockopt::SndBuf, &(2 * TOTAL)).unwrap();
+    let writer = std::thread::spawn(move || {
+        let mut peer = peer;
+        peer.write_all(&vec![b'y'; TOTAL]).unwrap();
+        peer
+    });
+    // All of it is queued once the writer returns (the buffer holds it).
+    let _peer = writer.join().unwrap();
+    let (mut drainer, console) = Drainer::from_unix_stream(ours, Config::default()).unwrap();
+    let mut poll = Poll::new().unwrap();
+    poll.registry()
+        .register(&mut drainer, Token(0), Interest::READABLE)
+        .unwrap();
+    let mut events = Events::with_capacity(4);
+    // The registration's one event.
+    poll.poll(&mut events, Some(LONG)).unwrap();
+    assert_eq!(events.iter().count(), 1);
+    assert_eq!(drainer.drain(), DrainStatus::More);
+    assert!(drainer.wants_read());
+    let first = console.bytes_total();
+    assert!(first > 0 && first <= DRAIN_BUDGET as u64, "first {first}");
+    // Edge-triggered: nothing new arrived, so no event announces the rest.
+    poll.poll(&mut events, Some(Duration::from_millis(50)))
+        .unwrap();
+    assert!(events.is_empty());
+    let mut calls = 1;
+    let mut before = first;
+    loop {
+        calls += 1;
+        let status = drainer.drain();
+        let now = console.bytes_total();
+        assert!(
+            now - before <= DRAIN_BUDGET as u64,
+            "one call read {}",
+            now - before
+        );
+        before = now;
+        match status {
+            DrainStatus::More => assert!(calls < 100),
+            DrainStatus::Open => break,
+            DrainStatus::Closed => panic!("closed"),
+        }
+    }
+    assert!(!drainer.wants_read());
+    assert_eq!(console.bytes_total(), TOTAL as u64);
+    assert!(calls >= 4, "{calls} calls");
 }
