@@ -500,6 +500,12 @@ impl Session {
         self.fail(Error::Io { op, source: err });
     }
 
+    /// Records a failure found outside the protocol stream (the driving thread's poll failing)
+    /// as the sticky failure; the first failure wins.
+    pub(crate) fn fail_with(&mut self, err: Error) {
+        self.fail(err);
+    }
+
     /// Ends the session locally: pending and later calls get `Disconnected(Closed)`.
     pub fn close(&mut self) {
         if self.failure.is_none() {

@@ -25,6 +25,8 @@ use crate::sys;
 /// Every reply reaches the thread that sent its command (routing by id); the limit of 8 in-band
 /// commands in flight is respected across all threads (a sender waits for a slot within its
 /// deadline). Events, the sticky error and the `quit` handling behave as on [`Connection`].
+/// A poll failure in whichever thread drives the socket fails the session like a socket error:
+/// every waiter, and every later call, gets [`Error::Disconnected`] with it as the cause.
 #[derive(Clone, Debug)]
 pub struct Shared {
     inner: Arc<Inner>,
@@ -54,6 +56,9 @@ struct Poller {
     buf: Box<[u8]>,
     read_hint: bool,
     peer_closed: bool,
+    /// Test hook: the next poll fails with this error instead of polling.
+    #[cfg(test)]
+    fail_next_poll: Option<std::io::ErrorKind>,
 }
 
 impl Shared {
@@ -77,6 +82,8 @@ impl Shared {
                         buf: vec![0; READ_CHUNK].into_boxed_slice(),
                         read_hint: true,
                         peer_closed: false,
+                        #[cfg(test)]
+                        fail_next_poll: None,
                     }),
                 }),
                 cond: Condvar::new(),
@@ -144,7 +151,15 @@ impl Shared {
             drop(st);
             let mut failure = None;
             let mut chunk = None;
-            if !poller.read_hint {
+            #[cfg(test)]
+            if let Some(kind) = poller.fail_next_poll.take() {
+                poller.read_hint = false;
+                failure = Some(Error::Io {
+                    op: "poll",
+                    source: kind.into(),
+                });
+            }
+            if !poller.read_hint && failure.is_none() {
                 match sockio::wait(&mut poller.poll, &mut poller.events, deadline) {
                     Ok(wake) => {
                         poller.read_hint = wake.socket;
@@ -168,11 +183,14 @@ impl Shared {
                 let more = sockio::feed_chunk(&mut st.session, chunk, &poller.buf);
                 poller.read_hint = more && (full || poller.peer_closed);
             }
+            if let Some(e) = failure {
+                // The socket can no longer be driven: the session fails for every caller
+                // (sticky), and the waiters' requests end with it, freeing their slots.
+                log::warn!("poll failed, the QMP session ends: {e}");
+                st.session.fail_with(e);
+            }
             st.poller = Some(poller);
             self.inner.cond.notify_all();
-            if let Some(e) = failure {
-                return Err(e);
-            }
         }
     }
 
@@ -440,4 +458,62 @@ fn wait_writable(stream: &mio::net::UnixStream, deadline: Instant) -> Result<()>
     let mut events = Events::with_capacity(2);
     sockio::wait(&mut poll, &mut events, deadline)?;
     Ok(())
+}
+
+#[cfg(all(test, feature = "testing"))]
+mod tests {
+    use super::*;
+    use crate::testing::Script;
+
+    const LONG: Duration = Duration::from_secs(10);
+
+    fn shared(script: Script) -> (crate::testing::FakeServer, Shared) {
+        let (server, stream) = script.start_pair().unwrap();
+        let conn = Connection::from_unix_stream(stream, &crate::Config::default()).unwrap();
+        (server, Shared::new(conn).unwrap())
+    }
+
+    fn is_poll_failure(e: &Error) -> bool {
+        matches!(e, Error::Disconnected { .. })
+            && matches!(e.root(), Error::Io { op: "poll", source } if source.kind() == std::io::ErrorKind::InvalidInput)
+    }
+
+    /// A poll error in whichever thread drives the socket ends the session for everyone: each
+    /// waiter gets `Disconnected` with the poll error as cause, slots are released, and later
+    /// calls fail the same way instead of polling a broken poller again.
+    #[test]
+    fn a_poll_error_in_the_driving_thread_fails_the_session_for_every_waiter() {
+        // "stall" is never answered.
+        let (_server, shared) = shared(Script::new().on("stall", Vec::new()));
+        let a = shared.send(command("stall", None, false)).unwrap();
+        let b = shared.send(command("stall", None, false)).unwrap();
+        assert_eq!(shared.lock().session.in_flight(), 2);
+        if let Some(p) = shared.lock().poller.as_mut() {
+            p.fail_next_poll = Some(std::io::ErrorKind::InvalidInput);
+        }
+        let waiters: Vec<_> = [a, b]
+            .into_iter()
+            .map(|id| {
+                let shared = shared.clone();
+                std::thread::spawn(move || {
+                    let start = Instant::now();
+                    (shared.wait_reply(id, start + LONG), start.elapsed())
+                })
+            })
+            .collect();
+        for w in waiters {
+            let (res, took) = w.join().unwrap();
+            match res {
+                Err(e) => assert!(is_poll_failure(&e), "unexpected {e:?}"),
+                Ok(m) => panic!("unexpected reply {m:?}"),
+            }
+            assert!(took < LONG / 2, "took {took:?}");
+        }
+        assert!(!shared.is_connected());
+        assert_eq!(shared.lock().session.in_flight(), 0);
+        match shared.execute("query-status", None) {
+            Err(e) => assert!(is_poll_failure(&e), "unexpected {e:?}"),
+            Ok(v) => panic!("unexpected {v}"),
+        }
+    }
 }
