@@ -467,12 +467,6 @@ mod tests {
 
     const LONG: Duration = Duration::from_secs(10);
 
-    fn shared(script: Script) -> (crate::testing::FakeServer, Shared) {
-        let (server, stream) = script.start_pair().unwrap();
-        let conn = Connection::from_unix_stream(stream, &crate::Config::default()).unwrap();
-        (server, Shared::new(conn).unwrap())
-    }
-
     fn is_poll_failure(e: &Error) -> bool {
         matches!(e, Error::Disconnected { .. })
             && matches!(e.root(), Error::Io { op: "poll", source } if source.kind() == std::io::ErrorKind::InvalidInput)
@@ -484,7 +478,9 @@ mod tests {
     #[test]
     fn a_poll_error_in_the_driving_thread_fails_the_session_for_every_waiter() {
         // "stall" is never answered.
-        let (_server, shared) = shared(Script::new().on("stall", Vec::new()));
+        let (_server, stream) = Script::new().on("stall", Vec::new()).start_pair().unwrap();
+        let conn = Connection::from_unix_stream(stream, &crate::Config::default()).unwrap();
+        let shared = Shared::new(conn).unwrap();
         let a = shared.send(command("stall", None, false)).unwrap();
         let b = shared.send(command("stall", None, false)).unwrap();
         assert_eq!(shared.lock().session.in_flight(), 2);
