@@ -1335,12 +1335,17 @@ impl LadderOps for Ops<'_> {
             if now >= deadline {
                 return Ok(false);
             }
-            match run.poll.poll(&mut run.events, Some(deadline - now)) {
+            // process_io stops after a budget under a flood; what it left may never be
+            // announced by another readiness event, so only look at the pidfd (no sleep)
+            // before reading on.
+            let more = matches!(&run.qmp, Some(Qmp::Owned(conn)) if conn.wants_read());
+            let timeout = if more { Duration::ZERO } else { deadline - now };
+            match run.poll.poll(&mut run.events, Some(timeout)) {
                 Ok(()) => {}
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
                 Err(err) => return Err(err.to_string()),
             }
-            let qmp_ready = run.events.iter().any(|e| e.token() == QMP);
+            let qmp_ready = more || run.events.iter().any(|e| e.token() == QMP);
             if qmp_ready {
                 if let Some(Qmp::Owned(conn)) = run.qmp.as_mut() {
                     // Keep the event queue current while we wait (SHUTDOWN, reasons); a

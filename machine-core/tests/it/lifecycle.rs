@@ -539,3 +539,110 @@ fn pid_is_none_once_qemu_exited_and_the_report_keeps_it() {
     assert_eq!(m.exit_report().map(|r| r.pid), Some(pid));
     assert_eq!(m.pid(), None);
 }
+
+/// Bytes queued in a unix socket that its peer has not read yet (`SIOCOUTQ`).
+fn unread_bytes(sock: &std::os::unix::net::UnixStream) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int through the pointer, which points to a live c_int; the
+    // fd is borrowed from `sock` for the call.
+    let ret = unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    assert_eq!(ret, 0, "SIOCOUTQ: {}", std::io::Error::last_os_error());
+    usize::try_from(queued).unwrap_or(0)
+}
+
+/// A burst of events bigger than one `process_io` budget, all already queued when the
+/// machine starts waiting, and no more readiness edge after it: the exit wait must keep
+/// reading while the connection wants to. Here the stub only exits once everything was read
+/// (as a QEMU blocked on a full monitor socket would), so a wait that stops reading times out.
+#[test]
+fn the_exit_wait_keeps_reading_an_event_flood_past_the_read_budget() {
+    use machine_core::qmp_client::testing::{Action, Script};
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::net::UnixStream;
+    let _g = shared();
+    let stub = Stub::new(
+        r#"for a in "$@"; do case "$a" in go=*) GO=${a#go=};; esac; done
+read -r _ < "$GO"
+exit 0"#,
+    );
+    let go = stub.base().join("go");
+    nix::unistd::mkfifo(&go, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let monitor = stub.base().join("qmp.sock");
+    let mut b = stub.builder();
+    b.monitor(Monitor::Unix(monitor.clone()))
+        .arg(format!("go={}", go.display()));
+    let mut m = b.build();
+
+    // 6 MiB of events after the negotiation reply, then one last event.
+    let one = br#"{"event": "FLOOD", "data": {"filler": "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}, "timestamp": {"seconds": 1, "microseconds": 2}}"#;
+    let mut flood = Vec::with_capacity(6 << 20);
+    while flood.len() < 6 << 20 {
+        flood.extend_from_slice(one);
+        flood.extend_from_slice(b"\r\n");
+    }
+    let budget = machine_core::qmp_client::PROCESS_BUDGET;
+    assert!(flood.len() > 4 * budget);
+    let script = Script::new().on(
+        "qmp_capabilities",
+        vec![
+            Action::reply(serde_json::json!({})),
+            Action::raw(flood),
+            Action::event("FLOOD_END", None),
+            Action::Close,
+        ],
+    );
+    // Plays QEMU's client side: connects once the machine listens, with a send buffer that
+    // holds the whole burst (one write, so no readiness edge after the machine's first
+    // reads), then lets the stub exit once the machine has read every byte.
+    let peer = std::thread::spawn(move || -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let sock = loop {
+            match UnixStream::connect(&monitor) {
+                Ok(sock) => break sock,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                Err(err) => return Err(format!("connect: {err}")),
+            }
+        };
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::SndBufForce, &(16 << 20))
+            .map_err(|e| format!("SO_SNDBUFFORCE: {e}"))?;
+        // Our copy keeps the socket open after the server closes its end: the machine sees
+        // the burst, not an end of file.
+        let watch = sock.try_clone().map_err(|e| format!("dup: {e}"))?;
+        let server = script.start_on(sock).map_err(|e| format!("server: {e}"))?;
+        while !server.finished() {
+            if Instant::now() >= deadline {
+                return Err("the fake server never finished writing".into());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        while unread_bytes(&watch) > 0 {
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{} bytes never read by the waiting machine",
+                    unread_bytes(&watch)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // Nonblocking: with no reader left (the stub killed) this fails instead of hanging.
+        let mut fifo = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&go)
+            .map_err(|e| format!("open fifo: {e}"))?;
+        fifo.write_all(b"go\n").map_err(|e| format!("fifo: {e}"))?;
+        Ok(())
+    });
+    m.launch().expect("launch");
+    let result = m.wait(Duration::from_secs(15));
+    let peer = peer.join().expect("peer thread");
+    let report = result.expect("wait");
+    peer.expect("peer");
+    assert_eq!(report.status, ExitStatus::Code(0));
+    assert_eq!(
+        report.last_events.last().map(|e| e.event.as_str()),
+        Some("FLOOD_END")
+    );
+}
