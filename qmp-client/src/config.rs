@@ -47,6 +47,13 @@ pub struct Config {
     pub overflow: OverflowPolicy,
     /// Largest message accepted from the server, in bytes. Default 10 MiB (QEMU's own limit).
     pub max_message_size: usize,
+    /// Most out-of-band (`exec-oob`) commands in flight at once, timed-out ones whose reply has
+    /// not come yet included. Default 64. QMP sets no number for them (in-band ones are limited
+    /// to [`MAX_IN_FLIGHT`](crate::MAX_IN_FLIGHT) by QEMU), but each pending request costs
+    /// memory here and in the server: past the cap the blocking sends wait for a slot within
+    /// their deadline and [`Session::send`](crate::Session::send) returns
+    /// [`Error::TooManyInFlight`](crate::Error::TooManyInFlight). At least 1.
+    pub max_oob_in_flight: usize,
 }
 
 impl Default for Config {
@@ -61,11 +68,18 @@ impl Default for Config {
             event_capacity: 4096,
             overflow: OverflowPolicy::DropOldest,
             max_message_size: 10 * 1024 * 1024,
+            max_oob_in_flight: 64,
         }
     }
 }
 
 impl Config {
+    /// Sets [`Config::max_oob_in_flight`] (0 counts as 1).
+    pub fn with_max_oob_in_flight(mut self, max: usize) -> Self {
+        self.max_oob_in_flight = max.max(1);
+        self
+    }
+
     /// Sets [`Config::connect_timeout`].
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;

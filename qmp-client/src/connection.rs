@@ -371,7 +371,8 @@ impl Connection {
     }
 
     /// Runs `cmd` out of band (`exec-oob`): it may overtake in-band commands still queued in the
-    /// server and is not counted against the limit of 8 in-band commands in flight. Needs the
+    /// server and is not counted against the limit of 8 in-band commands in flight, but against
+    /// [`Config::max_oob_in_flight`] out-of-band ones (default 64). Needs the
     /// `oob` capability ([`Connection::oob_enabled`]), else the server rejects it.
     pub fn execute_oob(&mut self, cmd: &str, args: Option<Map<String, Value>>) -> Result<Value> {
         let deadline = Instant::now() + self.command_timeout;
@@ -385,7 +386,8 @@ impl Connection {
     }
 
     /// Queues `cmd` (its id is replaced by a fresh one) and starts writing it; returns at once
-    /// unless 8 in-band commands are already in flight, in which case it first waits (up to
+    /// unless 8 in-band commands (for an out-of-band one, [`Config::max_oob_in_flight`]
+    /// out-of-band commands) are already in flight, in which case it first waits (up to
     /// [`Config::command_timeout`]) for one to complete. Collect the reply with
     /// [`Connection::wait_reply`]; several commands may be in flight (pipelining).
     pub fn send(&mut self, cmd: Command) -> Result<RequestId> {

@@ -191,10 +191,12 @@ pub enum Error {
         /// The current phase.
         phase: Phase,
     },
-    /// Already 8 in-band commands in flight (the QMP limit); the blocking calls wait instead.
-    #[error("{limit} in-band commands already in flight")]
+    /// Already 8 in-band commands in flight (the QMP limit), or, for an out-of-band command,
+    /// [`Config::max_oob_in_flight`](crate::Config::max_oob_in_flight) out-of-band ones; the
+    /// blocking calls wait instead.
+    #[error("{limit} commands of the same kind (in-band or out-of-band) already in flight")]
     TooManyInFlight {
-        /// The limit (8).
+        /// The limit that was reached (8 for in-band commands).
         limit: usize,
     },
     /// An id-less command is already waiting for its reply, or timed out with its reply still

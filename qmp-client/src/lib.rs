@@ -42,7 +42,9 @@
 //! - **Pipelining.** Several commands may be in flight ([`Connection::send`] +
 //!   [`Connection::wait_reply`]); at most 8 in-band ones, the limit of the spec: a further send
 //!   waits for a slot within its deadline. `exec-oob` commands ([`Connection::execute_oob`]) are
-//!   not counted.
+//!   not counted there; they have a cap of their own, [`Config::max_oob_in_flight`] (default
+//!   64; the spec sets no number, but every pending request costs memory), with the same
+//!   waiting.
 //! - **Deadlines.** Every wait has one: connect, accept, greeting, negotiation, each command,
 //!   each event wait. An event wait's timeout is a total, not restarted by non-matching events.
 //!   A command that times out is forgotten; its late reply is dropped.

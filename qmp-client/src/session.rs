@@ -113,6 +113,10 @@ pub struct Session {
     pending: HashMap<RequestId, Pending>,
     timed_out: HashMap<RequestId, TimedOut>,
     inband: usize,
+    /// Out-of-band commands in flight, timed-out ones included.
+    oob: usize,
+    /// Cap on `oob` ([`Config::max_oob_in_flight`]).
+    max_oob: usize,
     events: VecDeque<(u64, Event)>,
     events_seen: u64,
     events_dropped: u64,
@@ -160,6 +164,8 @@ impl Session {
             pending: HashMap::new(),
             timed_out: HashMap::new(),
             inband: 0,
+            oob: 0,
+            max_oob: config.max_oob_in_flight.max(1),
             events: VecDeque::new(),
             events_seen: 0,
             events_dropped: 0,
@@ -242,9 +248,21 @@ impl Session {
     }
 
     /// True when an in-band (`oob` false) or out-of-band command may be sent now without
-    /// exceeding [`MAX_IN_FLIGHT`] in-band commands.
+    /// exceeding [`MAX_IN_FLIGHT`] in-band commands, or [`Config::max_oob_in_flight`]
+    /// out-of-band ones.
     pub fn has_slot(&self, oob: bool) -> bool {
-        oob || self.inband < MAX_IN_FLIGHT
+        if oob {
+            self.oob < self.max_oob
+        } else {
+            self.inband < MAX_IN_FLIGHT
+        }
+    }
+
+    /// Frees the slot of a request that got its reply, ended with the session, or was
+    /// forgotten.
+    fn release(&mut self, oob: bool) {
+        let count = if oob { &mut self.oob } else { &mut self.inband };
+        *count = count.saturating_sub(1);
     }
 
     /// In-band commands in flight, including timed-out ones whose reply has not come yet (the
@@ -253,10 +271,16 @@ impl Session {
         self.inband
     }
 
+    /// Out-of-band commands in flight, including timed-out ones whose reply has not come yet.
+    pub fn oob_in_flight(&self) -> usize {
+        self.oob
+    }
+
     /// Queues `command` with a fresh id and returns it.
     ///
     /// Fails with [`Error::Disconnected`] after a failure, [`Error::NotReady`] during the
-    /// handshake, [`Error::TooManyInFlight`] when 8 in-band commands are in flight.
+    /// handshake, [`Error::TooManyInFlight`] when 8 in-band commands (or, for an out-of-band
+    /// one, [`Config::max_oob_in_flight`] out-of-band commands) are in flight.
     pub fn send(&mut self, command: Command) -> Result<RequestId> {
         self.check_can_send(&command)?;
         let id = RequestId(self.next_id);
@@ -293,7 +317,11 @@ impl Session {
         }
         if !self.has_slot(command.oob) {
             return Err(Error::TooManyInFlight {
-                limit: MAX_IN_FLIGHT,
+                limit: if command.oob {
+                    self.max_oob
+                } else {
+                    MAX_IN_FLIGHT
+                },
             });
         }
         Ok(())
@@ -305,7 +333,9 @@ impl Session {
         if log::log_enabled!(log::Level::Debug) {
             debug!("--> {}", String::from_utf8_lossy(&self.out[start..]));
         }
-        if !command.oob {
+        if command.oob {
+            self.oob += 1;
+        } else {
             self.inband += 1;
         }
         if command.execute == "quit" {
@@ -371,9 +401,7 @@ impl Session {
         match pending.reply {
             Some(reply) => Some(reply),
             None => {
-                if !pending.oob {
-                    self.inband = self.inband.saturating_sub(1);
-                }
+                self.release(pending.oob);
                 Some(Err(self.disconnected()))
             }
         }
@@ -398,9 +426,7 @@ impl Session {
                 .copied();
             if let Some(oldest) = oldest {
                 if let Some(t) = self.timed_out.remove(&oldest) {
-                    if !t.oob {
-                        self.inband = self.inband.saturating_sub(1);
-                    }
+                    self.release(t.oob);
                 }
             }
         }
@@ -624,18 +650,15 @@ impl Session {
             if p.reply.is_none() {
                 let outcome = reply_outcome(&p.command, message);
                 p.reply = Some(outcome);
-                if !p.oob {
-                    self.inband = self.inband.saturating_sub(1);
-                }
+                let oob = p.oob;
+                self.release(oob);
                 return;
             }
             self.unknown(&message, "a duplicate reply");
             return;
         }
         if let Some(t) = self.timed_out.remove(&id) {
-            if !t.oob {
-                self.inband = self.inband.saturating_sub(1);
-            }
+            self.release(t.oob);
             warn!("dropping late reply to timed-out `{}` (id {id})", t.command);
             self.unknown_replies += 1;
             return;
@@ -647,9 +670,8 @@ impl Session {
         if let Some(p) = self.pending.get_mut(&RequestId::IDLESS) {
             if p.reply.is_none() && !matches!(message, ServerMessage::Unknown(_)) {
                 p.reply = Some(reply_outcome(&p.command, message));
-                if !p.oob {
-                    self.inband = self.inband.saturating_sub(1);
-                }
+                let oob = p.oob;
+                self.release(oob);
                 return;
             }
         }
@@ -657,9 +679,7 @@ impl Session {
         // command's, not a server parse error, so it must not end the session.
         if matches!(message, ServerMessage::Return(_) | ServerMessage::Error(_)) {
             if let Some(t) = self.timed_out.remove(&RequestId::IDLESS) {
-                if !t.oob {
-                    self.inband = self.inband.saturating_sub(1);
-                }
+                self.release(t.oob);
                 warn!("dropping late reply to timed-out id-less `{}`", t.command);
                 self.unknown_replies += 1;
                 return;

@@ -23,7 +23,8 @@ use crate::sys;
 /// A [`Connection`] shared between threads: clone it and call from anywhere.
 ///
 /// Every reply reaches the thread that sent its command (routing by id); the limit of 8 in-band
-/// commands in flight is respected across all threads (a sender waits for a slot within its
+/// commands in flight (and [`Config::max_oob_in_flight`](crate::Config::max_oob_in_flight) for
+/// out-of-band ones) is respected across all threads (a sender waits for a slot within its
 /// deadline). Events, the sticky error and the `quit` handling behave as on [`Connection`].
 /// A poll failure in whichever thread drives the socket fails the session like a socket error:
 /// every waiter, and every later call, gets [`Error::Disconnected`] with it as the cause.

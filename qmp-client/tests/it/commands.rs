@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use qmp_client::testing::{Action, Script};
-use qmp_client::{Connection, Error, MAX_IN_FLIGHT};
+use qmp_client::{Config, Connection, Error, MAX_IN_FLIGHT};
 use qmp_proto::{Command, ErrorClass, ServerMessage};
 use serde_json::{json, Value};
 
@@ -442,4 +442,57 @@ fn late_idless_reply_never_reaches_the_next_idless_command() {
         ServerMessage::Return(r) => assert_eq!(r.ret, json!("second")),
         other => panic!("{other:?}"),
     }
+}
+
+/// Out-of-band commands have a cap of their own ([`Config::max_oob_in_flight`]): past it, the
+/// nonblocking `Session::send` refuses with `TooManyInFlight`, the blocking `send` waits for a
+/// slot within its deadline, and a reply frees one. In-band slots are not affected.
+#[test]
+fn oob_commands_in_flight_are_capped() {
+    const CAP: usize = 4;
+    assert_eq!(Config::default().max_oob_in_flight, 64);
+    let held: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let held2 = Arc::clone(&held);
+    let script = Script::new()
+        .on_fn("hold", move |cmd| {
+            held2.lock().unwrap().push(cmd.id.clone().unwrap());
+            vec![]
+        })
+        .on("inband", vec![Action::reply(json!({}))]);
+    let config = config()
+        .with_command_timeout(Duration::from_millis(200))
+        .with_max_oob_in_flight(CAP);
+    let (server, conn) = connect_with(script, &config);
+    let mut conn = conn.unwrap();
+    assert!(conn.oob_enabled());
+    let oob = || Command::new("hold").with_oob(true);
+    let ids: Vec<_> = (0..CAP).map(|_| conn.send(oob()).unwrap()).collect();
+    assert_eq!(conn.session().oob_in_flight(), CAP);
+    assert_eq!(conn.session().in_flight(), 0);
+    // Nonblocking: refused at once, nothing queued.
+    match conn.session_mut().send(oob()) {
+        Err(Error::TooManyInFlight { limit }) => assert_eq!(limit, CAP),
+        other => panic!("unexpected {other:?}"),
+    }
+    // Blocking: waits for a slot until the deadline, and was never written.
+    let (res, took) = timed(|| conn.send(oob()));
+    assert!(
+        matches!(res, Err(Error::CommandTimeout { ref command, .. }) if command == "hold"),
+        "{res:?}"
+    );
+    assert_near(took, Duration::from_millis(200));
+    // In-band commands still have their own slots.
+    assert_eq!(conn.execute("inband", None).unwrap(), json!({}));
+    assert_eq!(
+        server.wait_commands(2 + CAP, Duration::from_secs(5)).len(),
+        2 + CAP
+    );
+    // A reply frees a slot.
+    let first = held.lock().unwrap()[0].clone();
+    server.inject(vec![Action::Send(json!({"return": {}, "id": first}))]);
+    conn.wait_reply(ids[0], Instant::now() + Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(conn.session().oob_in_flight(), CAP - 1);
+    conn.send(oob()).unwrap();
+    assert_eq!(conn.session().oob_in_flight(), CAP);
 }
