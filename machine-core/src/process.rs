@@ -26,6 +26,11 @@ pub enum ExitStatus {
 }
 
 impl ExitStatus {
+    /// The process is gone but its status could not be collected: the embedding process
+    /// ignores SIGCHLD (the kernel then reaps children itself) or reaped it behind our back.
+    /// A real exit code is never negative.
+    pub const UNKNOWN: ExitStatus = ExitStatus::Code(-1);
+
     /// The exit code, if it exited normally.
     pub fn code(self) -> Option<i32> {
         match self {
@@ -51,6 +56,7 @@ impl ExitStatus {
 impl fmt::Display for ExitStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            ExitStatus::Code(-1) => f.write_str("exit status unknown"),
             ExitStatus::Code(code) => write!(f, "exit code {code}"),
             ExitStatus::Signal {
                 signal,
@@ -207,16 +213,19 @@ impl ChildGuard {
         &self.sent_signals
     }
 
-    /// Reaps the child if it has exited (never blocks).
+    /// Reaps the child if it has exited (never blocks): `waitid(P_PIDFD)` on its pidfd, so
+    /// no other child of ours (or a reused pid) can be collected by mistake. If the child is
+    /// no longer ours to wait for (ECHILD: SIGCHLD is ignored and the kernel reaped it, or
+    /// someone else did), it has exited with [`ExitStatus::UNKNOWN`].
     pub(crate) fn try_reap(&mut self) -> io::Result<Option<ExitStatus>> {
-        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
         if let Some(status) = self.status {
             return Ok(Some(status));
         }
         let status = loop {
-            match waitpid(
-                nix::unistd::Pid::from_raw(self.pid),
-                Some(WaitPidFlag::WNOHANG),
+            match waitid(
+                Id::PIDFd(self.pidfd.as_fd()),
+                WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG,
             ) {
                 Ok(WaitStatus::Exited(_, code)) => break Some(ExitStatus::Code(code)),
                 Ok(WaitStatus::Signaled(_, signal, core_dumped)) => {
@@ -227,6 +236,13 @@ impl ChildGuard {
                 }
                 Ok(_) => break None,
                 Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::ECHILD) => {
+                    log::debug!(
+                        "qemu pid {} was reaped elsewhere (SIGCHLD ignored?): exit status unknown",
+                        self.pid
+                    );
+                    break Some(ExitStatus::UNKNOWN);
+                }
                 Err(errno) => return Err(io::Error::from(errno)),
             }
         };

@@ -187,6 +187,8 @@ pub(crate) fn classify(facts: &Facts<'_>) -> EndedBy {
         // QEMU may have exited by itself just before our SIGKILL landed: then the status,
         // not the step, tells.
         Some(Step::Kill { .. }) if killed => return EndedBy::Kill,
+        // Reaped by the kernel (SIGCHLD ignored): no status tells, the step does.
+        Some(Step::Kill { .. }) if facts.status == ExitStatus::UNKNOWN => return EndedBy::Kill,
         Some(Step::Signal { signal, .. }) => return EndedBy::OurSignal { signal },
         Some(Step::Quit { .. }) => return EndedBy::Quit,
         Some(Step::Powerdown { .. }) => {
@@ -243,6 +245,18 @@ mod tests {
         signal: libc::SIGKILL,
         core_dumped: false,
     };
+
+    #[test]
+    fn an_unknown_status_during_our_kill_step_is_our_kill() {
+        let mut f = facts(ExitStatus::UNKNOWN, &[libc::SIGKILL], None);
+        f.ended_during = Some(Step::Kill {
+            timeout: Duration::from_secs(1),
+        });
+        assert_eq!(classify(&f), EndedBy::Kill);
+        f.ended_during = None;
+        assert_eq!(classify(&f), EndedBy::Exited { code: -1 });
+        assert_eq!(ExitStatus::UNKNOWN.to_string(), "exit status unknown");
+    }
 
     #[test]
     fn shutdown_event_is_read_from_its_data() {

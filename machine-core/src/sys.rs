@@ -8,7 +8,7 @@
 
 use std::ffi::{CString, OsStr};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -193,10 +193,12 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> io::Result<(libc::pid_t, OwnedFd)> 
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     let errno = context.errno.load(Ordering::SeqCst);
     if errno != 0 {
-        // The child exited without exec: collect it so no zombie remains.
-        let mut status = 0;
-        // SAFETY: waits for our own child; `status` is a valid out pointer.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
+        // The child exited without exec: collect it so no zombie remains (through its pidfd;
+        // retried on EINTR; ECHILD means the kernel reaped it already: SIGCHLD ignored).
+        while let Err(nix::errno::Errno::EINTR) = nix::sys::wait::waitid(
+            nix::sys::wait::Id::PIDFd(pidfd.as_fd()),
+            nix::sys::wait::WaitPidFlag::WEXITED,
+        ) {}
         return Err(io::Error::from_raw_os_error(errno));
     }
     Ok((pid, pidfd))
