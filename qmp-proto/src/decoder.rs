@@ -12,7 +12,7 @@ use serde::Deserialize as _;
 use serde_json::{Map, Value};
 
 use crate::error::{raw_copy, Error, Result};
-use crate::message::ServerMessage;
+use crate::message::{KnownMessage, ServerMessage};
 
 /// Limits of a [`Decoder`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,7 +215,9 @@ impl Decoder {
         if self.buf.len() - self.pos > self.config.max_message_size {
             // The caller is feeding without pulling: frame now, so that an oversized message
             // is cut off and memory stays bounded.
-            let _none = self.frame(false);
+            while let Some(item) = self.frame::<Map<String, Value>>() {
+                self.frames.push_back(item);
+            }
         }
     }
 
@@ -243,8 +245,11 @@ impl Decoder {
 
     /// The next message, classified; `None` when no complete message is buffered.
     pub fn next_message(&mut self) -> Option<Result<ServerMessage>> {
-        self.next_object()
-            .map(|object| object.map(ServerMessage::from_object))
+        match self.frames.pop_front() {
+            Some(frame) => Some(frame.map(ServerMessage::from_object)),
+            // Parsed straight into its shape, without building the whole object first.
+            None => self.frame::<ServerMessage>(),
+        }
     }
 
     /// The next message as a plain JSON object, without classifying it (a server uses this
@@ -252,7 +257,7 @@ impl Decoder {
     pub fn next_object(&mut self) -> Option<Result<Map<String, Value>>> {
         match self.frames.pop_front() {
             Some(frame) => Some(frame),
-            None => self.frame(true),
+            None => self.frame::<Map<String, Value>>(),
         }
     }
 
@@ -324,10 +329,10 @@ impl Decoder {
     /// byte with the same result, so chunking never changes the outcome; no byte is scanned
     /// twice.
     ///
-    /// With `one`, stops at the first message and returns it, so that each message is parsed
-    /// just before it is pulled (and dropped while its memory is still in cache); otherwise
-    /// queues every message and returns `None`.
-    fn frame(&mut self, one: bool) -> Option<Result<Map<String, Value>>> {
+    /// Stops at the first message and returns it, parsed as `T`, so that each message is
+    /// parsed just before it is pulled (and dropped while its memory is still in cache);
+    /// `None` when no complete message is buffered.
+    fn frame<T: Target>(&mut self) -> Option<Result<T>> {
         loop {
             if let (Some(start), Some(search)) = (self.msg_start, self.line_search) {
                 match self.fast_path(start, search) {
@@ -341,11 +346,7 @@ impl Decoder {
                         self.line_search = None;
                         self.pos = resume;
                         self.scanner.reset();
-                        if one {
-                            return Some(Ok(object));
-                        }
-                        self.frames.push_back(Ok(object));
-                        continue;
+                        return Some(Ok(object));
                     }
                     // The scanner has not moved since the message started.
                     Fast::Fallback => self.line_search = None,
@@ -373,10 +374,7 @@ impl Decoder {
                             let error = self.too_large(start);
                             self.discarding = true;
                             self.line_search = None;
-                            if one {
-                                return Some(Err(error));
-                            }
-                            self.frames.push_back(Err(error));
+                            return Some(Err(error));
                         }
                         _ => break,
                     }
@@ -398,10 +396,7 @@ impl Decoder {
                         let error = Error::TooDeep {
                             limit: self.config.max_depth,
                         };
-                        if one {
-                            return Some(Err(error));
-                        }
-                        self.frames.push_back(Err(error));
+                        return Some(Err(error));
                     }
                 }
                 Step::End {
@@ -422,12 +417,9 @@ impl Decoder {
                         Err(self.too_large(start))
                     } else {
                         let end = trim_end(&self.buf, start, end);
-                        parse_object(&self.buf[start..end], complete)
+                        T::parse_object(&self.buf[start..end], complete)
                     };
-                    if one {
-                        return Some(item);
-                    }
-                    self.frames.push_back(item);
+                    return Some(item);
                 }
             }
         }
@@ -444,7 +436,7 @@ impl Decoder {
 
     /// The fast way for the message starting at `start`, searching for line feeds from
     /// `search` (see [`Decoder::frame`]).
-    fn fast_path(&mut self, start: usize, mut search: usize) -> Fast {
+    fn fast_path<T: Target>(&mut self, start: usize, mut search: usize) -> Fast<T> {
         let limit = self.config.max_message_size;
         loop {
             let Some(offset) = memchr::memchr(b'\n', &self.buf[search..]) else {
@@ -463,7 +455,7 @@ impl Decoder {
                 let first = if end - start == 1 {
                     Line::Unfinished
                 } else {
-                    parse_line(&self.buf[start..end])
+                    T::parse_line(&self.buf[start..end])
                 };
                 match first {
                     Line::Object(object) => return Fast::Done(object, line_feed + 1),
@@ -483,7 +475,7 @@ impl Decoder {
                     if end - start > limit {
                         return Fast::Fallback;
                     }
-                    return match parse_line(&self.buf[start..end]) {
+                    return match T::parse_line(&self.buf[start..end]) {
                         Line::Object(object) => Fast::Done(object, end),
                         Line::Unfinished | Line::Failed => Fast::Fallback,
                     };
@@ -497,7 +489,7 @@ impl Decoder {
 
     /// With no more line feed to look at: wait for input, unless the message is already over
     /// the size limit.
-    fn wait_or_fall_back(&self, start: usize) -> Fast {
+    fn wait_or_fall_back<T>(&self, start: usize) -> Fast<T> {
         if self.buf.len() - start > self.config.max_message_size {
             Fast::Fallback
         } else {
@@ -540,9 +532,9 @@ impl Decoder {
 }
 
 /// What the fast way found.
-enum Fast {
+enum Fast<T> {
     /// A whole message, and where to go on.
-    Done(Map<String, Value>, usize),
+    Done(T, usize),
     /// Not known to be complete: let the scanner look at what is buffered.
     Wait,
     /// Frame this message with the scanner.
@@ -550,15 +542,69 @@ enum Fast {
 }
 
 /// What parsing the start of a message as exactly one object gave.
-enum Line {
-    Object(Map<String, Value>),
+enum Line<T> {
+    Object(T),
     /// Valid so far but incomplete.
     Unfinished,
     Failed,
 }
 
+/// What a framed message is parsed into: a plain object, or a classified message.
+trait Target: Sized {
+    /// Parses `bytes` as exactly one object, with serde_json's default recursion limit.
+    fn parse_line(bytes: &[u8]) -> Line<Self>;
+    /// Parses one framed message (see [`parse_object`]).
+    fn parse_object(bytes: &[u8], complete: bool) -> Result<Self>;
+}
+
+impl Target for Map<String, Value> {
+    fn parse_line(bytes: &[u8]) -> Line<Self> {
+        parse_line(bytes)
+    }
+
+    fn parse_object(bytes: &[u8], complete: bool) -> Result<Self> {
+        parse_object(bytes, complete)
+    }
+}
+
+/// A message of a known shape is read straight into it; anything else (an unknown shape, an
+/// error, an incomplete line) is parsed again as a whole object, so the outcome is exactly
+/// that of parsing the object and classifying it with [`ServerMessage::from_object`].
+impl Target for ServerMessage {
+    fn parse_line(bytes: &[u8]) -> Line<Self> {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        if let Ok(KnownMessage(Some(message))) = parse_known(&mut de) {
+            return Line::Object(message);
+        }
+        match parse_line(bytes) {
+            Line::Object(object) => Line::Object(ServerMessage::from_object(object)),
+            Line::Unfinished => Line::Unfinished,
+            Line::Failed => Line::Failed,
+        }
+    }
+
+    fn parse_object(bytes: &[u8], complete: bool) -> Result<Self> {
+        if complete {
+            let mut de = serde_json::Deserializer::from_slice(bytes);
+            // The scanner has already bounded the depth by `max_depth` (at most 1024).
+            de.disable_recursion_limit();
+            if let Ok(KnownMessage(Some(message))) = parse_known(&mut de) {
+                return Ok(message);
+            }
+        }
+        parse_object(bytes, complete).map(ServerMessage::from_object)
+    }
+}
+
+/// Reads a message of a known shape, and checks that nothing but whitespace follows it.
+fn parse_known(
+    de: &mut serde_json::Deserializer<serde_json::de::SliceRead<'_>>,
+) -> serde_json::Result<KnownMessage> {
+    KnownMessage::deserialize(&mut *de).and_then(|known| de.end().map(|()| known))
+}
+
 /// Parses `bytes` as exactly one object, with serde_json's default recursion limit.
-fn parse_line(bytes: &[u8]) -> Line {
+fn parse_line(bytes: &[u8]) -> Line<Map<String, Value>> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     match Value::deserialize(&mut de).and_then(|value| de.end().map(|()| value)) {
         Ok(Value::Object(object)) => Line::Object(object),
@@ -820,5 +866,105 @@ impl Scanner {
             }
         }
         Step::More
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Messages that exercise every branch of the direct classification: each known shape,
+    /// duplicates, wrong member types, extra members, odd timestamps, escaped keys, errors.
+    const CASES: &[&str] = &[
+        r#"{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "p"}, "capabilities": ["oob", 3]}}"#,
+        r#"{"QMP": 1}"#,
+        r#"{"QMP": {}, "return": {}}"#,
+        r#"{"return": {}}"#,
+        r#"{"return": [1, 2], "id": {"n": 3}, "x": null}"#,
+        r#"{"return": 1, "return": 2, "id": 1, "id": "b"}"#,
+        r#"{"ret\u0075rn": {}, "id": 1}"#,
+        r#"{"error": {"class": "GenericError", "desc": "d", "x": 1}, "id": 8}"#,
+        r#"{"error": {"class": "NewClass", "desc": "d"}}"#,
+        r#"{"error": {"class": "GenericError"}}"#,
+        r#"{"error": {"class": 1, "desc": "d"}}"#,
+        r#"{"error": "x"}"#,
+        r#"{"error": {"class": "GenericError", "desc": "d"}, "event": "STOP"}"#,
+        r#"{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}}"#,
+        r#"{"timestamp": {"seconds": 1, "microseconds": 2, "seconds": 5, "x": [1]}, "event": "X", "data": {"a": 1}}"#,
+        r#"{"event": "STOP", "timestamp": {"seconds": 1}}"#,
+        r#"{"event": "STOP", "timestamp": {"seconds": 1.5, "microseconds": 2}}"#,
+        r#"{"event": "STOP", "timestamp": {"seconds": 18446744073709551615, "microseconds": 2}}"#,
+        r#"{"event": "STOP", "timestamp": [1, 2]}"#,
+        r#"{"event": "STOP", "timestamp": null}"#,
+        r#"{"event": "STOP"}"#,
+        r#"{"event": 7, "data": {}}"#,
+        r#"{"id": 6}"#,
+        r#"{}"#,
+        r#"{"return": {}, "x": 1e400}"#,
+        r#"{"return": {}, "x": "\ud800"}"#,
+        r#"{"event": "STOP", "timestamp": {"seconds": 1e400, "microseconds": 2}}"#,
+        r#"{"return": {}} {"return": {}}"#,
+        r#"{"return": {}"#,
+        r#"[1, 2]"#,
+        r#""text""#,
+    ];
+
+    fn outcome<T: std::fmt::Debug>(item: &Option<Result<T>>) -> String {
+        format!("{item:?}")
+    }
+
+    #[test]
+    fn direct_classification_matches_classifying_the_object() {
+        for case in CASES {
+            for ending in ["\r\n", "", "\n{\"return\": {}}\n"] {
+                let input = format!("{case}{ending}");
+                // Fed whole, and one byte at a time (the scanner's way).
+                for chunk in [input.len(), 1] {
+                    let mut direct = Decoder::new();
+                    let mut general = Decoder::new();
+                    for piece in input.as_bytes().chunks(chunk) {
+                        direct.feed(piece);
+                        general.feed(piece);
+                    }
+                    loop {
+                        let expected = general
+                            .next_object()
+                            .map(|item| item.map(ServerMessage::from_object));
+                        let got = direct.next_message();
+                        assert_eq!(outcome(&got), outcome(&expected), "{input:?}");
+                        if got.is_none() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn direct_classification_matches_with_pretty_printing() {
+        let pretty = "{\n    \"timestamp\": {\n        \"seconds\": 1,\n        \"microseconds\": 2\n    },\n    \"event\": \"STOP\"\n}\n{\n    \"id\": 3\n}\n";
+        let mut direct = Decoder::new();
+        let mut general = Decoder::new();
+        direct.feed(pretty.as_bytes());
+        general.feed(pretty.as_bytes());
+        let first = direct.next_message();
+        assert!(
+            matches!(&first, Some(Ok(ServerMessage::Event(event))) if event.timestamp.seconds == 1),
+            "{first:?}"
+        );
+        let second = direct.next_message();
+        assert!(
+            matches!(&second, Some(Ok(ServerMessage::Unknown(object))) if object.contains_key("id")),
+            "{second:?}"
+        );
+        assert!(direct.next_message().is_none());
+        let expected: Vec<_> = std::iter::from_fn(|| general.next_object())
+            .map(|item| item.map(ServerMessage::from_object))
+            .collect();
+        assert_eq!(
+            format!("{:?}", [first, second]),
+            format!("{:?}", expected.into_iter().map(Some).collect::<Vec<_>>())
+        );
     }
 }

@@ -709,3 +709,206 @@ impl Command {
         object
     }
 }
+
+/// The top-level members that classification looks at.
+enum Member {
+    Qmp,
+    Return,
+    Error,
+    Event,
+    Id,
+    Data,
+    Timestamp,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Member {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Member, D::Error> {
+        struct MemberVisitor;
+        impl serde::de::Visitor<'_> for MemberVisitor {
+            type Value = Member;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_str<E: serde::de::Error>(self, key: &str) -> std::result::Result<Member, E> {
+                Ok(match key {
+                    "QMP" => Member::Qmp,
+                    "return" => Member::Return,
+                    "error" => Member::Error,
+                    "event" => Member::Event,
+                    "id" => Member::Id,
+                    "data" => Member::Data,
+                    "timestamp" => Member::Timestamp,
+                    _ => Member::Other,
+                })
+            }
+        }
+        deserializer.deserialize_str(MemberVisitor)
+    }
+}
+
+/// An event's `timestamp` read straight from the text, as [`timestamp_lenient`] reads it from
+/// a [`Value`]. Anything but an object is refused, so that the caller falls back.
+struct TimestampMember(Timestamp);
+
+impl<'de> Deserialize<'de> for TimestampMember {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<TimestampMember, D::Error> {
+        struct TimestampVisitor;
+        impl<'de> serde::de::Visitor<'de> for TimestampVisitor {
+            type Value = TimestampMember;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a timestamp object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<TimestampMember, A::Error> {
+                let (mut seconds, mut microseconds) = (None, None);
+                while let Some(key) = map.next_key::<TimestampKey>()? {
+                    // Every value is read as a `Value`, so that the text is validated exactly
+                    // as a whole-object parse validates it (numbers out of range, escapes).
+                    let value = map.next_value::<Value>()?;
+                    match key {
+                        TimestampKey::Seconds => seconds = Some(value),
+                        TimestampKey::Microseconds => microseconds = Some(value),
+                        TimestampKey::Other => {}
+                    }
+                }
+                let field = |value: Option<Value>| value.as_ref().and_then(Value::as_i64);
+                Ok(TimestampMember(
+                    match (field(seconds), field(microseconds)) {
+                        (Some(seconds), Some(microseconds)) => Timestamp {
+                            seconds,
+                            microseconds,
+                        },
+                        _ => Timestamp::UNAVAILABLE,
+                    },
+                ))
+            }
+        }
+        deserializer.deserialize_any(TimestampVisitor)
+    }
+}
+
+/// The members of a timestamp.
+enum TimestampKey {
+    Seconds,
+    Microseconds,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for TimestampKey {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<TimestampKey, D::Error> {
+        struct KeyVisitor;
+        impl serde::de::Visitor<'_> for KeyVisitor {
+            type Value = TimestampKey;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_str<E: serde::de::Error>(
+                self,
+                key: &str,
+            ) -> std::result::Result<TimestampKey, E> {
+                Ok(match key {
+                    "seconds" => TimestampKey::Seconds,
+                    "microseconds" => TimestampKey::Microseconds,
+                    _ => TimestampKey::Other,
+                })
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+/// A server message read straight from the text when it has one of the known shapes, without
+/// building the whole object first; `None` when it has none (the caller then parses the whole
+/// object and classifies it with [`ServerMessage::from_object`], which keeps it as
+/// [`ServerMessage::Unknown`]). When it is `Some`, it is what `from_object` gives for the
+/// same text. An error (including a value that is not an object, or a `timestamp` that is not
+/// one) also means: take the general way, which reports the right error.
+pub(crate) struct KnownMessage(pub(crate) Option<ServerMessage>);
+
+impl<'de> Deserialize<'de> for KnownMessage {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<KnownMessage, D::Error> {
+        deserializer.deserialize_map(KnownVisitor)
+    }
+}
+
+struct KnownVisitor;
+
+impl<'de> serde::de::Visitor<'de> for KnownVisitor {
+    type Value = KnownMessage;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a QMP server message")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<KnownMessage, A::Error> {
+        // Each member the classification needs, the last occurrence winning as in a `Map`.
+        let (mut qmp, mut ret, mut error, mut event) = (None, None, None, None);
+        let (mut id, mut data, mut timestamp) = (None, None, None);
+        while let Some(key) = map.next_key::<Member>()? {
+            match key {
+                Member::Qmp => qmp = Some(map.next_value::<Value>()?),
+                Member::Return => ret = Some(map.next_value::<Value>()?),
+                Member::Error => error = Some(map.next_value::<Value>()?),
+                Member::Event => event = Some(map.next_value::<Value>()?),
+                Member::Id => id = Some(map.next_value::<Value>()?),
+                Member::Data => data = Some(map.next_value::<Value>()?),
+                Member::Timestamp => timestamp = Some(map.next_value::<TimestampMember>()?.0),
+                // Read as a `Value` so the text is validated as a whole-object parse would.
+                Member::Other => drop(map.next_value::<Value>()?),
+            }
+        }
+        let present = [
+            qmp.is_some(),
+            ret.is_some(),
+            error.is_some(),
+            event.is_some(),
+        ];
+        if present.iter().filter(|&&p| p).count() != 1 {
+            return Ok(KnownMessage(None));
+        }
+        let message = if let Some(Value::Object(inner)) = qmp {
+            Some(ServerMessage::Greeting(Greeting::from_lenient(&inner)))
+        } else if let Some(ret) = ret {
+            Some(ServerMessage::Return(ReturnReply { ret, id }))
+        } else if let Some(Value::Object(info)) = error {
+            let (mut class, mut desc) = (None, None);
+            for (key, value) in info {
+                match (key.as_str(), value) {
+                    ("class", Value::String(name)) => class = Some(ErrorClass::from(name)),
+                    ("desc", Value::String(text)) => desc = Some(text),
+                    _ => {}
+                }
+            }
+            match (class, desc) {
+                (Some(class), Some(desc)) => Some(ServerMessage::Error(ErrorReply {
+                    error: ErrorInfo { class, desc },
+                    id,
+                })),
+                _ => None,
+            }
+        } else if let Some(Value::String(name)) = event {
+            Some(ServerMessage::Event(Event {
+                event: name,
+                data,
+                timestamp: timestamp.unwrap_or(Timestamp::UNAVAILABLE),
+            }))
+        } else {
+            None
+        };
+        Ok(KnownMessage(message))
+    }
+}

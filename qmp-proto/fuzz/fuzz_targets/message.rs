@@ -1,8 +1,9 @@
 //! Fuzz target `message`: one buffer is decoded; every message accepted is classified,
 //! encoded and decoded again, and must come back equal.
 //!
-//! Invariants: no panic; `encode -> decode` is the identity on classified server messages
-//! and on commands; `to_value` agrees with the encoding; a value always matches itself as an
+//! Invariants: no panic; `next_message` gives exactly what classifying each `next_object`
+//! with `ServerMessage::from_object` gives (messages and errors alike); `encode -> decode` is
+//! the identity on classified server messages and on commands; `to_value` agrees with the encoding; a value always matches itself as an
 //! `event_match` pattern.
 #![no_main]
 
@@ -28,6 +29,21 @@ fn decode_one(bytes: &[u8]) -> ServerMessage {
 }
 
 fuzz_target!(|data: &[u8]| {
+    let mut direct = Decoder::new();
+    let mut general = Decoder::new();
+    direct.feed(data);
+    general.feed(data);
+    loop {
+        let expected = general
+            .next_object()
+            .map(|item| item.map(ServerMessage::from_object));
+        let got = direct.next_message();
+        assert_eq!(format!("{got:?}"), format!("{expected:?}"));
+        if got.is_none() {
+            break;
+        }
+    }
+
     let mut decoder = Decoder::new();
     decoder.feed(data);
     while let Some(result) = decoder.next_object() {
