@@ -521,10 +521,12 @@ fn the_shutdown_ladder_works_on_a_shared_connection() {
 #[test]
 fn pid_is_none_once_qemu_exited_and_the_report_keeps_it() {
     let _g = shared();
-    let stub = Stub::new("greet\nserve_one\nexit 5");
+    // It exits after answering one command past the negotiation.
+    let stub = Stub::new("greet\nserve_one\nserve_one\nexit 5");
     let mut m = stub.machine();
     m.launch().expect("launch");
     let pid = m.pid().expect("pid while running");
+    m.cmd("query-status", ()).expect("query-status");
     // Nothing reaps it here: wait for the exit itself (a zombie, then the pidfd is readable).
     let deadline = Instant::now() + Duration::from_secs(10);
     while m.is_running() {
