@@ -358,6 +358,7 @@ impl Config {
     }
 
     pub(crate) fn pass_fd(&mut self, fd: OwnedFd) -> RawFd {
+        let fd = off_stdio(fd);
         // Ours from now on: no other child spawned by this process may inherit it.
         if let Err(err) = nix::fcntl::fcntl(
             &fd,
@@ -392,5 +393,24 @@ impl Config {
             opts: opts.to_owned(),
         });
         Ok(raw)
+    }
+}
+
+/// `fd` moved to a number from 3 up if it sits on 0-2 (QEMU's stdio would clobber it there),
+/// so the number returned to the caller is the one QEMU sees. If no duplicate can be made (no
+/// free fd), the original stays and the launch refuses it with an error.
+pub(crate) fn off_stdio(fd: OwnedFd) -> OwnedFd {
+    if fd.as_raw_fd() >= 3 {
+        return fd;
+    }
+    match crate::sys::dup_above_stdio(fd.as_fd()) {
+        Ok(moved) => moved,
+        Err(err) => {
+            log::warn!(
+                "cannot move fd {} off the stdio numbers: {err}",
+                fd.as_raw_fd()
+            );
+            fd
+        }
     }
 }

@@ -348,6 +348,7 @@ impl Machine {
     /// spawned (a per-launch channel, such as qtest's socketpair end). Returns its number in
     /// QEMU.
     pub fn pass_fd_once(&mut self, fd: OwnedFd) -> RawFd {
+        let fd = crate::config::off_stdio(fd);
         if let Err(err) = nix::fcntl::fcntl(
             &fd,
             nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
@@ -637,7 +638,10 @@ impl Machine {
             Monitor::SocketPair => {
                 let (ours, theirs) = UnixStream::pair().map_err(Error::os("socketpair"))?;
                 monitor_ours = Some(ours);
-                monitor_theirs = Some(OwnedFd::from(theirs));
+                monitor_theirs = Some(
+                    crate::sys::above_stdio(OwnedFd::from(theirs))
+                        .map_err(Error::os("dup of the monitor socket"))?,
+                );
             }
             Monitor::Unix(path) => {
                 prepare_socket_path(path)?;
@@ -658,7 +662,9 @@ impl Machine {
         let mut console_pair: Option<(UnixStream, OwnedFd)> = None;
         if self.config.console.is_some() {
             let (ours, theirs) = UnixStream::pair().map_err(Error::os("socketpair"))?;
-            console_pair = Some((ours, OwnedFd::from(theirs)));
+            let theirs = crate::sys::above_stdio(OwnedFd::from(theirs))
+                .map_err(Error::os("dup of the console socket"))?;
+            console_pair = Some((ours, theirs));
         }
 
         // Log file and the output pipe.

@@ -159,12 +159,13 @@ impl ChildGuard {
             .first()
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty command line"))?;
         let resolved = resolve_program(Path::new(program))?;
-        let null = std::fs::File::open("/dev/null")?;
+        let null = sys::above_stdio(OwnedFd::from(std::fs::File::open("/dev/null")?))?;
+        let stdout = sys::above_stdio(spec.stdout)?;
         let sys_spec = sys::SpawnSpec {
             program: resolved.as_os_str(),
             argv: spec.argv,
             stdin: null.as_fd(),
-            stdout: spec.stdout.as_fd(),
+            stdout: stdout.as_fd(),
             keep: &spec.keep,
             parent_death_signal: spec.parent_death_signal,
             new_session: spec.new_session,

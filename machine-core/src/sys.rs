@@ -66,6 +66,29 @@ pub(crate) fn combine_readable(fds: &[BorrowedFd<'_>]) -> io::Result<OwnedFd> {
     Ok(epoll)
 }
 
+/// `fd` itself if its number is 3 or above, else a close-on-exec duplicate at the lowest free
+/// number from 3 up (`F_DUPFD_CLOEXEC`), the original closed. Every fd a child gets (and its
+/// stdio sources) must sit there: if the embedding process closed its own stdin, stdout or
+/// stderr, a new socket or pipe can land on 0-2, and the child's `dup2` onto its stdio would
+/// clobber it.
+pub(crate) fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() >= 3 {
+        return Ok(fd);
+    }
+    dup_above_stdio(fd.as_fd())
+}
+
+/// A close-on-exec duplicate of `fd` numbered 3 or above (`F_DUPFD_CLOEXEC`).
+pub(crate) fn dup_above_stdio(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC on a borrowed open fd has no memory effects.
+    let raw = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
 /// What to run and which fds it gets.
 pub(crate) struct SpawnSpec<'a> {
     /// The resolved program path given to `execve`.
@@ -133,6 +156,17 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> io::Result<(libc::pid_t, OwnedFd)> 
     let argv = null_terminated(&argv_owned);
     let envp = null_terminated(&env_owned);
     let keep: Vec<RawFd> = spec.keep.to_vec();
+    // The child dup2s onto 0, 1 and 2 first: a source there would be clobbered.
+    if [spec.stdin.as_raw_fd(), spec.stdout.as_raw_fd()]
+        .iter()
+        .chain(&keep)
+        .any(|&fd| fd < 3)
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "an fd for the child is numbered below 3",
+        ));
+    }
     let context = ChildContext {
         program: program.as_ptr(),
         argv: argv.as_ptr(),
