@@ -237,14 +237,19 @@ pub fn run(args: RunArgs) -> Result<u8> {
             })
         }
     }
-    let pid = machine.pid().unwrap_or_default();
+    // None when QEMU already exited right after the handshake (the exit report follows).
+    let pid = machine.pid();
     let command = machine
         .command_line()
         .map(|c| c.to_string())
         .unwrap_or_default();
+    let who = pid.map_or_else(
+        || "qemu (already exited)".to_string(),
+        |p| format!("qemu pid {p}"),
+    );
     reporter.line(
         "launched",
-        &format!("launched qemu pid {pid}: {command}"),
+        &format!("launched {who}: {command}"),
         json!({"pid": pid, "command": command}),
     )?;
     for address in &listen {

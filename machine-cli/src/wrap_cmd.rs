@@ -93,6 +93,10 @@ pub fn run(args: WrapArgs) -> Result<u8> {
         binary: args.qemu.clone(),
         source,
     })?;
+    // None when QEMU already exited right after the handshake.
+    let pid_text = machine
+        .pid()
+        .map_or_else(|| "already exited".to_string(), |p| format!("pid {p}"));
     let banner = match machine
         .qmp_connection()
         .ok()
@@ -101,16 +105,13 @@ pub fn run(args: WrapArgs) -> Result<u8> {
         Some(greeting) => {
             let v = greeting.version.qemu;
             format!(
-                "Connected to QEMU {}.{}.{} (pid {})",
-                v.major,
-                v.minor,
-                v.micro,
-                machine.pid().unwrap_or_default()
+                "Connected to QEMU {}.{}.{} ({})",
+                v.major, v.minor, v.micro, pid_text
             )
         }
         None => "Connected to QEMU".to_string(),
     };
-    let peer = format!("qemu pid {}", machine.pid().unwrap_or_default());
+    let peer = format!("qemu {pid_text}");
     // On a terminal, events are printed as they arrive (as `shell` does): a background thread
     // waits on the machine's shared QMP handle while the shell sends commands through it.
     let background: Option<EventPull> = if std::io::stdin().is_terminal() && !args.no_live_events {
