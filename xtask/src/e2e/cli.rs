@@ -494,95 +494,149 @@ fn run_sigint(ctx: &Ctx) -> Result<(), String> {
     Ok(())
 }
 
+/// `qemu-machine` running with a pseudo-terminal as its controlling terminal (started through
+/// `setsid -c`), with a thread collecting what it writes.
+struct Terminal {
+    child: std::process::Child,
+    master: std::fs::File,
+    output: mpsc::Receiver<Vec<u8>>,
+    pump: Option<thread::JoinHandle<()>>,
+    seen: String,
+}
+
+impl Terminal {
+    /// Starts `qemu-machine ARGS` on a new pty, in the scratch dir, with `QEMU` set.
+    fn spawn(ctx: &Ctx, args: &[&std::ffi::OsStr]) -> Result<Terminal, String> {
+        use std::io::Read;
+        let pty = nix::pty::openpty(None, None).map_err(|e| format!("openpty: {e}"))?;
+        // openpty(3) leaves both ends inheritable: keep close-on-exec copies only, so that no
+        // child keeps the master open (qemu-machine would then never see its terminal hang up).
+        let dup = |fd: &std::os::fd::OwnedFd| fd.try_clone().map_err(|e| format!("dup: {e}"));
+        let (master, slave_end) = (dup(&pty.master)?, dup(&pty.slave)?);
+        drop(pty);
+        let slave = |fd: &std::os::fd::OwnedFd| {
+            fd.try_clone()
+                .map(Stdio::from)
+                .map_err(|e| format!("dup: {e}"))
+        };
+        let mut command = Command::new("setsid");
+        command
+            .arg("-c")
+            .arg(binary()?)
+            .args(args)
+            .env("QEMU", &ctx.qemu)
+            .env("HOME", &ctx.scratch)
+            .env("TERM", "xterm")
+            .current_dir(&ctx.scratch)
+            .stdin(slave(&slave_end)?)
+            .stdout(slave(&slave_end)?)
+            .stderr(slave(&slave_end)?);
+        let child = command
+            .spawn()
+            .map_err(|e| format!("cannot start setsid -c qemu-machine: {e}"))?;
+        // Only the child may hold the slave now, so the master reads EIO once it is gone.
+        drop(command);
+        drop(slave_end);
+        let master = std::fs::File::from(master);
+        let mut reader = master.try_clone().map_err(|e| format!("dup: {e}"))?;
+        let (tx, output) = mpsc::channel::<Vec<u8>>();
+        let pump = thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Terminal {
+            child,
+            master,
+            output,
+            pump: Some(pump),
+            seen: String::new(),
+        })
+    }
+
+    /// Waits (within the scenario's deadline) until the terminal has shown `needle`.
+    fn wait_for(&mut self, ctx: &Ctx, needle: &str) -> Result<(), String> {
+        while !self.seen.contains(needle) {
+            match self.output.recv_timeout(ctx.remaining()) {
+                Ok(chunk) => self.seen.push_str(&String::from_utf8_lossy(&chunk)),
+                Err(_) => {
+                    return Err(format!(
+                        "{needle:?} not seen on the terminal: {:?}",
+                        self.seen
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Types `keys`, one write per key as a person would.
+    fn type_keys(&mut self, keys: &[u8]) -> Result<(), String> {
+        for key in keys {
+            self.master
+                .write_all(&[*key])
+                .map_err(|e| format!("typing {key:#04x}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the program to exit after `steps` (the scenario's interaction) ran; kills it
+    /// if the steps failed or the deadline passed. Returns its status and all it showed.
+    fn finish(
+        mut self,
+        ctx: &Ctx,
+        steps: Result<(), String>,
+        after: &str,
+    ) -> Result<(std::process::ExitStatus, String), String> {
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if Instant::now() < ctx.deadline && steps.is_ok() => {
+                    thread::sleep(Duration::from_millis(1))
+                }
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    steps?;
+                    return Err(format!(
+                        "qemu-machine did not exit after {after}: {:?}",
+                        self.seen
+                    ));
+                }
+            }
+        };
+        drop(self.master);
+        if let Some(pump) = self.pump.take() {
+            let _ = pump.join();
+        }
+        steps?;
+        let mut seen = self.seen;
+        seen.extend(
+            self.output
+                .try_iter()
+                .map(|c| String::from_utf8_lossy(&c).into_owned()),
+        );
+        Ok((status, seen))
+    }
+}
+
 /// On a real terminal (a pty as controlling terminal): typed keys reach the guest, and Ctrl-C
 /// (the terminal signals the whole foreground process group) runs the ladder instead of QEMU
 /// quitting on its own: the guest sees the power button.
 fn run_ctrl_c_on_terminal(ctx: &Ctx) -> Result<(), String> {
-    use std::io::Read;
-    let pty = nix::pty::openpty(None, None).map_err(|e| format!("openpty: {e}"))?;
-    // openpty(3) leaves both ends inheritable: keep close-on-exec copies only, so that no
-    // child keeps the master open (qemu-machine would then never see its terminal hang up).
-    let dup = |fd: &std::os::fd::OwnedFd| fd.try_clone().map_err(|e| format!("dup: {e}"));
-    let (master, slave_end) = (dup(&pty.master)?, dup(&pty.slave)?);
-    drop(pty);
-    let slave = |fd: &std::os::fd::OwnedFd| {
-        fd.try_clone()
-            .map(Stdio::from)
-            .map_err(|e| format!("dup: {e}"))
-    };
-    let mut command = Command::new("setsid");
-    command
-        .arg("-c")
-        .arg(binary()?)
-        .args(["run", "--accel", accel(ctx)])
-        .env("QEMU", &ctx.qemu)
-        .env("TERM", "xterm")
-        .current_dir(&ctx.scratch)
-        .stdin(slave(&slave_end)?)
-        .stdout(slave(&slave_end)?)
-        .stderr(slave(&slave_end)?);
-    let mut child = command
-        .spawn()
-        .map_err(|e| format!("cannot start setsid -c qemu-machine: {e}"))?;
-    // Only the child may hold the slave now, so the master reads EIO once it is gone.
-    drop(command);
-    drop(slave_end);
-    let mut master = std::fs::File::from(master);
-    let mut reader = master.try_clone().map_err(|e| format!("dup: {e}"))?;
-    let (tx, rx) = mpsc::channel::<Vec<u8>>();
-    let pump = thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = reader.read(&mut buf) {
-            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                return;
-            }
-        }
-    });
-    let mut seen = String::new();
-    let wait_for = |needle: &str, seen: &mut String| -> Result<(), String> {
-        while !seen.contains(needle) {
-            match rx.recv_timeout(ctx.remaining()) {
-                Ok(chunk) => seen.push_str(&String::from_utf8_lossy(&chunk)),
-                Err(_) => return Err(format!("{needle:?} not seen on the terminal: {seen:?}")),
-            }
-        }
-        Ok(())
-    };
-    let result = (|| {
-        wait_for(guest::PROMPT, &mut seen)?;
-        for key in b"flood 3\r" {
-            master
-                .write_all(&[*key])
-                .map_err(|e| format!("typing: {e}"))?;
-        }
-        wait_for(guest::FLOOD_DONE, &mut seen)?;
-        master
-            .write_all(b"\x03")
-            .map_err(|e| format!("typing Ctrl-C: {e}"))?;
-        wait_for("exit status", &mut seen)?;
-        Ok::<(), String>(())
+    let args = ["run", "--accel", accel(ctx)].map(std::ffi::OsStr::new);
+    let mut term = Terminal::spawn(ctx, &args)?;
+    let steps = (|| {
+        term.wait_for(ctx, guest::PROMPT)?;
+        term.type_keys(b"flood 3\r")?;
+        term.wait_for(ctx, guest::FLOOD_DONE)?;
+        term.type_keys(b"\x03")?;
+        term.wait_for(ctx, "exit status")
     })();
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < ctx.deadline && result.is_ok() => {
-                thread::sleep(Duration::from_millis(1))
-            }
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                result?;
-                return Err(format!("qemu-machine did not exit after Ctrl-C: {seen:?}"));
-            }
-        }
-    };
-    drop(master);
-    let _ = pump.join();
-    result?;
-    seen.extend(
-        rx.try_iter()
-            .map(|c| String::from_utf8_lossy(&c).into_owned()),
-    );
+    let (status, seen) = term.finish(ctx, steps, "Ctrl-C")?;
     if status.code() != Some(0) {
         return Err(format!("exit {status:?} after Ctrl-C: {seen:?}"));
     }
@@ -826,59 +880,22 @@ fn wrap_shell(ctx: &Ctx) -> Result<(), String> {
 /// `wrap` on a terminal shows an event while the prompt sits idle: another QMP client stops
 /// the VM through a second monitor, and STOP appears without a key being pressed.
 fn wrap_live_events(ctx: &Ctx) -> Result<(), String> {
-    use std::io::Read;
     let extra = ctx.scratch.join("wrap-extra.sock");
     let extra_arg = format!("unix:{},server=on,wait=off", extra.display());
-    let pty = nix::pty::openpty(None, None).map_err(|e| format!("openpty: {e}"))?;
-    let dup = |fd: &std::os::fd::OwnedFd| fd.try_clone().map_err(|e| format!("dup: {e}"));
-    let (master, slave_end) = (dup(&pty.master)?, dup(&pty.slave)?);
-    drop(pty);
-    let slave = |fd: &std::os::fd::OwnedFd| {
-        fd.try_clone()
-            .map(Stdio::from)
-            .map_err(|e| format!("dup: {e}"))
-    };
-    let mut command = Command::new("setsid");
-    command
-        .arg("-c")
-        .arg(binary()?)
-        .args(["wrap", "--", "-M", "none", "-accel", accel(ctx), "-qmp"])
-        .arg(&extra_arg)
-        .env("QEMU", &ctx.qemu)
-        .env("HOME", &ctx.scratch)
-        .env("TERM", "xterm")
-        .current_dir(&ctx.scratch)
-        .stdin(slave(&slave_end)?)
-        .stdout(slave(&slave_end)?)
-        .stderr(slave(&slave_end)?);
-    let mut child = command
-        .spawn()
-        .map_err(|e| format!("cannot start setsid -c qemu-machine wrap: {e}"))?;
-    drop(command);
-    drop(slave_end);
-    let mut master = std::fs::File::from(master);
-    let mut reader = master.try_clone().map_err(|e| format!("dup: {e}"))?;
-    let (tx, rx) = mpsc::channel::<Vec<u8>>();
-    let pump = thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = reader.read(&mut buf) {
-            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                return;
-            }
-        }
-    });
-    let mut seen = String::new();
-    let wait_for = |needle: &str, seen: &mut String| -> Result<(), String> {
-        while !seen.contains(needle) {
-            match rx.recv_timeout(ctx.remaining()) {
-                Ok(chunk) => seen.push_str(&String::from_utf8_lossy(&chunk)),
-                Err(_) => return Err(format!("{needle:?} not seen on the terminal: {seen:?}")),
-            }
-        }
-        Ok(())
-    };
-    let result = (|| {
-        wait_for("(QEMU) ", &mut seen)?;
+    let args = [
+        "wrap",
+        "--",
+        "-M",
+        "none",
+        "-accel",
+        accel(ctx),
+        "-qmp",
+        &extra_arg,
+    ]
+    .map(std::ffi::OsStr::new);
+    let mut term = Terminal::spawn(ctx, &args)?;
+    let steps = (|| {
+        term.wait_for(ctx, "(QEMU) ")?;
         let config = qmp_client::Config::default();
         let mut other = qmp_client::Connection::connect_unix(&extra, &config)
             .map_err(|e| format!("second monitor: {e}"))?;
@@ -886,31 +903,12 @@ fn wrap_live_events(ctx: &Ctx) -> Result<(), String> {
             .execute("stop", None)
             .map_err(|e| format!("stop through the second monitor: {e}"))?;
         // Nothing typed: the event must show up by itself.
-        wait_for(" STOP", &mut seen)?;
+        term.wait_for(ctx, " STOP")?;
         drop(other);
-        master
-            .write_all(b"\x04")
-            .map_err(|e| format!("typing Ctrl-D: {e}"))?;
-        wait_for("qemu ended by our quit", &mut seen)?;
-        Ok::<(), String>(())
+        term.type_keys(b"\x04")?;
+        term.wait_for(ctx, "qemu ended by our quit")
     })();
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < ctx.deadline && result.is_ok() => {
-                thread::sleep(Duration::from_millis(1))
-            }
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                result?;
-                return Err(format!("wrap did not exit after Ctrl-D: {seen:?}"));
-            }
-        }
-    };
-    drop(master);
-    let _ = pump.join();
-    result?;
+    let (status, seen) = term.finish(ctx, steps, "Ctrl-D")?;
     if status.code() != Some(0) {
         return Err(format!("exit {status:?}: {seen:?}"));
     }
