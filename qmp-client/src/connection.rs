@@ -57,6 +57,9 @@ pub struct Connection {
     session: Session,
     command_timeout: Duration,
     greeting_timeout: Duration,
+    /// Test hook: the next poll fails with this error instead of polling.
+    #[cfg(test)]
+    fail_next_poll: Option<std::io::ErrorKind>,
 }
 
 impl Connection {
@@ -173,6 +176,8 @@ impl Connection {
             session: Session::new(config),
             command_timeout: config.command_timeout,
             greeting_timeout: config.greeting_timeout,
+            #[cfg(test)]
+            fail_next_poll: None,
         };
         sockio::register_abort(conn.poll.registry(), abort)?;
         let outcome = conn.handshake();
@@ -265,7 +270,20 @@ impl Connection {
                 return Ok(Pump::TimedOut);
             }
             polled = true;
-            let wake = sockio::wait(&mut self.poll, &mut self.events, deadline)?;
+            let waited = self.test_poll_failure().map_or_else(
+                || sockio::wait(&mut self.poll, &mut self.events, deadline),
+                Err,
+            );
+            let wake = match waited {
+                Ok(wake) => wake,
+                Err(e) => {
+                    // The socket can no longer be driven: the session fails (sticky), so the
+                    // pending requests end with it and later calls fail fast, as in `Shared`.
+                    log::warn!("poll failed, the QMP session ends: {e}");
+                    self.session.fail_with(e);
+                    return Ok(Pump::Failed);
+                }
+            };
             if wake.abort {
                 return Err(Error::Aborted);
             }
@@ -274,6 +292,18 @@ impl Connection {
             }
             self.peer_closed |= wake.closed;
         }
+    }
+
+    /// The test hook's injected poll failure, if one is armed (never outside tests).
+    fn test_poll_failure(&mut self) -> Option<Error> {
+        #[cfg(test)]
+        if let Some(kind) = self.fail_next_poll.take() {
+            return Some(Error::Io {
+                op: "poll",
+                source: kind.into(),
+            });
+        }
+        None
     }
 
     /// The greeting the server sent (None when [`Config::await_greeting`] was false).
@@ -753,4 +783,39 @@ pub(crate) fn filter_names(filters: &[EventFilter]) -> String {
         .map(|f| f.name.as_str())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::Script;
+
+    /// A poll error ends the session: the waiting command gets `Disconnected` with the poll
+    /// error as cause at once, its slot is freed, and later calls fail the same way.
+    #[test]
+    fn a_poll_error_fails_the_session_and_frees_the_pending_request() {
+        // "stall" is never answered.
+        let (_server, stream) = Script::new().on("stall", Vec::new()).start_pair().unwrap();
+        let mut conn = Connection::from_unix_stream(stream, &Config::default()).unwrap();
+        let id = conn.send(Command::new("stall")).unwrap();
+        assert_eq!(conn.session().in_flight(), 1);
+        conn.fail_next_poll = Some(std::io::ErrorKind::InvalidInput);
+        let long = Duration::from_secs(10);
+        let start = Instant::now();
+        let is_poll_failure = |e: &Error| {
+            matches!(e, Error::Disconnected { .. })
+                && matches!(e.root(), Error::Io { op: "poll", .. })
+        };
+        match conn.wait_reply(id, start + long) {
+            Err(e) => assert!(is_poll_failure(&e), "unexpected {e:?}"),
+            Ok(m) => panic!("unexpected reply {m:?}"),
+        }
+        assert!(start.elapsed() < long / 2, "took {:?}", start.elapsed());
+        assert_eq!(conn.session().in_flight(), 0);
+        assert!(!conn.is_connected());
+        match conn.execute("query-status", None) {
+            Err(e) => assert!(is_poll_failure(&e), "unexpected {e:?}"),
+            Ok(v) => panic!("unexpected {v}"),
+        }
+    }
 }
