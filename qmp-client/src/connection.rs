@@ -531,19 +531,13 @@ impl Connection {
             found = s.take_matching_event(filters, since);
             found.is_some()
         })?;
-        if let Some(event) = found {
-            return Ok(event);
-        }
-        if let Some(lost) = self.session.take_events_lost() {
-            return Err(lost);
-        }
-        match outcome {
-            Pump::Failed => Err(self.session.disconnected()),
-            _ => Err(Error::EventTimeout {
-                names: filter_names(filters),
-                timeout,
-            }),
-        }
+        event_wait_result(
+            &mut self.session,
+            found,
+            outcome == Pump::Failed,
+            filters,
+            timeout,
+        )
     }
 
     /// Takes every queued event (after a nonblocking read of what has arrived), oldest first.
@@ -772,6 +766,31 @@ pub(crate) fn into_return(cmd: &str, reply: ServerMessage) -> Result<Value> {
             raw: crate::session::excerpt(&other.to_value().to_string()),
         }),
     }
+}
+
+/// How an event wait ends once the socket was driven: the matching event if one was found,
+/// else the report of events lost to the overflow policy, else the session's failure, else a
+/// timeout. Shared by [`Connection`] and [`crate::Shared`].
+pub(crate) fn event_wait_result(
+    session: &mut Session,
+    found: Option<Event>,
+    failed: bool,
+    filters: &[EventFilter],
+    timeout: Duration,
+) -> Result<Event> {
+    if let Some(event) = found {
+        return Ok(event);
+    }
+    if let Some(lost) = session.take_events_lost() {
+        return Err(lost);
+    }
+    if failed {
+        return Err(session.disconnected());
+    }
+    Err(Error::EventTimeout {
+        names: filter_names(filters),
+        timeout,
+    })
 }
 
 pub(crate) fn filter_names(filters: &[EventFilter]) -> String {

@@ -14,7 +14,7 @@ use mio::{Events, Interest, Poll, Registry};
 use qmp_proto::{Command, Event, EventFilter, ServerMessage};
 use serde_json::{Map, Value};
 
-use crate::connection::{command, filter_names, into_return, Connection, Pump};
+use crate::connection::{command, event_wait_result, into_return, Connection, Pump};
 use crate::error::{Error, Result};
 use crate::io::{self as sockio, Stream, READ_CHUNK};
 use crate::session::{RequestId, Session};
@@ -297,19 +297,13 @@ impl Shared {
             found = s.take_matching_event(filters, 0);
             found.is_some()
         })?;
-        if let Some(event) = found {
-            return Ok(event);
-        }
-        if let Some(lost) = st.session.take_events_lost() {
-            return Err(lost);
-        }
-        match outcome {
-            Pump::Failed => Err(st.session.disconnected()),
-            _ => Err(Error::EventTimeout {
-                names: filter_names(filters),
-                timeout,
-            }),
-        }
+        event_wait_result(
+            &mut st.session,
+            found,
+            outcome == Pump::Failed,
+            filters,
+            timeout,
+        )
     }
 
     /// Takes every queued event (after a nonblocking read of what has arrived, unless another
