@@ -4,7 +4,7 @@
 use machine_core::qmp_client::testing::{Action, Script};
 use serde_json::{json, Value};
 
-use crate::util::{run, serve};
+use crate::util::{run, serve, Terminal};
 
 fn qemu_like() -> Script {
     Script::new()
@@ -219,110 +219,39 @@ fn unreachable_socket_is_status_3() {
 /// an empty line), history is written, and Ctrl-D leaves.
 #[test]
 fn on_a_terminal_events_show_up_while_idle_at_the_prompt() {
-    use std::io::{Read, Write};
-    use std::process::{Command, Stdio};
-    use std::sync::mpsc;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     let s = serve(qemu_like());
     let home = tempfile::tempdir().unwrap();
-    let pty = nix::pty::openpty(None, None).unwrap();
-    // openpty(3) leaves both ends inheritable: keep close-on-exec copies only, so that no
-    // child keeps the master open (the shell would then never see its terminal hang up).
-    let master_fd = pty.master.try_clone().unwrap();
-    let slave = pty.slave.try_clone().unwrap();
-    drop(pty);
-    // setsid -c: a new session whose controlling terminal is the pty, as in a real login.
-    let child = Command::new("setsid")
-        .args(["-c", env!("CARGO_BIN_EXE_qemu-machine"), "shell", s.addr()])
-        .env("HOME", home.path())
-        .env("TERM", "xterm")
-        .stdin(Stdio::from(slave.try_clone().unwrap()))
-        .stdout(Stdio::from(slave.try_clone().unwrap()))
-        .stderr(Stdio::from(slave))
-        .spawn()
-        .unwrap();
-    // Killed and reaped if the test fails half-way.
-    struct Reaped(std::process::Child);
-    impl Drop for Reaped {
-        fn drop(&mut self) {
-            if let Ok(None) = self.0.try_wait() {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-            }
-        }
-    }
-    let mut child = Reaped(child);
-    let mut master = std::fs::File::from(master_fd);
-    let mut reader = master.try_clone().unwrap();
-    let (tx, rx) = mpsc::channel::<Vec<u8>>();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        // Ends with EIO once the child has exited and the slave is closed.
-        while let Ok(n) = reader.read(&mut buf) {
-            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                return;
-            }
-        }
-    });
-    let mut seen = String::new();
-    let wait_for = |needle: &str, seen: &mut String| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !seen.contains(needle) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(chunk) => seen.push_str(&String::from_utf8_lossy(&chunk)),
-                Err(_) => panic!("{needle:?} not seen on the terminal; got {seen:?}"),
-            }
-        }
-    };
-    wait_for("(QEMU) ", &mut seen);
+    let mut term = Terminal::spawn(
+        &["shell", s.addr()].map(std::ffi::OsStr::new),
+        &[("HOME", home.path().as_os_str())],
+    );
+    term.wait_for("(QEMU) ");
     s.server.inject(vec![Action::event(
         "BLOCK_JOB_READY",
         Some(json!({"device": "job0"})),
     )]);
-    wait_for("BLOCK_JOB_READY {\"device\":\"job0\"}", &mut seen);
+    term.wait_for("BLOCK_JOB_READY {\"device\":\"job0\"}");
     // Typed key by key, as a person does (rustyline 15 may leave the rest of a burst of bytes
     // unprocessed until the next key when its external printer is in use).
     // Each key is sent once the previous one is echoed (no two adjacent keys are equal).
     for key in "query-status".chars() {
-        master.write_all(key.to_string().as_bytes()).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !seen.ends_with(key) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(chunk) => seen.push_str(&String::from_utf8_lossy(&chunk)),
-                Err(_) => panic!("no echo of {key:?}; got {seen:?}"),
-            }
-        }
+        term.type_bytes(key.to_string().as_bytes());
+        term.wait_until(&format!("the echo of {key:?}"), |seen| seen.ends_with(key));
     }
-    master.write_all(b"\r").unwrap();
+    term.type_bytes(b"\r");
     let reply = r#"{"return":{"running":true,"status":"running"}}"#;
-    wait_for(reply, &mut seen);
+    term.wait_for(reply);
     // Ctrl-D only once the next prompt is up: typed earlier, the terminal (not yet back in
     // raw mode) would take it as its own end-of-file.
-    let after = seen.find(reply).unwrap() + reply.len();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !seen[after..].contains("(QEMU) ") {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(chunk) => seen.push_str(&String::from_utf8_lossy(&chunk)),
-            Err(_) => panic!("no prompt after the reply: {seen:?}"),
-        }
-    }
-    master.write_all(b"\x04").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the shell did not leave on Ctrl-D: {seen:?}"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    };
-    assert_eq!(status.code(), Some(0), "{seen:?}");
+    let after = term.seen.find(reply).unwrap() + reply.len();
+    term.wait_until("a prompt after the reply", |seen| {
+        seen[after..].contains("(QEMU) ")
+    });
+    term.type_bytes(b"\x04");
+    let status = term.wait_exit(Duration::from_secs(10), "Ctrl-D");
+    assert_eq!(status.code(), Some(0), "{:?}", term.seen);
     let history = std::fs::read_to_string(home.path().join(".qemu-machine_history")).unwrap();
     assert!(history.lines().any(|l| l == "query-status"), "{history:?}");
 }
@@ -354,87 +283,37 @@ done
 /// (it used to show events only after the next line, as its machine owned the connection).
 #[test]
 fn wrap_on_a_terminal_shows_events_while_idle_at_the_prompt() {
-    use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
-    use std::process::{Command, Stdio};
-    use std::sync::mpsc;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     let dir = tempfile::tempdir().unwrap();
     let stub = dir.path().join("qemu-stub");
     std::fs::write(&stub, WRAP_STUB).unwrap();
     std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).unwrap();
     let trigger = dir.path().join("send-event");
-    let pty = nix::pty::openpty(None, None).unwrap();
-    let master_fd = pty.master.try_clone().unwrap();
-    let slave = pty.slave.try_clone().unwrap();
-    drop(pty);
-    let child = Command::new("setsid")
-        .args(["-c", env!("CARGO_BIN_EXE_qemu-machine"), "wrap", "--qemu"])
-        .arg(&stub)
-        .args(["--", "-M", "none"])
-        .env("HOME", dir.path())
-        .env("TERM", "xterm")
-        .env("WRAP_TRIGGER", &trigger)
-        .stdin(Stdio::from(slave.try_clone().unwrap()))
-        .stdout(Stdio::from(slave.try_clone().unwrap()))
-        .stderr(Stdio::from(slave))
-        .spawn()
-        .unwrap();
-    struct Reaped(std::process::Child);
-    impl Drop for Reaped {
-        fn drop(&mut self) {
-            if let Ok(None) = self.0.try_wait() {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-            }
-        }
-    }
-    let mut child = Reaped(child);
-    let mut master = std::fs::File::from(master_fd);
-    let mut reader = master.try_clone().unwrap();
-    let (tx, rx) = mpsc::channel::<Vec<u8>>();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = reader.read(&mut buf) {
-            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                return;
-            }
-        }
-    });
-    let mut seen = String::new();
-    let wait_for = |needle: &str, seen: &mut String| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !seen.contains(needle) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(chunk) => seen.push_str(&String::from_utf8_lossy(&chunk)),
-                Err(_) => panic!("{needle:?} not seen on the terminal; got {seen:?}"),
-            }
-        }
-    };
-    wait_for("(QEMU) ", &mut seen);
+    let mut term = Terminal::spawn(
+        &[
+            "wrap".as_ref(),
+            "--qemu".as_ref(),
+            stub.as_os_str(),
+            "--".as_ref(),
+            "-M".as_ref(),
+            "none".as_ref(),
+        ],
+        &[
+            ("HOME", dir.path().as_os_str()),
+            ("WRAP_TRIGGER", trigger.as_os_str()),
+        ],
+    );
+    term.wait_for("(QEMU) ");
     std::fs::write(&trigger, b"").unwrap();
     // Nothing typed: the event must show up by itself.
-    wait_for("BLOCK_JOB_READY {\"device\":\"job0\"}", &mut seen);
-    use std::io::Write;
-    master.write_all(b"\x04").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "wrap did not leave on Ctrl-D: {seen:?}"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    };
-    assert_eq!(status.code(), Some(0), "{seen:?}");
+    term.wait_for("BLOCK_JOB_READY {\"device\":\"job0\"}");
+    term.type_bytes(b"\x04");
+    let status = term.wait_exit(Duration::from_secs(15), "Ctrl-D");
+    assert_eq!(status.code(), Some(0), "{:?}", term.seen);
     // Ended by our quit after Ctrl-D: the rest of the output (the report) until the
     // terminal hangs up.
-    while let Ok(chunk) = rx.recv_timeout(Duration::from_secs(5)) {
-        seen.push_str(&String::from_utf8_lossy(&chunk));
-    }
-    assert!(seen.contains("our quit"), "{seen:?}");
+    term.read_to_hangup(Duration::from_secs(5));
+    assert!(term.seen.contains("our quit"), "{:?}", term.seen);
 }

@@ -243,3 +243,113 @@ pub fn wait_negotiated(server: &FakeServer) {
         "the client never negotiated"
     );
 }
+
+/// The binary running with a pseudo-terminal as its controlling terminal (started through
+/// `setsid -c`, as in a real login), with what it writes collected by a thread. Killed and
+/// reaped on drop if the test fails half-way.
+pub struct Terminal {
+    child: Child,
+    master: std::fs::File,
+    output: mpsc::Receiver<Vec<u8>>,
+    /// Everything the terminal has shown so far.
+    pub seen: String,
+}
+
+impl Terminal {
+    /// Starts `qemu-machine ARGS` with `envs` (plus `TERM=xterm`) on a new pty.
+    pub fn spawn(args: &[&std::ffi::OsStr], envs: &[(&str, &std::ffi::OsStr)]) -> Terminal {
+        let pty = nix::pty::openpty(None, None).expect("openpty");
+        // openpty(3) leaves both ends inheritable: keep close-on-exec copies only, so that no
+        // child keeps the master open (the program would then never see its terminal hang up).
+        let master = std::fs::File::from(pty.master.try_clone().expect("dup master"));
+        let slave = pty.slave.try_clone().expect("dup slave");
+        drop(pty);
+        let mut command = Command::new("setsid");
+        command
+            .arg("-c")
+            .arg(env!("CARGO_BIN_EXE_qemu-machine"))
+            .args(args)
+            .env("TERM", "xterm")
+            .stdin(Stdio::from(slave.try_clone().expect("dup slave")))
+            .stdout(Stdio::from(slave.try_clone().expect("dup slave")))
+            .stderr(Stdio::from(slave));
+        for (key, value) in envs {
+            command.env(key, value);
+        }
+        let child = command.spawn().expect("spawn setsid -c qemu-machine");
+        drop(command);
+        let mut reader = master.try_clone().expect("dup master");
+        let (tx, output) = mpsc::channel::<Vec<u8>>();
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            // Ends with EIO once the child has exited and the slave is closed.
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                    return;
+                }
+            }
+        });
+        Terminal {
+            child,
+            master,
+            output,
+            seen: String::new(),
+        }
+    }
+
+    /// Reads the terminal until `done(seen)` holds; panics naming `what` after 10 s.
+    pub fn wait_until(&mut self, what: &str, done: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done(&self.seen) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.output.recv_timeout(left) {
+                Ok(chunk) => self.seen.push_str(&String::from_utf8_lossy(&chunk)),
+                Err(_) => panic!("{what} not seen on the terminal; got {:?}", self.seen),
+            }
+        }
+    }
+
+    /// Reads the terminal until it has shown `needle`.
+    pub fn wait_for(&mut self, needle: &str) {
+        self.wait_until(&format!("{needle:?}"), |seen| seen.contains(needle));
+    }
+
+    /// Types these bytes.
+    pub fn type_bytes(&mut self, bytes: &[u8]) {
+        self.master
+            .write_all(bytes)
+            .expect("typing on the terminal");
+    }
+
+    /// Waits up to `timeout` for the program to exit (panics naming `after` otherwise).
+    pub fn wait_exit(&mut self, timeout: Duration, after: &str) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no exit after {after}: {:?}",
+                self.seen
+            );
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Collects the rest of the output until the terminal hangs up (or `timeout` of silence).
+    pub fn read_to_hangup(&mut self, timeout: Duration) {
+        while let Ok(chunk) = self.output.recv_timeout(timeout) {
+            self.seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
