@@ -4,6 +4,16 @@ use std::time::Instant;
 
 use crate::cargo;
 
+/// The workspace's crates, each tested alone by the `alone` step.
+pub(crate) const CRATES: &[&str] = &[
+    "qmp-proto",
+    "qmp-client",
+    "console-socket",
+    "machine-core",
+    "machine-cli",
+    "xtask",
+];
+
 /// Runs every CI step, even after a failure, then prints a summary; Err if any step failed.
 pub fn run(args: &[String]) -> Result<(), String> {
     if let Some(extra) = args.first() {
@@ -12,6 +22,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     type Step = (&'static str, Box<dyn Fn() -> Result<(), String>>);
     let steps: Vec<Step> = vec![
         ("fmt", Box::new(|| cargo(&["fmt", "--all", "--check"], &[]))),
+        ("tidy", Box::new(|| crate::tidy::run(&[]))),
         (
             "clippy",
             Box::new(|| {
@@ -41,6 +52,18 @@ pub fn run(args: &[String]) -> Result<(), String> {
         (
             "test",
             Box::new(|| cargo(&["test", "--workspace", "--all-features"], &[])),
+        ),
+        (
+            "alone",
+            Box::new(|| {
+                // Each crate's tests on their own, with only the features the crate itself
+                // asks for: a test that compiles only thanks to another crate's features
+                // fails here.
+                for krate in CRATES {
+                    cargo(&["test", "-p", krate], &[])?;
+                }
+                Ok(())
+            }),
         ),
         ("e2e", Box::new(|| crate::e2e::run(&[]))),
         (

@@ -1,6 +1,9 @@
 //! `cargo xtask`: the developer entry points of the workspace.
 //!
-//! - `cargo xtask ci`: everything CI checks (format, lints, docs, tests, the real-QEMU suite).
+//! - `cargo xtask ci`: everything CI checks (format, lints, docs, the workspace rules, tests of
+//!   the workspace and of each crate alone, the real-QEMU suite).
+//! - `cargo xtask tidy`: the rules of ARCHITECTURE.md a program can check (dependency arrows,
+//!   `unsafe` only in `sys`, no printing in libraries, a `//!` line opening every file).
 //! - `cargo xtask e2e [--accel tcg|kvm|both] [--filter TEXT]`: the real-QEMU end-to-end suite.
 //! - `cargo xtask bench`: every benchmark, each printing its figure beside a same-run baseline.
 //! - `cargo xtask fuzz --seconds N`: the cargo-fuzz targets, N seconds each.
@@ -12,10 +15,11 @@ mod e2e;
 mod fuzz;
 mod qemu;
 mod reliability;
+mod tidy;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <ci | e2e [--accel tcg|kvm|both] [--filter TEXT] | bench | fuzz [--seconds N] | reliability [--quick] [--json FILE]>";
+const USAGE: &str = "usage: cargo xtask <ci | tidy | e2e [--accel tcg|kvm|both] [--filter TEXT] | bench | fuzz [--seconds N] | reliability [--quick] [--json FILE]>";
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
@@ -26,6 +30,7 @@ fn main() -> ExitCode {
     };
     let result = match task.as_str() {
         "ci" => ci::run(rest),
+        "tidy" => tidy::run(rest),
         "e2e" => e2e::run(rest),
         "bench" => bench::run(rest),
         "fuzz" => fuzz::run(rest),
