@@ -572,7 +572,10 @@ impl Target for Map<String, Value> {
 /// that of parsing the object and classifying it with [`ServerMessage::from_object`].
 impl Target for ServerMessage {
     fn parse_line(bytes: &[u8]) -> Line<Self> {
-        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let Ok(text) = std::str::from_utf8(bytes) else {
+            return Line::Failed;
+        };
+        let mut de = serde_json::Deserializer::from_str(text);
         if let Ok(KnownMessage(Some(message))) = parse_known(&mut de) {
             return Line::Object(message);
         }
@@ -584,8 +587,8 @@ impl Target for ServerMessage {
     }
 
     fn parse_object(bytes: &[u8], complete: bool) -> Result<Self> {
-        if complete {
-            let mut de = serde_json::Deserializer::from_slice(bytes);
+        if let (true, Ok(text)) = (complete, std::str::from_utf8(bytes)) {
+            let mut de = serde_json::Deserializer::from_str(text);
             // The scanner has already bounded the depth by `max_depth` (at most 1024).
             de.disable_recursion_limit();
             if let Ok(KnownMessage(Some(message))) = parse_known(&mut de) {
@@ -598,14 +601,21 @@ impl Target for ServerMessage {
 
 /// Reads a message of a known shape, and checks that nothing but whitespace follows it.
 fn parse_known(
-    de: &mut serde_json::Deserializer<serde_json::de::SliceRead<'_>>,
+    de: &mut serde_json::Deserializer<serde_json::de::StrRead<'_>>,
 ) -> serde_json::Result<KnownMessage> {
     KnownMessage::deserialize(&mut *de).and_then(|known| de.end().map(|()| known))
 }
 
 /// Parses `bytes` as exactly one object, with serde_json's default recursion limit.
+///
+/// The whole message is checked to be UTF-8 once, then parsed as text: serde_json then skips
+/// its own check of every string, which on QMP's many short strings costs more than the one
+/// check of the whole message (a line that is not UTF-8 goes the general way, which reports it).
 fn parse_line(bytes: &[u8]) -> Line<Map<String, Value>> {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return Line::Failed;
+    };
+    let mut de = serde_json::Deserializer::from_str(text);
     match Value::deserialize(&mut de).and_then(|value| de.end().map(|()| value)) {
         Ok(Value::Object(object)) => Line::Object(object),
         Ok(_) => Line::Failed,
@@ -622,9 +632,15 @@ fn trim_end(buf: &[u8], start: usize, mut end: usize) -> usize {
     end
 }
 
-/// Parses one framed message into a JSON object.
+/// Parses one framed message into a JSON object (checked to be UTF-8 as a whole first, as in
+/// [`parse_line`]; bytes that are not UTF-8 make [`Error::InvalidUtf8`] whatever else is wrong).
 fn parse_object(bytes: &[u8], complete: bool) -> Result<Map<String, Value>> {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return Err(Error::InvalidUtf8 {
+            raw: raw_copy(bytes),
+        });
+    };
+    let mut de = serde_json::Deserializer::from_str(text);
     // The scanner has already bounded the depth by `max_depth` (at most 1024).
     de.disable_recursion_limit();
     let parsed = Value::deserialize(&mut de).and_then(|value| de.end().map(|()| value));
@@ -637,18 +653,10 @@ fn parse_object(bytes: &[u8], complete: bool) -> Result<Map<String, Value>> {
         Ok(_) => Err(Error::NotAnObject {
             raw: raw_copy(bytes),
         }),
-        Err(source) => {
-            if std::str::from_utf8(bytes).is_err() {
-                Err(Error::InvalidUtf8 {
-                    raw: raw_copy(bytes),
-                })
-            } else {
-                Err(Error::Malformed {
-                    raw: raw_copy(bytes),
-                    source,
-                })
-            }
-        }
+        Err(source) => Err(Error::Malformed {
+            raw: raw_copy(bytes),
+            source,
+        }),
     }
 }
 
