@@ -93,6 +93,8 @@ mod connection;
 mod error;
 mod io;
 mod listener;
+#[cfg(feature = "testing")]
+pub mod replay;
 mod session;
 mod shared;
 mod sys;

@@ -4,7 +4,10 @@
 //!   the workspace and of each crate alone, the real-QEMU suite).
 //! - `cargo xtask tidy`: the rules of ARCHITECTURE.md a program can check (dependency arrows,
 //!   `unsafe` only in `sys`, no printing in libraries, a `//!` line opening every file).
-//! - `cargo xtask e2e [--accel tcg|kvm|both] [--filter TEXT]`: the real-QEMU end-to-end suite.
+//! - `cargo xtask e2e [--qemu system|10.0|11.1|all|PATH] [--accel tcg|kvm|both] [--filter TEXT]`:
+//!   the real-QEMU end-to-end suite, against the system's QEMU or the cached other versions.
+//! - `cargo xtask record [--qemu ...] [--out DIR]`: QMP transcripts of each QEMU for the
+//!   offline replay tests (`qmp_client::replay`).
 //! - `cargo xtask bench`: every benchmark, each printing its figure beside a same-run baseline.
 //! - `cargo xtask fuzz --seconds N`: the cargo-fuzz targets, N seconds each.
 //! - `cargo xtask reliability [--quick] [--json FILE]`: the fault catalogue's measured figures.
@@ -14,12 +17,14 @@ mod ci;
 mod e2e;
 mod fuzz;
 mod qemu;
+mod record;
 mod reliability;
 mod tidy;
+mod versions;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <ci | tidy | e2e [--accel tcg|kvm|both] [--filter TEXT] | bench | fuzz [--seconds N] | reliability [--quick] [--json FILE]>";
+const USAGE: &str = "usage: cargo xtask <ci | tidy | e2e [--qemu system|10.0|11.1|all|PATH] [--accel tcg|kvm|both] [--filter TEXT] | record [--qemu ...] [--out DIR] | bench | fuzz [--seconds N] | reliability [--quick] [--json FILE]>";
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
@@ -35,6 +40,7 @@ fn main() -> ExitCode {
         "bench" => bench::run(rest),
         "fuzz" => fuzz::run(rest),
         "reliability" => reliability::run(rest),
+        "record" => record::run(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(())

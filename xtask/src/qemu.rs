@@ -2,7 +2,7 @@
 //! reporting what it can do here (version, accelerators, whether KVM really works).
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -50,9 +50,8 @@ pub fn ensure_installed() -> Result<(), String> {
 }
 
 /// The first line of `qemu-system-x86_64 --version`, e.g. `QEMU emulator version 7.2.22 (...)`.
-pub fn version() -> Result<String, String> {
-    let qemu = binary();
-    let out = Command::new(&qemu)
+pub fn version(qemu: &Path) -> Result<String, String> {
+    let out = Command::new(qemu)
         .arg("--version")
         .output()
         .map_err(|e| format!("cannot run {} --version: {e}", qemu.display()))?;
@@ -68,9 +67,8 @@ pub fn version() -> Result<String, String> {
 }
 
 /// The accelerators compiled into the binary (`-accel help`), e.g. `["tcg", "kvm"]`.
-pub fn accelerators() -> Result<Vec<String>, String> {
-    let qemu = binary();
-    let out = Command::new(&qemu)
+pub fn accelerators(qemu: &Path) -> Result<Vec<String>, String> {
+    let out = Command::new(qemu)
         .args(["-accel", "help"])
         .output()
         .map_err(|e| format!("cannot run {} -accel help: {e}", qemu.display()))?;
@@ -94,20 +92,26 @@ pub fn accelerators() -> Result<Vec<String>, String> {
 /// Whether KVM really works: `/dev/kvm` opens read-write, and QEMU starts `-M none -accel kvm`
 /// and quits through QMP on stdio within 10 s. Ok carries how long the QEMU probe took; Err why
 /// KVM is unusable.
-pub fn probe_kvm() -> Result<Duration, String> {
+pub fn probe_kvm(qemu: &Path) -> Result<Duration, String> {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
         .map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
-    let qemu = binary();
+    probe_accel(qemu, "kvm")
+}
+
+/// Whether QEMU starts `-M none -accel NAME` and quits through QMP on stdio within 10 s (`-accel
+/// help` is no proof: QEMU 11.1 has the qtest accelerator but does not list it). Ok carries how
+/// long the probe took; Err why the accelerator is unusable.
+pub fn probe_accel(qemu: &Path, accel: &str) -> Result<Duration, String> {
     let started = Instant::now();
-    let mut child = Command::new(&qemu)
+    let mut child = Command::new(qemu)
         .args([
             "-M",
             "none",
             "-accel",
-            "kvm",
+            accel,
             "-nodefaults",
             "-display",
             "none",
@@ -133,7 +137,7 @@ pub fn probe_kvm() -> Result<Duration, String> {
             Ok(None) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err("qemu -accel kvm did not quit within 10 s".to_string());
+                return Err(format!("qemu -accel {accel} did not quit within 10 s"));
             }
             Err(e) => return Err(format!("cannot wait for qemu: {e}")),
         }
@@ -147,8 +151,31 @@ pub fn probe_kvm() -> Result<Duration, String> {
             let _ = pipe.read_to_string(&mut stderr);
         }
         Err(format!(
-            "qemu -accel kvm exited with {status}: {}",
+            "qemu -accel {accel} exited with {status}: {}",
             stderr.trim()
         ))
     }
+}
+
+/// The version number in a `--version` line: `7.2.22` from `QEMU emulator version 7.2.22 (...)`.
+pub fn version_number(line: &str) -> &str {
+    line.strip_prefix("QEMU emulator version ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or(line)
+}
+
+/// The `-compat` policy the suite and the recorder run QEMU under (where QEMU has `-compat`):
+/// deprecated commands and arguments are refused, deprecated output is left out, so nothing
+/// we do depends on them.
+pub const COMPAT: &str = "deprecated-input=reject,deprecated-output=hide";
+
+/// Whether the binary has `-compat` (QEMU 6.0 and later), from its `-help` text.
+pub fn has_compat(qemu: &Path) -> Result<bool, String> {
+    let out = Command::new(qemu)
+        .arg("-help")
+        .output()
+        .map_err(|e| format!("cannot run {} -help: {e}", qemu.display()))?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|line| line.starts_with("-compat ")))
 }

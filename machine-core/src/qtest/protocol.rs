@@ -330,7 +330,8 @@ impl QtestProtocol {
 
     /// `clock_step [NS]`: advances the virtual clock by `ns`, or to the next timer deadline
     /// when None; returns the clock afterwards, in nanoseconds. Needs `-accel qtest`: under
-    /// another accelerator QEMU answers `FAIL Unknown command 'clock_step'`.
+    /// another accelerator QEMU answers `FAIL Unknown command 'clock_step'`. A step that does
+    /// not move the clock (0) fails with `could not advance time` (seen on QEMU 11.1).
     pub fn clock_step(&mut self, ns: Option<u64>) -> Result<u64> {
         let command = match ns {
             Some(ns) => format!("clock_step {}", clock_arg(ns)?),

@@ -7,4 +7,5 @@ mod events;
 mod fds;
 mod framing;
 mod handshake;
+mod replay;
 mod util;

@@ -119,13 +119,22 @@ fn hmp_socketpair(ctx: &Ctx) -> Result<(), String> {
         "exec -> first (qemu) prompt {:?}",
         qemu.started().elapsed()
     ));
-    if !banner.text_lossy().contains("QEMU 7.2") {
-        return Err(format!("unexpected banner {:?}", banner.text_lossy()));
+    let release = ctx.qemu_major_minor();
+    let banner_start = format!("QEMU {release}");
+    if !banner.text_lossy().contains(&banner_start) {
+        return Err(format!(
+            "unexpected banner {:?} (expected {banner_start:?})",
+            banner.text_lossy()
+        ));
     }
 
     let version = step(
         "info version",
-        console.exec_and_wait("info version", &Pattern::substring("7.2"), ctx.remaining()),
+        console.exec_and_wait(
+            "info version",
+            &Pattern::substring(&release),
+            ctx.remaining(),
+        ),
     )?;
     // The echo of the command comes first, then the answer.
     if !version.text_lossy().contains("info version") {
@@ -135,8 +144,8 @@ fn hmp_socketpair(ctx: &Ctx) -> Result<(), String> {
         ));
     }
     let rest = step("answer line", console.read_line(ctx.remaining()))?;
-    let answer = format!("7.2{}", String::from_utf8_lossy(&rest));
-    if !answer.starts_with("7.2.") {
+    let answer = format!("{release}{}", String::from_utf8_lossy(&rest));
+    if !answer.starts_with(&format!("{release}.")) {
         return Err(format!("unexpected version line {answer:?}"));
     }
     ctx.note(format!("info version: {answer}"));
@@ -148,7 +157,7 @@ fn hmp_socketpair(ctx: &Ctx) -> Result<(), String> {
     quit_and_expect_closed(ctx, &mut qemu, &mut console)?;
     let total = console.bytes_total();
     step("close console", console.close())?;
-    check_log(&log, total, &["QEMU 7.2", PROMPT, &answer, "quit"])
+    check_log(&log, total, &[&banner_start, PROMPT, &answer, "quit"])
 }
 
 /// W1 against real QEMU: we ask for about 700 KB of output and do not read any of it; the
@@ -176,7 +185,8 @@ fn hmp_flood_unread(ctx: &Ctx) -> Result<(), String> {
     step("send the burst", console.send(burst.as_bytes()))?;
     // `info version` runs only after every `help` has been written out: its answer (a line
     // starting with the version) proves QEMU never stalled on the unread output.
-    let answer = Pattern::regex(r"\r\n7\.2\.\d+").map_err(|e| e.to_string())?;
+    let release = ctx.qemu_major_minor().replace('.', r"\.");
+    let answer = Pattern::regex(&format!(r"\r\n{release}\.\d+")).map_err(|e| e.to_string())?;
     step(
         "answer after the flood",
         console.wait_for(&answer, ctx.remaining()),
@@ -235,7 +245,11 @@ fn hmp_connect_path(ctx: &Ctx) -> Result<(), String> {
     )?;
     step(
         "info version",
-        console.exec_and_wait("info version", &Pattern::substring("7.2"), ctx.remaining()),
+        console.exec_and_wait(
+            "info version",
+            &Pattern::substring(ctx.qemu_major_minor()),
+            ctx.remaining(),
+        ),
     )?;
     quit_and_expect_closed(ctx, &mut qemu, &mut console)?;
     step("close console", console.close())?;

@@ -445,7 +445,9 @@ fn flood(ctx: &Ctx) -> Result<(), String> {
     vm.qemu.wait_until(ctx.deadline).map(drop)
 }
 
-/// `exit 5` ends QEMU with status 11, and QMP just closes (no SHUTDOWN event).
+/// `exit 5` ends QEMU with status 11. QEMU 7.2 just closes QMP; QEMU 10.0 and later first send
+/// `SHUTDOWN {guest: true, reason: guest-shutdown}` (the same event as a clean power-off), so
+/// only the exit status tells the failing guest apart.
 fn exit_code(ctx: &Ctx) -> Result<(), String> {
     let mut vm = GuestVm::launch(ctx, GuestMachine::Q35, &[])?;
     vm.wait_ready(ctx)?;
@@ -457,10 +459,22 @@ fn exit_code(ctx: &Ctx) -> Result<(), String> {
         return Err(format!("expected exit 11, got {}", describe_status(status)));
     }
     let events = vm.qmp.read_to_eof(ctx.deadline)?;
-    if let Some(shutdown) = events.iter().find(|e| e["event"] == "SHUTDOWN") {
-        return Err(format!("isa-debug-exit gave a SHUTDOWN event: {shutdown}"));
+    let shutdown = events.iter().find(|e| e["event"] == "SHUTDOWN");
+    match shutdown {
+        Some(event) if !ctx.qemu_at_least(10, 0) => {
+            return Err(format!("isa-debug-exit gave a SHUTDOWN event: {event}"));
+        }
+        Some(event) => expect_data(event, &json!({"guest": true, "reason": "guest-shutdown"}))?,
+        None if ctx.qemu_at_least(10, 0) => {
+            return Err("isa-debug-exit gave no SHUTDOWN event on QEMU 10.0 or later".into());
+        }
+        None => {}
     }
-    ctx.note(format!("exit 5 -> process exit 11 in {}", ms(took)));
+    ctx.note(format!(
+        "exit 5 -> process exit 11 in {}; SHUTDOWN event before the exit: {}",
+        ms(took),
+        shutdown.map_or("none".to_string(), |e| e["data"].to_string())
+    ));
     Ok(())
 }
 

@@ -73,8 +73,10 @@ impl Accel {
 
 /// What a scenario gets to work with.
 pub struct Ctx {
-    /// The QEMU binary.
+    /// The QEMU binary (possibly a wrapper script around it).
     pub qemu: PathBuf,
+    /// Its version number, e.g. `7.2.22`.
+    pub qemu_version: String,
     /// The accelerator this run uses.
     pub accel: Accel,
     /// The scenario's deadline: every wait inside must end before it.
@@ -89,6 +91,25 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// A context outside the suite (for `cargo xtask record`): TCG, `qemu` run as it is,
+    /// `scratch` as the scratch directory, a deadline `timeout` from now.
+    pub fn standalone(
+        qemu: PathBuf,
+        qemu_version: String,
+        scratch: PathBuf,
+        timeout: Duration,
+    ) -> Ctx {
+        Ctx {
+            qemu,
+            qemu_version,
+            accel: Accel::Tcg,
+            deadline: Instant::now() + timeout,
+            scratch,
+            notes: Arc::new(Mutex::new(Vec::new())),
+            spawned: Arc::new(Mutex::new(0)),
+        }
+    }
+
     /// Time left before the deadline (zero once it has passed).
     pub fn remaining(&self) -> Duration {
         self.deadline.saturating_duration_since(Instant::now())
@@ -98,6 +119,24 @@ impl Ctx {
     pub fn note(&self, text: impl Into<String>) {
         if let Ok(mut notes) = self.notes.lock() {
             notes.push(text.into());
+        }
+    }
+
+    /// QEMU's `major.minor`, e.g. `10.0` (what its HMP banner and `info version` start with).
+    pub fn qemu_major_minor(&self) -> String {
+        let mut parts = self.qemu_version.split('.');
+        match (parts.next(), parts.next()) {
+            (Some(major), Some(minor)) => format!("{major}.{minor}"),
+            _ => self.qemu_version.clone(),
+        }
+    }
+
+    /// Whether QEMU is `major.minor` or newer (false when the version cannot be read).
+    pub fn qemu_at_least(&self, major: u32, minor: u32) -> bool {
+        let mut parts = self.qemu_version.split('.').map(|p| p.parse::<u32>().ok());
+        match (parts.next().flatten(), parts.next().flatten()) {
+            (Some(have_major), Some(have_minor)) => (have_major, have_minor) >= (major, minor),
+            _ => false,
         }
     }
 
@@ -318,10 +357,12 @@ pub fn describe_status(status: ExitStatus) -> String {
     }
 }
 
-/// Runs the suite; Err if any scenario failed.
+/// Runs the suite against each QEMU asked for (`--qemu system|10.0|11.1|all|PATH`, default
+/// `system`); Err if any scenario failed on any of them.
 pub fn run(args: &[String]) -> Result<(), String> {
     let mut filter: Option<String> = None;
     let mut accels = vec![Accel::Tcg];
+    let mut choices = vec![crate::versions::Choice::System];
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -340,12 +381,54 @@ pub fn run(args: &[String]) -> Result<(), String> {
                     other => return Err(format!("--accel takes tcg, kvm or both, not {other:?}")),
                 }
             }
+            "--qemu" => {
+                choices = crate::versions::Choice::parse_list(
+                    it.next()
+                        .ok_or("--qemu takes system, 10.0, 11.1, all or a path")?,
+                )
+            }
             other => return Err(format!("unexpected argument `{other}`")),
         }
     }
-    crate::qemu::ensure_installed()?;
-    let qemu = crate::qemu::binary();
-    report_qemu(&accels)?;
+    let mut results = Vec::new();
+    for choice in &choices {
+        let started = Instant::now();
+        let result = choice
+            .ensure()
+            .and_then(|qemu| run_suite(&qemu, filter.as_deref(), &accels));
+        if let Err(why) = &result {
+            eprintln!("e2e --qemu {}: {why}", choice.label());
+        }
+        results.push((choice.label(), result, started.elapsed()));
+    }
+    if results.len() > 1 {
+        eprintln!("\ne2e summary:");
+        for (label, result, elapsed) in &results {
+            let verdict = match result {
+                Ok(version) => format!("ok   {version}"),
+                Err(why) => format!("FAIL {why}"),
+            };
+            eprintln!(
+                "  --qemu {label:<6} {:>6.1} s  {verdict}",
+                elapsed.as_secs_f64()
+            );
+        }
+    }
+    let failed: Vec<&str> = results
+        .iter()
+        .filter(|(_, result, _)| result.is_err())
+        .map(|(label, _, _)| label.as_str())
+        .collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("the suite failed on --qemu {}", failed.join(", ")))
+    }
+}
+
+/// Runs the suite against one QEMU binary; Ok carries its version number.
+fn run_suite(qemu: &Path, filter: Option<&str>, accels: &[Accel]) -> Result<String, String> {
+    let version = report_qemu(qemu, accels)?;
 
     let mut all = Vec::new();
     all.extend(guest::scenarios());
@@ -360,10 +443,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
     let mut runs: Vec<(&Scenario, Accel)> = Vec::new();
     for scenario in &all {
-        if filter
-            .as_deref()
-            .is_some_and(|f| !scenario.name.contains(f))
-        {
+        if filter.is_some_and(|f| !scenario.name.contains(f)) {
             continue;
         }
         for &accel in accels.iter().filter(|a| scenario.accels.contains(a)) {
@@ -378,18 +458,22 @@ pub fn run(args: &[String]) -> Result<(), String> {
             accels
         ));
     }
-    eprintln!("e2e: {} scenario runs", runs.len());
+    eprintln!("e2e: {} scenario runs on QEMU {version}", runs.len());
 
     let run_dir = RunDir::create()?;
+    let target = Target {
+        binary: compat_wrapper(qemu, &run_dir.root)?,
+        version: version.clone(),
+    };
     let started = Instant::now();
     let before_run = Snapshot::take();
     let mut outcome = Outcome::default();
     for (index, (scenario, accel)) in runs.iter().enumerate() {
-        run_one(&run_dir, index, scenario, *accel, &qemu, &mut outcome);
+        run_one(&run_dir, index, scenario, *accel, &target, &mut outcome);
     }
     let run_leaks = run_dir.finish(&before_run);
     eprintln!(
-        "e2e: {} passed, {} failed ({:.1} s)",
+        "e2e qemu {version}: {} passed, {} failed ({:.1} s)",
         outcome.passed,
         outcome.failed,
         started.elapsed().as_secs_f64()
@@ -398,19 +482,60 @@ pub fn run(args: &[String]) -> Result<(), String> {
         eprintln!("e2e: the run leaked: {}", run_leaks.join("; "));
     }
     if outcome.failed == 0 && run_leaks.is_empty() {
-        Ok(())
+        Ok(version)
     } else if outcome.failed == 0 {
-        Err("the end-to-end run leaked resources".to_string())
+        Err(format!(
+            "QEMU {version}: the end-to-end run leaked resources"
+        ))
     } else {
-        Err(format!("{} end-to-end scenarios failed", outcome.failed))
+        Err(format!(
+            "QEMU {version}: {} end-to-end scenarios failed",
+            outcome.failed
+        ))
     }
 }
 
-/// Prints QEMU's version and accelerators; Err if a requested accelerator cannot work.
-fn report_qemu(accels: &[Accel]) -> Result<(), String> {
-    eprintln!("e2e: {}", crate::qemu::version()?);
-    let built_in = crate::qemu::accelerators()?;
-    let kvm = crate::qemu::probe_kvm();
+/// The QEMU the scenarios run: the binary (or the `-compat` wrapper around it) and its version.
+struct Target {
+    binary: PathBuf,
+    version: String,
+}
+
+/// Every scenario runs QEMU with `-compat deprecated-input=reject,deprecated-output=hide` when
+/// the binary has `-compat`, so the suite never depends on a deprecated command or argument:
+/// a small script in the run directory puts it in front of the scenario's arguments.
+fn compat_wrapper(qemu: &Path, run_dir: &Path) -> Result<PathBuf, String> {
+    if !crate::qemu::has_compat(qemu)? {
+        eprintln!(
+            "e2e: {} has no -compat: deprecated commands are accepted",
+            qemu.display()
+        );
+        return Ok(qemu.to_path_buf());
+    }
+    let qemu = std::path::absolute(qemu)
+        .ok()
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| qemu.to_path_buf());
+    let wrapper = run_dir.join("qemu-compat");
+    crate::versions::write_wrapper(
+        &wrapper,
+        &format!(
+            "#!/bin/sh\nexec {} -compat {} \"$@\"\n",
+            crate::versions::shell_quote(qemu.as_os_str()),
+            crate::qemu::COMPAT
+        ),
+    )?;
+    eprintln!("e2e: QEMU runs with -compat {}", crate::qemu::COMPAT);
+    Ok(wrapper)
+}
+
+/// Prints QEMU's version and accelerators; Ok carries the version number, Err says why a
+/// requested accelerator cannot work.
+fn report_qemu(qemu: &Path, accels: &[Accel]) -> Result<String, String> {
+    let line = crate::qemu::version(qemu)?;
+    eprintln!("e2e: {} ({line})", qemu.display());
+    let built_in = crate::qemu::accelerators(qemu)?;
+    let kvm = crate::qemu::probe_kvm(qemu);
     let kvm_text = match &kvm {
         Ok(took) => format!("usable (probe {} ms)", took.as_millis()),
         Err(why) => format!("unusable: {why}"),
@@ -427,7 +552,7 @@ fn report_qemu(accels: &[Accel]) -> Result<(), String> {
     if accels.contains(&Accel::Tcg) && !built_in.iter().any(|a| a == "tcg") {
         return Err("--accel tcg requested but this QEMU has no TCG".to_string());
     }
-    Ok(())
+    Ok(crate::qemu::version_number(&line).to_string())
 }
 
 /// Counts of the run.
@@ -448,13 +573,18 @@ fn run_one(
     index: usize,
     scenario: &Scenario,
     accel: Accel,
-    qemu: &Path,
+    target: &Target,
     outcome: &mut Outcome,
 ) {
-    let label = format!("{} [{}]", scenario.name, accel.as_str());
+    let label = format!(
+        "{} [{}, qemu {}]",
+        scenario.name,
+        accel.as_str(),
+        target.version
+    );
     let scratch = run_dir.root.join(format!("{index:03}"));
     let report = match std::fs::create_dir(&scratch) {
-        Ok(()) => execute(scenario, accel, qemu, &scratch, &run_dir.tmp, SETTLE),
+        Ok(()) => execute(scenario, accel, target, &scratch, &run_dir.tmp, SETTLE),
         Err(e) => Report {
             failures: vec![format!("cannot create {}: {e}", scratch.display())],
             elapsed: Duration::ZERO,
@@ -489,7 +619,7 @@ struct Report {
 fn execute(
     scenario: &Scenario,
     accel: Accel,
-    qemu: &Path,
+    target: &Target,
     scratch: &Path,
     tmp: &Path,
     settle: Duration,
@@ -499,7 +629,8 @@ fn execute(
     let before = Snapshot::take();
     let started = Instant::now();
     let ctx = Ctx {
-        qemu: qemu.to_path_buf(),
+        qemu: target.binary.clone(),
+        qemu_version: target.version.clone(),
         accel,
         deadline: started + scenario.timeout,
         scratch: scratch.to_path_buf(),
@@ -909,10 +1040,14 @@ mod tests {
         std::fs::create_dir(&scratch).unwrap();
         let tmp = dir.join("tmp");
         std::fs::create_dir_all(&tmp).unwrap();
+        let target = Target {
+            binary: PathBuf::from(binary),
+            version: "test".to_string(),
+        };
         execute(
             scenario,
             Accel::Tcg,
-            Path::new(binary),
+            &target,
             &scratch,
             &tmp,
             Duration::from_millis(200),
@@ -1043,6 +1178,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ctx = Ctx {
             qemu: PathBuf::from("sh"),
+            qemu_version: "test".to_string(),
             accel: Accel::Tcg,
             deadline: Instant::now() + Duration::from_secs(10),
             scratch: dir.path().to_path_buf(),

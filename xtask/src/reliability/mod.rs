@@ -362,7 +362,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     eprintln!(
         "reliability: {} mode, seed {seed}, qemu {}, run dir {}",
         if quick { "quick" } else { "full" },
-        crate::qemu::version().unwrap_or_else(|e| e),
+        crate::qemu::version(&crate::qemu::binary()).unwrap_or_else(|e| e),
         settings.dir.display()
     );
 
@@ -432,7 +432,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         let doc = json!({
             "mode": if settings.quick { "quick" } else { "full" },
             "seed": seed,
-            "qemu": crate::qemu::version().unwrap_or_default(),
+            "qemu": crate::qemu::version(&crate::qemu::binary()).unwrap_or_default(),
             "pass": all_pass,
             "seconds": round3(total.as_secs_f64()),
             "settings": {

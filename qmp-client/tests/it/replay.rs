@@ -1,0 +1,175 @@
+//! The client against the recorded sessions of every QEMU version in `transcripts/`
+//! (`cargo xtask record`): each command of a recording, sent through `Connection`, must give
+//! exactly what that QEMU answered (the reply's `return`, or its error class and text), with
+//! the events it sent queued in order, and the session must end as it ended.
+
+use std::time::Duration;
+
+use qmp_client::replay::{self, Side, Transcript};
+use qmp_client::{Config, Connection, Error, OobPolicy};
+use qmp_proto::ErrorClass;
+use serde_json::{Map, Value};
+
+/// Every recorded transcript; the set must cover the three versions we test against.
+fn transcripts() -> Vec<Transcript> {
+    let all = replay::recorded().expect("the recorded transcripts load");
+    for version in ["7.2.", "10.0.", "11.1."] {
+        assert!(
+            all.iter().any(|t| t.qemu.starts_with(version)),
+            "no transcript of QEMU {version}x in {}",
+            replay::transcripts_dir().display()
+        );
+    }
+    all
+}
+
+/// What a recorded QEMU message was, parsed as plain JSON.
+fn parsed(text: &str) -> Value {
+    serde_json::from_str(text.trim_end()).expect("QEMU's recorded line is JSON")
+}
+
+fn arguments(command: &Value) -> Option<Map<String, Value>> {
+    command.get("arguments").and_then(Value::as_object).cloned()
+}
+
+/// Replays every exchange of `transcript` after the handshake through a `Connection`.
+fn replay_through_connection(transcript: &Transcript, oob: OobPolicy) {
+    let name = format!("QEMU {} {}", transcript.qemu, transcript.name);
+    let (server, stream) = transcript.script().start_pair().expect("fake server");
+    let config = Config::default()
+        .with_oob(oob)
+        .with_command_timeout(Duration::from_secs(10));
+    let mut qmp = Connection::from_unix_stream(stream, &config)
+        .unwrap_or_else(|e| panic!("{name}: handshake: {e}"));
+
+    let greeting = qmp.greeting().expect("a greeting").clone();
+    assert_eq!(greeting.version.qemu.to_string(), transcript.qemu, "{name}");
+    assert_eq!(greeting.capabilities, ["oob"], "{name}");
+    assert_eq!(qmp.oob_enabled(), oob == OobPolicy::Auto, "{name}");
+
+    let mut checked = 0;
+    for exchange in transcript.exchanges() {
+        let Some(command) = exchange.command["execute"].as_str() else {
+            // A raw `exec-oob` without negotiated oob: the client refuses to send that itself.
+            continue;
+        };
+        if command == "qmp_capabilities" {
+            continue;
+        }
+        let answers: Vec<Value> = exchange.answer.iter().map(|m| parsed(&m.text)).collect();
+        assert!(exchange.answer.iter().all(|m| m.from == Side::Qemu));
+        if answers.iter().any(|a| {
+            a["error"]["desc"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("Expecting capabilities"))
+        }) {
+            // The command sent before negotiation: Connection never does that.
+            continue;
+        }
+        let reply = answers
+            .iter()
+            .find(|a| a.get("return").is_some() || a.get("error").is_some())
+            .unwrap_or_else(|| panic!("{name}: no reply recorded for {command}"));
+        let result = qmp.execute(command, arguments(&exchange.command));
+        match (&result, reply.get("return"), reply.get("error")) {
+            (Ok(value), Some(expected), _) => {
+                assert_eq!(value, expected, "{name}: {command}")
+            }
+            (Err(Error::Command { class, desc, .. }), _, Some(expected)) => {
+                assert_eq!(
+                    class,
+                    &ErrorClass::from(expected["class"].as_str().unwrap_or_default()),
+                    "{name}: {command}"
+                );
+                assert_eq!(
+                    Some(desc.as_str()),
+                    expected["desc"].as_str(),
+                    "{name}: {command}"
+                );
+            }
+            _ => panic!("{name}: {command} gave {result:?}, recorded {reply}"),
+        }
+        // Events are queued, in QEMU's order, whether they came before or after the reply.
+        let expected_events: Vec<(String, Option<Value>)> = answers
+            .iter()
+            .filter(|a| a.get("event").is_some())
+            .map(|a| {
+                (
+                    a["event"].as_str().unwrap_or_default().to_string(),
+                    a.get("data").cloned(),
+                )
+            })
+            .collect();
+        let mut events = Vec::new();
+        while events.len() < expected_events.len() {
+            match qmp.pull_event(Duration::from_secs(5)) {
+                Ok(Some(event)) => events.push((event.event, event.data)),
+                other => panic!("{name}: {command}: waiting for events: {other:?}"),
+            }
+        }
+        if command != "quit" {
+            events.extend(qmp.drain_events().into_iter().map(|e| (e.event, e.data)));
+        }
+        assert_eq!(events, expected_events, "{name}: events of {command}");
+        checked += 1;
+    }
+    assert!(checked > 0, "{name}: no exchange replayed");
+
+    // After `quit` QEMU closed the monitor: the client says so instead of hanging.
+    if transcript.end.is_some() {
+        let after = qmp.execute("query-status", None);
+        assert!(
+            matches!(after, Err(Error::Closed | Error::Disconnected { .. })),
+            "{name}: after the end: {after:?}"
+        );
+    }
+    drop(server);
+}
+
+#[test]
+fn every_recorded_session_replays_through_the_client() {
+    for transcript in transcripts() {
+        replay_through_connection(&transcript, OobPolicy::Off);
+    }
+}
+
+#[test]
+fn every_recorded_session_replays_with_oob_negotiated() {
+    for transcript in transcripts() {
+        replay_through_connection(&transcript, OobPolicy::Auto);
+    }
+}
+
+#[test]
+fn the_recordings_hold_what_the_tests_rely_on() {
+    for transcript in transcripts() {
+        let name = format!("QEMU {} {}", transcript.qemu, transcript.name);
+        let end = transcript
+            .end
+            .clone()
+            .unwrap_or_else(|| panic!("{name}: no end"));
+        // Timings are recorded and increase.
+        let times: Vec<Duration> = transcript.messages.iter().map(|m| m.at).collect();
+        assert!(times.windows(2).all(|w| w[0] <= w[1]), "{name}");
+        assert!(end.at >= *times.last().unwrap_or(&Duration::ZERO), "{name}");
+        match transcript.name.as_str() {
+            "session" => {
+                assert_eq!(end.exit, Some(0), "{name}");
+                let exchanges = transcript.exchanges();
+                let schema = exchanges
+                    .iter()
+                    .find(|e| e.name() == Some("query-qmp-schema"))
+                    .unwrap_or_else(|| panic!("{name}: no query-qmp-schema"));
+                assert!(
+                    schema.answer[0].text.len() > 100_000,
+                    "{name}: schema too small"
+                );
+            }
+            "guest-exit" => {
+                // isa-debug-exit: `exit 5` -> status (5 << 1) | 1.
+                assert_eq!(end.exit, Some(11), "{name}");
+            }
+            other => panic!("{name}: unknown transcript kind {other}"),
+        }
+    }
+}
