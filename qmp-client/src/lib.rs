@@ -93,6 +93,7 @@ mod connection;
 mod error;
 mod io;
 mod listener;
+mod mux;
 #[cfg(feature = "testing")]
 pub mod replay;
 mod session;
@@ -105,6 +106,7 @@ pub use config::{Config, OobPolicy, OverflowPolicy};
 pub use connection::{Connection, PROCESS_BUDGET};
 pub use error::{Error, Result};
 pub use listener::Listener;
-pub use session::{Phase, RequestId, Session, MAX_IN_FLIGHT};
+pub use mux::{ClientId, ClientInfo, DropReason, Mux, MuxConfig, MuxStats, QuitPolicy};
+pub use session::{Phase, Relayed, RequestId, Session, MAX_IN_FLIGHT};
 pub use shared::Shared;
 pub use sys::UNIX_PATH_MAX;

@@ -77,6 +77,24 @@ struct Pending {
     oob: bool,
     sent_at: Instant,
     reply: Option<Result<ServerMessage>>,
+    /// Sent with [`Session::send_relayed`]: the reply goes to the relay queue.
+    relayed: bool,
+}
+
+/// A message for a relay (a multiplexer sharing this session), in arrival order: see
+/// [`Session::start_relay`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Relayed {
+    /// An event (also queued for this session's own event waits as usual).
+    Event(Event),
+    /// The reply to a command sent with [`Session::send_relayed`], with the id it was sent
+    /// under.
+    Reply {
+        /// The id returned by [`Session::send_relayed`].
+        id: RequestId,
+        /// The reply as the server sent it (`return`, `error` or an unknown shape).
+        message: ServerMessage,
+    },
 }
 
 struct TimedOut {
@@ -128,6 +146,8 @@ pub struct Session {
     quit: Option<RequestId>,
     handshake_completed: bool,
     failure: Option<Arc<Error>>,
+    /// Events and relayed replies in arrival order, once a relay started.
+    relay: Option<VecDeque<Relayed>>,
 }
 
 impl fmt::Debug for Session {
@@ -177,6 +197,7 @@ impl Session {
             quit: None,
             handshake_completed: false,
             failure: None,
+            relay: None,
         };
         if !config.await_greeting {
             if config.negotiate {
@@ -276,6 +297,11 @@ impl Session {
         self.oob
     }
 
+    /// The cap on out-of-band commands in flight ([`Config::max_oob_in_flight`]).
+    pub fn max_oob_in_flight(&self) -> usize {
+        self.max_oob
+    }
+
     /// Queues `command` with a fresh id and returns it.
     ///
     /// Fails with [`Error::Disconnected`] after a failure, [`Error::NotReady`] during the
@@ -306,6 +332,38 @@ impl Session {
         command.id = None;
         self.enqueue(RequestId::IDLESS, command);
         Ok(RequestId::IDLESS)
+    }
+
+    /// Starts the relay queue: from now on every event is also copied to it, and the replies
+    /// of commands sent with [`Session::send_relayed`] go to it, all in the order they
+    /// arrived ([`Session::take_relayed`]). A multiplexer uses it to share the session.
+    pub fn start_relay(&mut self) {
+        self.relay.get_or_insert_with(VecDeque::new);
+    }
+
+    /// Queues `command` like [`Session::send`], but its reply goes to the relay queue
+    /// ([`Session::take_relayed`]) instead of [`Session::take_reply`]; its slot is freed when
+    /// the reply arrives. Starts the relay if needed. After a `quit` sent this way, the clean
+    /// close completes it with `{"return": {}}` like a `quit` of our own.
+    pub fn send_relayed(&mut self, command: Command) -> Result<RequestId> {
+        self.start_relay();
+        let id = self.send(command)?;
+        if let Some(pending) = self.pending.get_mut(&id) {
+            pending.relayed = true;
+        }
+        Ok(id)
+    }
+
+    /// The oldest message of the relay queue (see [`Session::start_relay`]).
+    pub fn take_relayed(&mut self) -> Option<Relayed> {
+        self.relay.as_mut()?.pop_front()
+    }
+
+    /// Appends the reply of a relayed command to the relay queue.
+    fn relay_reply(&mut self, id: RequestId, message: ServerMessage) {
+        if let Some(relay) = &mut self.relay {
+            relay.push_back(Relayed::Reply { id, message });
+        }
     }
 
     fn check_can_send(&self, command: &Command) -> Result<()> {
@@ -348,6 +406,7 @@ impl Session {
                 oob: command.oob,
                 sent_at: Instant::now(),
                 reply: None,
+                relayed: false,
             },
         );
     }
@@ -544,10 +603,16 @@ impl Session {
         if let Some(id) = self.quit {
             if let Some(p) = self.pending.get_mut(&id) {
                 if p.reply.is_none() {
-                    p.reply = Some(Ok(ServerMessage::Return(qmp_proto::ReturnReply {
+                    let reply = ServerMessage::Return(qmp_proto::ReturnReply {
                         ret: Value::Object(serde_json::Map::new()),
                         id: Some(Value::from(id.0)),
-                    })));
+                    });
+                    if p.relayed {
+                        self.pending.remove(&id);
+                        self.relay_reply(id, reply);
+                    } else {
+                        p.reply = Some(Ok(reply));
+                    }
                 }
             }
         }
@@ -612,6 +677,9 @@ impl Session {
     }
 
     fn push_event(&mut self, event: Event) {
+        if let Some(relay) = &mut self.relay {
+            relay.push_back(Relayed::Event(event.clone()));
+        }
         self.events_seen += 1;
         if self.events.len() >= self.capacity {
             self.events_dropped += 1;
@@ -647,6 +715,13 @@ impl Session {
             return self.negotiated(id, message);
         }
         if let Some(p) = self.pending.get_mut(&id) {
+            if p.relayed {
+                let oob = p.oob;
+                self.pending.remove(&id);
+                self.release(oob);
+                self.relay_reply(id, message);
+                return;
+            }
             if p.reply.is_none() {
                 let outcome = reply_outcome(&p.command, message);
                 p.reply = Some(outcome);
