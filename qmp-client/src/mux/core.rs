@@ -199,7 +199,7 @@ struct Route {
 /// The core of the multiplexer, with no I/O: the owner feeds each client's bytes
 /// ([`Mux::feed`]), writes out what [`Mux::output`] holds, and calls [`Mux::pump`] with the
 /// upstream [`Session`] after that session processed input and after clients' input was fed.
-/// [`MuxServer`](crate::MuxServer) is that owner for sockets on a `mio::Poll`.
+/// A socket driver on a `mio::Poll` is that owner (see the `mux` module).
 ///
 /// Contracts:
 /// - **Greeting and negotiation.** A client first gets QEMU's own greeting (cached from the
