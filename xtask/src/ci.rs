@@ -91,7 +91,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     eprintln!("\nxtask ci summary:");
     for (name, ok, elapsed) in &results {
         let verdict = if *ok { "ok  " } else { "FAIL" };
-        eprintln!("  {verdict} {name:<8} {:>7.1} s", elapsed.as_secs_f64());
+        eprintln!("  {verdict} {name:<11} {:>7.1} s", elapsed.as_secs_f64());
     }
     let failed: Vec<&str> = results
         .iter()

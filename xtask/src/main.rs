@@ -6,6 +6,8 @@
 //!   `unsafe` only in `sys`, no printing in libraries, a `//!` line opening every file).
 //! - `cargo xtask e2e [--qemu system|10.0|11.1|all|PATH] [--accel tcg|kvm|both] [--filter TEXT]`:
 //!   the real-QEMU end-to-end suite, against the system's QEMU or the cached other versions.
+//! - `cargo xtask qemu [system|10.0|11.1|all|PATH]`: builds the cached QEMU versions (root) and
+//!   prints each binary's path and version.
 //! - `cargo xtask record [--qemu ...] [--out DIR]`: QMP transcripts of each QEMU for the
 //!   offline replay tests (`qmp_client::replay`).
 //! - `cargo xtask bench`: every benchmark, each printing its figure beside a same-run baseline.
@@ -24,7 +26,7 @@ mod versions;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <ci | tidy | e2e [--qemu system|10.0|11.1|all|PATH] [--accel tcg|kvm|both] [--filter TEXT] | record [--qemu ...] [--out DIR] | bench | fuzz [--seconds N] | reliability [--quick] [--json FILE]>";
+const USAGE: &str = "usage: cargo xtask <ci | tidy | e2e [--qemu system|10.0|11.1|all|PATH] [--accel tcg|kvm|both] [--filter TEXT] | record [--qemu ...] [--out DIR] | qemu [system|10.0|11.1|all|PATH] | bench | fuzz [--seconds N] | reliability [--quick] [--json FILE]>";
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
@@ -41,6 +43,7 @@ fn main() -> ExitCode {
         "fuzz" => fuzz::run(rest),
         "reliability" => reliability::run(rest),
         "record" => record::run(rest),
+        "qemu" => versions::run(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(())

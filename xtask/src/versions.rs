@@ -17,8 +17,9 @@
 //!
 //! Each wrapper `exec`s all the way down, so QEMU keeps the wrapper's pid (pidfds, signals and
 //! the parent-death signal stay right) and inherits exactly the fds the wrapper was given. The
-//! namespace and its mounts vanish with the process. Both need root (`unshare --mount`); as
-//! another user the wrapper asks for a user namespace instead (`--map-root-user`).
+//! namespace and its mounts vanish with the process. As root the wrapper uses `unshare --mount`;
+//! as another user it asks for a user namespace as well (`--map-root-user`), so only building a
+//! cache needs root (`cargo xtask qemu VERSION` builds without running anything else).
 //!
 //! # Caching
 //!
@@ -83,6 +84,22 @@ impl Choice {
     }
 }
 
+/// `cargo xtask qemu [system|10.0|11.1|all|PATH]` (default `all`): builds what is missing and
+/// prints each binary's path and version (e.g. for `QEMU=$(...) qemu-machine run`).
+pub fn run(args: &[String]) -> Result<(), String> {
+    let choices = match args {
+        [] => Choice::parse_list("all"),
+        [one] => Choice::parse_list(one),
+        [_, extra, ..] => return Err(format!("unexpected argument `{extra}`")),
+    };
+    for choice in choices {
+        let qemu = choice.ensure()?;
+        let line = crate::qemu::version(&qemu)?;
+        println!("{}\t{}", qemu.display(), crate::qemu::version_number(&line));
+    }
+    Ok(())
+}
+
 /// `target/qemu-versions` of this workspace.
 fn cache_root() -> PathBuf {
     crate::workspace_root().join("target/qemu-versions")
@@ -103,7 +120,7 @@ const WRAPPER: &str = "qemu-system-x86_64";
 
 /// The wrapper of 10.0, building `target/qemu-versions/10.0` first if it is missing.
 fn ensure_backports() -> Result<PathBuf, String> {
-    ensure_cached("10.0", |dir, final_dir| {
+    ensure_cached("10.0", backports_wrapper, |dir| {
         let prefix = dir.join("prefix");
         let apt = dir.join("apt");
         let debs = dir.join("debs");
@@ -133,57 +150,62 @@ fn ensure_backports() -> Result<PathBuf, String> {
             update.args(["-o", option]);
         }
         update.arg("update");
-        run(&mut update)?;
+        run_command(&mut update)?;
         let mut download = Command::new("apt-get");
         download.arg("-q").current_dir(&debs);
         for option in &options {
             download.args(["-o", option]);
         }
         download.arg("download").args(BACKPORTS_PACKAGES);
-        run(&mut download)?;
+        run_command(&mut download)?;
         for entry in read_dir(&debs)? {
-            run(Command::new("dpkg").arg("-x").arg(&entry).arg(&prefix))?;
+            run_command(Command::new("dpkg").arg("-x").arg(&entry).arg(&prefix))?;
         }
         remove_dir_all(&apt)?;
         remove_dir_all(&debs)?;
-        write_wrapper(
-            &dir.join(WRAPPER),
-            &backports_script(&final_dir.join("prefix")),
-        )
+        Ok(())
     })
 }
 
 /// The wrapper of 11.1, building `target/qemu-versions/11.1` first if it is missing.
 fn ensure_sid() -> Result<PathBuf, String> {
-    ensure_cached("11.1", |dir, final_dir| {
+    ensure_cached("11.1", sid_wrapper, |dir| {
         let root = dir.join("root");
         ensure_debootstrap()?;
-        run(Command::new("debootstrap")
-            .args([
-                "--variant=minbase",
-                "--include=qemu-system-x86,qemu-system-data",
-                &format!("--keyring={KEYRING}"),
-                "sid",
-            ])
-            .arg(&root)
-            .arg(MIRROR))?;
+        run_command(
+            Command::new("debootstrap")
+                .args([
+                    "--variant=minbase",
+                    "--include=qemu-system-x86,qemu-system-data",
+                    &format!("--keyring={KEYRING}"),
+                    "sid",
+                ])
+                .arg(&root)
+                .arg(MIRROR),
+        )?;
         // Downloaded packages are not needed once installed.
         remove_dir_all(&root.join("var/cache/apt/archives"))?;
-        write_wrapper(&dir.join(WRAPPER), &sid_script(&final_dir.join("root")))
+        Ok(())
     })
 }
 
-/// The cached wrapper of version `name`, built when the cache is missing: `build` gets an empty
-/// temp dir to fill and the final directory its wrapper must name; the temp dir is renamed into
-/// place, and removed again unless the wrapper then answers `--version`.
+/// The cached wrapper of version `name`. When the cache is missing, `build` fills an empty temp
+/// dir, which is renamed into place and removed again unless its wrapper then answers
+/// `--version`. The wrapper (`script` of the cache directory) is rewritten whenever this code
+/// generates a different one, so a cache never runs an outdated wrapper.
 fn ensure_cached(
     name: &str,
-    build: impl FnOnce(&Path, &Path) -> Result<(), String>,
+    script: fn(&Path) -> String,
+    build: impl FnOnce(&Path) -> Result<(), String>,
 ) -> Result<PathBuf, String> {
     let root = cache_root();
     let dir = root.join(name);
     let wrapper = dir.join(WRAPPER);
-    if wrapper.exists() {
+    if dir.is_dir() {
+        let wanted = script(&dir);
+        if std::fs::read_to_string(&wrapper).ok().as_deref() != Some(wanted.as_str()) {
+            write_wrapper(&wrapper, &wanted)?;
+        }
         return Ok(wrapper);
     }
     require_root(name)?;
@@ -198,15 +220,17 @@ fn ensure_cached(
         "xtask: building QEMU {name} into {} (once; cached afterwards)",
         dir.display()
     );
-    let built = build(&building, &dir).and_then(|()| {
-        std::fs::rename(&building, &dir).map_err(|e| {
-            format!(
-                "cannot rename {} to {}: {e}",
-                building.display(),
-                dir.display()
-            )
-        })
-    });
+    let built = build(&building)
+        .and_then(|()| write_wrapper(&building.join(WRAPPER), &script(&dir)))
+        .and_then(|()| {
+            std::fs::rename(&building, &dir).map_err(|e| {
+                format!(
+                    "cannot rename {} to {}: {e}",
+                    building.display(),
+                    dir.display()
+                )
+            })
+        });
     if let Err(why) = built {
         if let Err(e) = std::fs::remove_dir_all(&building) {
             log::warn!("cannot remove {}: {e}", building.display());
@@ -258,7 +282,7 @@ fn require_root(name: &str) -> Result<(), String> {
         return Ok(());
     }
     Err(format!(
-        "building QEMU {name} needs root (debootstrap, private mount namespaces); run: sudo -E \"$(command -v cargo)\" xtask e2e --qemu {name}"
+        "building QEMU {name} needs root (apt-get, dpkg, debootstrap); build it once with: sudo env \"PATH=$PATH\" cargo xtask qemu {name}   (running it afterwards needs no root: the wrapper then uses a user namespace)"
     ))
 }
 
@@ -273,14 +297,17 @@ fn ensure_debootstrap() -> Result<(), String> {
     }
     const INSTALL: &str = "apt-get update && apt-get install -y debootstrap";
     eprintln!("xtask: debootstrap not found, running: {INSTALL}");
-    run(Command::new("sh")
-        .args(["-c", INSTALL])
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    run_command(
+        Command::new("sh")
+            .args(["-c", INSTALL])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
     .map_err(|why| format!("{why}; install it with: sudo sh -c '{INSTALL}'"))
 }
 
-/// The wrapper body for 10.0 unpacked at `prefix`.
-fn backports_script(prefix: &Path) -> String {
+/// The wrapper for 10.0 cached in `dir` (unpacked in `dir/prefix`).
+fn backports_wrapper(dir: &Path) -> String {
+    let prefix = dir.join("prefix");
     format!(
         r#"#!/bin/sh
 # QEMU 10.0 from Debian bookworm-backports, unpacked by `cargo xtask` (see xtask/src/versions.rs).
@@ -299,22 +326,25 @@ exec "$P/usr/bin/qemu-system-x86_64" -L "$P/usr/share/qemu" "$@"' sh "$P" "$@"
     )
 }
 
-/// The wrapper body for 11.1 in the sid root `root`.
-fn sid_script(root: &Path) -> String {
+/// The wrapper for 11.1 cached in `dir` (the sid root is `dir/root`).
+fn sid_wrapper(dir: &Path) -> String {
+    let root = dir.join("root");
     format!(
         r#"#!/bin/sh
 # QEMU 11.1 from Debian sid, in a root made by debootstrap (see xtask/src/versions.rs).
-# A private mount namespace binds the host's /tmp, /dev, /proc, /sys (and the working directory
-# when the root lacks it) into the root, then chroots; `exec` all the way down keeps this pid
-# and the fds we were given.
+# A private mount namespace binds the host's /tmp, /dev, /proc and /sys into the root, then
+# chroots; `exec` all the way down keeps this pid and the fds we were given. The working
+# directory stays the same when the root has its path (anything under /tmp); otherwise it is
+# bound at /mnt and QEMU starts there, so relative paths still work.
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
 R={root}
 U=--mount; [ "$(id -u)" = 0 ] || U="--map-root-user --mount"
 exec unshare $U --propagation private -- /bin/sh -c '
 R=$1; shift
 for d in /tmp /dev /proc /sys; do mount --rbind "$d" "$R$d" || exit 125; done
-if [ ! -d "$R$PWD" ]; then mkdir -p "$R$PWD" && mount --bind "$PWD" "$R$PWD" || exit 125; fi
-exec chroot "$R" /bin/sh -c "cd \"\$0\" && exec /usr/bin/qemu-system-x86_64 \"\$@\"" "$PWD" "$@"' sh "$R" "$@"
+W=$PWD
+if [ ! -d "$R$W" ]; then mount --bind "$W" "$R/mnt" || exit 125; W=/mnt; fi
+exec chroot "$R" /bin/sh -c "cd \"\$0\" && exec /usr/bin/qemu-system-x86_64 \"\$@\"" "$W" "$@"' sh "$R" "$@"
 "#,
         root = shell_quote(root.as_os_str())
     )
@@ -333,7 +363,7 @@ pub fn write_wrapper(path: &Path, script: &str) -> Result<(), String> {
 }
 
 /// Runs a command with inherited stdio; Err names the command and its status.
-fn run(cmd: &mut Command) -> Result<(), String> {
+fn run_command(cmd: &mut Command) -> Result<(), String> {
     let shown = format!("{cmd:?}");
     let status = cmd
         .status()

@@ -4,4 +4,5 @@
 mod launch;
 mod lifecycle;
 mod qtest;
+mod replay;
 mod stub;
