@@ -248,6 +248,28 @@ impl Console {
         pattern: &Pattern,
         timeout: Duration,
     ) -> Result<Match> {
+        let left = self.send_command(command, timeout)?;
+        self.wait_for(pattern, left)
+    }
+
+    /// Sends `command` as a line, then waits for any of `success` or `failure`; `timeout`
+    /// covers both. QEMU's functional-test `exec_command_and_wait_for_pattern` with its
+    /// failure message; a failure match is an `Ok` with [`Outcome::Failure`](crate::Outcome)
+    /// (see [`Console::wait_for_any`]).
+    pub fn exec_and_wait_any(
+        &mut self,
+        command: &str,
+        success: &[Pattern],
+        failure: &[Pattern],
+        timeout: Duration,
+    ) -> Result<AnyMatch> {
+        let left = self.send_command(command, timeout)?;
+        self.wait_for_any(success, failure, left)
+    }
+
+    /// Sends `command` as a line within `timeout` (and the send timeout); returns the time
+    /// left of `timeout` for the wait that follows.
+    fn send_command(&self, command: &str, timeout: Duration) -> Result<Duration> {
         let start = Instant::now();
         let send_timeout = timeout.min(self.send_timeout);
         self.send_until(
@@ -255,7 +277,44 @@ impl Console {
             deadline_after(send_timeout),
             send_timeout,
         )?;
-        self.wait_for(pattern, timeout.saturating_sub(start.elapsed()))
+        Ok(timeout.saturating_sub(start.elapsed()))
+    }
+
+    /// Sends `interrupt` (for example `"\r"` or Ctrl-C, `"\x03"`) again every `interval`
+    /// until any of `success` or `failure` appears, within `timeout` in all. QEMU's
+    /// functional-test `interrupt_interactive_console_until_pattern` (which re-sends after
+    /// every line instead of on a timer). [`Error::Timeout`] names the total wait.
+    pub fn interrupt_until(
+        &mut self,
+        interrupt: &[u8],
+        success: &[Pattern],
+        failure: &[Pattern],
+        interval: Duration,
+        timeout: Duration,
+    ) -> Result<AnyMatch> {
+        let start = Instant::now();
+        let deadline = start + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let send_timeout = left.min(self.send_timeout);
+            self.send_until(interrupt, deadline_after(send_timeout), send_timeout)?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.wait_for_any(success, failure, interval.min(left)) {
+                Err(Error::Timeout {
+                    waiting_for,
+                    recent,
+                    ..
+                }) if Instant::now() >= deadline => {
+                    return Err(Error::Timeout {
+                        waiting_for,
+                        timeout,
+                        recent,
+                    })
+                }
+                Err(Error::Timeout { .. }) => {}
+                other => return other,
+            }
+        }
     }
 
     /// Bytes read from the socket since creation (all of them reached the log file).

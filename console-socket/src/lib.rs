@@ -47,6 +47,21 @@
 //!
 //! Both run the same core (buffer, log writer, wait engine).
 //!
+//! # QEMU's functional-test console helpers
+//!
+//! QEMU's `tests/functional/qemu_test/cmd.py` drives guests through a few console helpers;
+//! each has its call here, with a deadline, returning what it saw:
+//!
+//! | `cmd.py` | here |
+//! |---|---|
+//! | `wait_for_console_pattern(success, failure)` | [`Console::wait_for_any`] (failure patterns such as [`KERNEL_PANIC`] come back as [`Outcome::Failure`], at once, not at the deadline) or [`Console::wait_for`] |
+//! | `exec_command(command)` | [`Console::send_line`] |
+//! | `exec_command_and_wait_for_pattern(command, success, failure)` | [`Console::exec_and_wait_any`], or [`Console::exec_and_wait`] without failure patterns |
+//! | `interrupt_interactive_console_until_pattern(success, failure, interrupt)` | [`Console::interrupt_until`] |
+//!
+//! Everything before the match is in [`Match::before`]; output that arrived before a wait is
+//! never missed.
+//!
 //! # Example
 //!
 //! A socketpair stands in for QEMU: the peer prints a boot log and a prompt while nobody reads;
@@ -108,4 +123,4 @@ pub use crate::config::{Config, LineEnding};
 pub use crate::console::Console;
 pub use crate::drainer::{DrainStatus, Drainer, DRAIN_BUDGET};
 pub use crate::error::{CloseReason, Error, Result};
-pub use crate::pattern::{AnyMatch, Match, Outcome, Pattern};
+pub use crate::pattern::{AnyMatch, Match, Outcome, Pattern, KERNEL_PANIC};

@@ -170,6 +170,10 @@ impl Match {
     }
 }
 
+/// The failure pattern QEMU's functional tests use for Linux guests: the first words of the
+/// line a panicking kernel prints.
+pub const KERNEL_PANIC: &str = "Kernel panic - not syncing";
+
 /// Which list the pattern that matched in [`Console::wait_for_any`](crate::Console::wait_for_any)
 /// came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::agent::{AgentChannel, AgentSettings};
 use crate::error::{Error, Result};
 use crate::ladder::ShutdownLadder;
 use crate::machine::Machine;
@@ -80,6 +81,7 @@ pub(crate) struct Config {
     pub(crate) parent_death_signal: bool,
     pub(crate) new_session: bool,
     pub(crate) output_capacity: usize,
+    pub(crate) agent: Option<AgentSettings>,
 }
 
 static MACHINE_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -137,6 +139,7 @@ impl MachineBuilder {
                 parent_death_signal: true,
                 new_session: false,
                 output_capacity: DEFAULT_OUTPUT_CAPACITY,
+                agent: None,
             },
         }
     }
@@ -269,6 +272,33 @@ impl MachineBuilder {
         self
     }
 
+    /// Adds a guest agent channel over a fresh socketpair at every launch (no socket file):
+    /// QEMU gets its end as `-chardev socket,id=qga0,fd=N` on the `channel` device, and
+    /// [`Machine::agent`] gives a [`qmp_client::Agent`] on ours.
+    pub fn guest_agent(&mut self, channel: AgentChannel) -> &mut Self {
+        let config = self
+            .config
+            .agent
+            .take()
+            .map(|a| a.config)
+            .unwrap_or_default();
+        self.config.agent = Some(AgentSettings { channel, config });
+        self
+    }
+
+    /// The [`qmp_client::AgentConfig`] of the agent channel (adds an
+    /// [`AgentChannel::IsaSerial`] channel if none).
+    pub fn agent_config(&mut self, config: qmp_client::AgentConfig) -> &mut Self {
+        let channel = self
+            .config
+            .agent
+            .take()
+            .map(|a| a.channel)
+            .unwrap_or_default();
+        self.config.agent = Some(AgentSettings { channel, config });
+        self
+    }
+
     /// Adds `-monitor null` (an unused HMP monitor instance).
     pub fn add_monitor_null(&mut self) -> &mut Self {
         self.config.add_monitor_null();
@@ -346,6 +376,7 @@ impl MachineBuilder {
             parent_death_signal: self.config.parent_death_signal,
             new_session: self.config.new_session,
             output_capacity: self.config.output_capacity,
+            agent: self.config.agent.clone(),
         };
         Machine::from_config(config)
     }

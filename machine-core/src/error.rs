@@ -36,6 +36,35 @@ pub enum Error {
     /// `console()` on a machine configured without a console.
     #[error("the machine has no console (see set_console)")]
     NoConsole,
+    /// The machine has no guest agent channel (see `MachineBuilder::guest_agent`).
+    #[error("the machine has no guest agent channel (see MachineBuilder::guest_agent)")]
+    NoAgent,
+    /// A guest agent call failed (timeout, error reply, closed channel...).
+    #[error("guest agent")]
+    Agent {
+        /// The agent client's error.
+        #[source]
+        source: qmp_client::Error,
+    },
+    /// The Linux test guest cannot be built: a package or tool is missing, or apt failed.
+    #[error("linux test guest: {what}; run: {fix}")]
+    GuestPackages {
+        /// What is missing or failed.
+        what: String,
+        /// The exact command that fixes it.
+        fix: String,
+    },
+    /// A file step of building the Linux test guest failed.
+    #[error("linux test guest: cannot {step} {path:?}")]
+    GuestBuild {
+        /// What we tried.
+        step: &'static str,
+        /// The path.
+        path: std::path::PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// The program to run (the wrapper's first element, or the binary) cannot be executed.
     #[error("cannot execute {path:?}")]
     BinaryNotFound {

@@ -83,6 +83,7 @@
 //! polling sleeps, no SIGCHLD handler, no PID reuse (signals go through `pidfd_send_signal`).
 #![deny(missing_docs)]
 
+mod agent;
 mod argv;
 mod config;
 mod error;
@@ -94,12 +95,14 @@ mod report;
 mod sys;
 
 pub mod guest;
+pub mod linux;
 pub mod qtest;
 
 pub use console_socket;
 pub use qmp_client;
 pub use qmp_proto;
 
+pub use crate::agent::{AgentChannel, AGENT_CHARDEV};
 pub use crate::argv::{escape_os_value, escape_value, split_options, CommandLine};
 pub use crate::config::{ConsoleSettings, MachineBuilder, Monitor, DEFAULT_OUTPUT_CAPACITY};
 pub use crate::error::{Error, Result};

@@ -235,6 +235,7 @@ pub struct Machine {
     temp_dir: Option<tempfile::TempDir>,
     run: Option<Run>,
     console: Option<console_socket::Console>,
+    agent: Option<qmp_client::Agent>,
     leftover_events: VecDeque<Event>,
     recent_events: VecDeque<Event>,
     quit_sent: bool,
@@ -262,6 +263,7 @@ impl Machine {
             temp_dir: None,
             run: None,
             console: None,
+            agent: None,
             leftover_events: VecDeque::new(),
             recent_events: VecDeque::new(),
             quit_sent: false,
@@ -270,6 +272,14 @@ impl Machine {
             last_status: None,
             report: None,
         }
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub(crate) fn agent_slot(&mut self) -> &mut Option<qmp_client::Agent> {
+        &mut self.agent
     }
 
     /// A builder for `binary` (same as [`crate::MachineBuilder::new`]).
@@ -591,6 +601,7 @@ impl Machine {
                 log::warn!("closing the previous console: {err}");
             }
         }
+        self.agent = None;
         self.leftover_events.clear();
         self.recent_events.clear();
         self.quit_sent = false;
@@ -667,6 +678,15 @@ impl Machine {
             console_pair = Some((ours, theirs));
         }
 
+        // Guest agent channel.
+        let agent_pair = match &self.config.agent {
+            Some(settings) => {
+                let (ours, theirs) = crate::agent::agent_pair()?;
+                Some((crate::agent::agent_client(ours, settings)?, theirs))
+            }
+            None => None,
+        };
+
         // Log file and the output pipe.
         // A log file only where it outlives the run; otherwise the in-memory copy serves
         // log() and log_tail() (the seed's file in the temp dir was deleted at shutdown).
@@ -685,11 +705,19 @@ impl Machine {
 
         // The command line.
         let tcp_addr = listener.as_ref().and_then(Listener::local_addr);
-        let command = self.command_line_for(
+        let mut command = self.command_line_for(
             monitor_theirs.as_ref().map(AsRawFd::as_raw_fd),
             tcp_addr,
             console_pair.as_ref().map(|(_, t)| t.as_raw_fd()),
         );
+        if let (Some(settings), Some((_, theirs))) = (&self.config.agent, &agent_pair) {
+            let mut argv = command.argv().to_vec();
+            argv.extend(crate::agent::agent_args(
+                settings.channel,
+                theirs.as_raw_fd(),
+            ));
+            command = CommandLine::new(argv);
+        }
         log::debug!("qemu command line: {command}");
         self.command = Some(command.clone());
 
@@ -702,6 +730,7 @@ impl Machine {
         keep.extend(once.iter().map(AsRawFd::as_raw_fd));
         keep.extend(monitor_theirs.as_ref().map(AsRawFd::as_raw_fd));
         keep.extend(console_pair.as_ref().map(|(_, t)| t.as_raw_fd()));
+        keep.extend(agent_pair.as_ref().map(|(_, t)| t.as_raw_fd()));
 
         let started = Instant::now();
         let child = ChildGuard::spawn(SpawnSpec {
@@ -721,6 +750,10 @@ impl Machine {
         let console_ours = console_pair.map(|(ours, theirs)| {
             drop(theirs);
             ours
+        });
+        self.agent = agent_pair.map(|(agent, theirs)| {
+            drop(theirs);
+            agent
         });
 
         let mut run = Run {

@@ -105,32 +105,12 @@ impl Connection {
     /// then does the handshake. A non-loopback address works but logs a warning: QMP has no
     /// authentication.
     pub fn connect_tcp(addr: impl ToSocketAddrs, config: &Config) -> Result<Connection> {
-        let start = Instant::now();
-        let deadline = start + config.connect_timeout;
-        let addrs: Vec<SocketAddr> = addr
-            .to_socket_addrs()
-            .map_err(|e| Error::Connect {
-                address: "(unresolved address)".into(),
-                source: e,
-            })?
-            .collect();
-        let mut last: Option<Error> = None;
-        for addr in addrs {
-            match connect_tcp_one(addr, deadline, config.connect_timeout) {
-                Ok(stream) => {
-                    if !addr.ip().is_loopback() {
-                        warn!("QMP over TCP to non-loopback {addr}: QMP has no authentication");
-                    }
-                    info!("connected to {addr}");
-                    return Connection::establish(Stream::Tcp(stream), config, None);
-                }
-                Err(e) => last = Some(e),
-            }
+        let (addr, stream) = connect_tcp_any(addr, config.connect_timeout)?;
+        if !addr.ip().is_loopback() {
+            warn!("QMP over TCP to non-loopback {addr}: QMP has no authentication");
         }
-        Err(last.unwrap_or_else(|| Error::Connect {
-            address: "(no address)".into(),
-            source: std::io::ErrorKind::NotFound.into(),
-        }))
+        info!("connected to {addr}");
+        Connection::establish(Stream::Tcp(stream), config, None)
     }
 
     /// Adopts a connected unix socket (e.g. our end of the socketpair handed to QEMU as
@@ -693,6 +673,33 @@ impl AsRawFd for Connection {
     fn as_raw_fd(&self) -> RawFd {
         self.stream.as_raw_fd()
     }
+}
+
+/// Connects to every address `addr` resolves to in turn, all within `timeout`; the first that
+/// answers wins.
+pub(crate) fn connect_tcp_any(
+    addr: impl ToSocketAddrs,
+    timeout: Duration,
+) -> Result<(SocketAddr, mio::net::TcpStream)> {
+    let deadline = Instant::now() + timeout;
+    let addrs: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| Error::Connect {
+            address: "(unresolved address)".into(),
+            source: e,
+        })?
+        .collect();
+    let mut last: Option<Error> = None;
+    for addr in addrs {
+        match connect_tcp_one(addr, deadline, timeout) {
+            Ok(stream) => return Ok((addr, stream)),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::Connect {
+        address: "(no address)".into(),
+        source: std::io::ErrorKind::NotFound.into(),
+    }))
 }
 
 fn connect_tcp_one(

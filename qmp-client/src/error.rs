@@ -209,6 +209,16 @@ pub enum Error {
         /// The id.
         id: u64,
     },
+    /// A guest command started through the guest agent was still running at the deadline.
+    #[error("guest command {path:?} (guest pid {pid}) still running after {waited:?}")]
+    GuestExecTimeout {
+        /// The program.
+        path: String,
+        /// Its pid in the guest.
+        pid: i64,
+        /// How long we waited.
+        waited: Duration,
+    },
     /// File descriptors can only be passed over a unix socket.
     #[error("file descriptors can only be passed over a unix socket")]
     FdPassingUnsupported,

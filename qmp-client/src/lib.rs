@@ -18,6 +18,8 @@
 //!   ([`std::os::fd::AsRawFd`]) and drives it through [`Connection::process_io`] and
 //!   [`Connection::session_mut`].
 //! - [`Shared`]: a clonable, thread-safe handle; many threads may issue commands at once.
+//! - [`Agent`]: a client for QEMU's guest agent (`qemu-ga`): no greeting or negotiation,
+//!   `guest-sync-delimited` with the `0xFF` resync, stale replies skipped by id.
 //! - [`Config`], [`Error`]; with the `testing` feature, `testing::FakeServer`, a scripted fake
 //!   QMP server for tests.
 //!
@@ -88,6 +90,7 @@
 // The only unsafe block (adopting fds received with SCM_RIGHTS) lives in `sys`.
 #![deny(unsafe_code)]
 
+mod agent;
 mod config;
 mod connection;
 mod error;
@@ -102,6 +105,7 @@ mod sys;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use agent::{Agent, AgentConfig, ExecStatus, FileChunk, SuspendMode};
 pub use config::{Config, OobPolicy, OverflowPolicy};
 pub use connection::{Connection, PROCESS_BUDGET};
 pub use error::{Error, Result};

@@ -179,3 +179,40 @@ pub fn has_compat(qemu: &Path) -> Result<bool, String> {
         .lines()
         .any(|line| line.starts_with("-compat ")))
 }
+
+/// The Linux test guest (`machine_core::linux`), cached under `target/`: built when missing.
+/// A missing package list is fixed by running `apt-get update` once when running as root;
+/// otherwise the error says which command to run.
+pub fn ensure_linux_guest() -> Result<machine_core::linux::LinuxGuest, String> {
+    use machine_core::linux::LinuxGuest;
+    let cache = crate::workspace_root().join("target");
+    let started = Instant::now();
+    let first = LinuxGuest::ensure(&cache);
+    let guest = match first {
+        Ok(guest) => guest,
+        Err(machine_core::Error::GuestPackages { what, fix })
+            if nix::unistd::geteuid().is_root() =>
+        {
+            eprintln!("xtask: {what}; running apt-get update and trying again");
+            let status = Command::new("apt-get")
+                .args(["update", "-qq"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status()
+                .map_err(|e| format!("cannot run apt-get update: {e}"))?;
+            if !status.success() {
+                return Err(format!("apt-get update failed ({status}); then run: {fix}"));
+            }
+            LinuxGuest::ensure(&cache).map_err(|e| e.to_string())?
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let took = started.elapsed();
+    if took > Duration::from_secs(1) {
+        eprintln!(
+            "xtask: built the Linux test guest in {:.1} s: {}",
+            took.as_secs_f64(),
+            guest.dir().display()
+        );
+    }
+    Ok(guest)
+}

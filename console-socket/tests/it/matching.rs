@@ -214,3 +214,73 @@ fn regex_anchor_is_relative_to_the_first_unconsumed_byte() {
     assert_eq!(console.wait_for(&line_start, LONG).unwrap().offset(), 0);
     assert_eq!(console.wait_for(&line_start, LONG).unwrap().offset(), 3);
 }
+
+#[test]
+fn exec_and_wait_any_reports_a_failure_pattern_as_such() {
+    let (mut console, mut peer) = pair(Config::default());
+    peer.write_all(b"$ ").unwrap();
+    console.wait_for(&Pattern::substring("$ "), LONG).unwrap();
+    let guest = std::thread::spawn(move || {
+        let mut line = [0u8; 64];
+        let n = std::io::Read::read(&mut peer, &mut line).unwrap();
+        assert_eq!(&line[..n], b"echo c > /proc/sysrq-trigger\r");
+        peer.write_all(b"echo c > /proc/sysrq-trigger\r\n[ 1.0] Kernel panic - not syncing: sysrq triggered crash\r\n")
+            .unwrap();
+        peer
+    });
+    let start = std::time::Instant::now();
+    let seen = console
+        .exec_and_wait_any(
+            "echo c > /proc/sysrq-trigger",
+            &[Pattern::substring("$ ")],
+            &[Pattern::substring(console_socket::KERNEL_PANIC)],
+            LONG,
+        )
+        .unwrap();
+    assert_eq!(seen.outcome, Outcome::Failure);
+    assert!(start.elapsed() < Duration::from_secs(1));
+    assert!(seen.found.before().ends_with(b"[ 1.0] "));
+    drop(guest.join().unwrap());
+}
+
+#[test]
+fn interrupt_until_resends_until_the_pattern_and_times_out_with_the_total() {
+    let (mut console, mut peer) = pair(Config::default());
+    // The "guest" answers the third interrupt only.
+    let guest = std::thread::spawn(move || {
+        let mut seen = 0;
+        let mut byte = [0u8; 1];
+        while std::io::Read::read(&mut peer, &mut byte).unwrap_or(0) == 1 {
+            seen += 1;
+            if seen == 3 {
+                peer.write_all(b"boot menu> ").unwrap();
+            }
+        }
+        seen
+    });
+    let seen = console
+        .interrupt_until(
+            b"\x03",
+            &[Pattern::substring("menu> ")],
+            &[],
+            Duration::from_millis(20),
+            LONG,
+        )
+        .unwrap();
+    assert!(seen.is_success());
+    let err = console
+        .interrupt_until(
+            b"\x03",
+            &[Pattern::substring("never")],
+            &[],
+            Duration::from_millis(20),
+            Duration::from_millis(100),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Timeout { timeout, .. } if *timeout == Duration::from_millis(100)),
+        "{err:?}"
+    );
+    drop(console);
+    assert!(guest.join().unwrap() >= 5);
+}

@@ -1,7 +1,7 @@
 //! The real-QEMU end-to-end suite: every scenario runs against `qemu-system-x86_64`.
 //!
 //! Each area of the workspace adds its scenarios in its own module (`client`, `console`,
-//! `machine`, `cli`, `qtest`, `guest`) by returning them from `scenarios()`.
+//! `machine`, `cli`, `qtest`, `guest`, `linux`) by returning them from `scenarios()`.
 //!
 //! # How a run goes
 //!
@@ -37,6 +37,7 @@ mod cli;
 mod client;
 mod console;
 mod guest;
+mod linux;
 mod machine;
 mod qtest;
 
@@ -437,6 +438,7 @@ fn run_suite(qemu: &Path, filter: Option<&str>, accels: &[Accel]) -> Result<Stri
     all.extend(machine::scenarios());
     all.extend(cli::scenarios());
     all.extend(qtest::scenarios());
+    all.extend(linux::scenarios());
     let mut names = std::collections::BTreeSet::new();
     if let Some(dup) = all.iter().find(|s| !names.insert(s.name)) {
         return Err(format!("two scenarios are named `{}`", dup.name));
