@@ -41,7 +41,7 @@
 //! vm.console()?.wait_for(&Pattern::substring(READY_LINE), Duration::from_secs(60))?;
 //! vm.agent()?.ping()?;
 //! vm.shutdown()?;
-//! # Ok::<(), machine_core::Error>(())
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 mod cpio;
