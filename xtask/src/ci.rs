@@ -68,15 +68,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
         ("e2e", Box::new(|| crate::e2e::run(&[]))),
         (
             "reliability",
-            Box::new(|| {
-                let json = crate::workspace_root().join("target/reliability-quick.json");
-                crate::reliability::run(&[
-                    "--quick".to_string(),
-                    "--json".to_string(),
-                    json.to_string_lossy().into_owned(),
-                ])
-            }),
+            Box::new(|| quick("reliability", crate::reliability::run)),
         ),
+        // Keeps every benchmark running; the timings of a shared CI machine are not judged.
+        ("bench", Box::new(|| quick("bench", crate::bench::run))),
     ];
     let mut results = Vec::new();
     for (name, step) in &steps {
@@ -104,4 +99,14 @@ pub fn run(args: &[String]) -> Result<(), String> {
     } else {
         Err(format!("failed steps: {}", failed.join(", ")))
     }
+}
+
+/// Runs a task's `--quick` mode, its JSON report going to `target/NAME-quick.json`.
+fn quick(name: &str, run: fn(&[String]) -> Result<(), String>) -> Result<(), String> {
+    let json = crate::workspace_root().join(format!("target/{name}-quick.json"));
+    run(&[
+        "--quick".to_string(),
+        "--json".to_string(),
+        json.to_string_lossy().into_owned(),
+    ])
 }

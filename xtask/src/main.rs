@@ -10,7 +10,8 @@
 //!   prints each binary's path and version.
 //! - `cargo xtask record [--qemu ...] [--out DIR]`: QMP transcripts of each QEMU for the
 //!   offline replay tests (`qmp_client::replay`).
-//! - `cargo xtask bench`: every benchmark, each printing its figure beside a same-run baseline.
+//! - `cargo xtask bench [--quick] [--filter TEXT] [--json FILE]`: every benchmark in one table,
+//!   each figure beside a baseline from the same run.
 //! - `cargo xtask fuzz --seconds N`: the cargo-fuzz targets, N seconds each.
 //! - `cargo xtask reliability [--quick] [--json FILE]`: the fault catalogue's measured figures.
 
@@ -26,7 +27,7 @@ mod versions;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <ci | tidy | e2e [--qemu system|10.0|11.1|all|PATH] [--accel tcg|kvm|both] [--filter TEXT] | record [--qemu ...] [--out DIR] | qemu [system|10.0|11.1|all|PATH] | bench | fuzz [--seconds N] | reliability [--quick] [--json FILE]>";
+const USAGE: &str = "usage: cargo xtask <ci | tidy | e2e [--qemu system|10.0|11.1|all|PATH] [--accel tcg|kvm|both] [--filter TEXT] | record [--qemu ...] [--out DIR] | qemu [system|10.0|11.1|all|PATH] | bench [--quick] [--filter TEXT] [--json FILE] | fuzz [--seconds N] | reliability [--quick] [--json FILE]>";
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();

@@ -165,12 +165,10 @@ impl Ctx {
             }
             Err(_) => 0,
         };
-        QemuCommand {
-            binary: self.qemu.clone(),
-            args: Vec::new(),
-            fds: Vec::new(),
-            log: self.scratch.join(format!("qemu-{n}.log")),
-        }
+        QemuCommand::new(
+            self.qemu.clone(),
+            self.scratch.join(format!("qemu-{n}.log")),
+        )
     }
 }
 
@@ -207,6 +205,17 @@ pub struct QemuCommand {
 }
 
 impl QemuCommand {
+    /// A command line running `binary` (QEMU, or another program that needs fds handed over
+    /// the same way), its stdout and stderr going to the file `log`.
+    pub fn new(binary: PathBuf, log: PathBuf) -> QemuCommand {
+        QemuCommand {
+            binary,
+            args: Vec::new(),
+            fds: Vec::new(),
+            log,
+        }
+    }
+
     /// Appends one argument.
     pub fn arg(&mut self, arg: impl AsRef<OsStr>) -> &mut Self {
         self.args.push(arg.as_ref().to_os_string());
@@ -232,8 +241,8 @@ impl QemuCommand {
         FIRST_CHILD_FD + (self.fds.len() as RawFd - 1)
     }
 
-    /// Starts QEMU (stdin from /dev/null, stdout and stderr to `qemu-N.log` in the scratch
-    /// directory, N counting the scenario's spawns).
+    /// Starts the program (stdin from /dev/null, stdout and stderr to the log file: for a
+    /// scenario, `qemu-N.log` in its scratch directory, N counting its spawns).
     /// Our copies of the passed fds are closed once QEMU has its own.
     pub fn spawn(&mut self) -> Result<QemuChild, String> {
         if self.fds.len() > MAX_PASSED_FDS {
