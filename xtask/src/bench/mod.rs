@@ -172,6 +172,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             "date": header.date,
             "qemu": header.qemu,
             "accelerator": "tcg",
+            "load": header.load,
             "command": header.command,
             "quick": quick,
             "figures": figures.iter().map(Figure::to_json).collect::<Vec<_>>(),
@@ -201,6 +202,9 @@ struct Header {
     qemu: String,
     command: String,
     quick: bool,
+    /// The 1-minute load average when the table was printed, and the CPU count: on a shared
+    /// machine this says how much the wall-clock figures were disturbed.
+    load: String,
 }
 
 impl Header {
@@ -220,11 +224,17 @@ impl Header {
             command.push(' ');
             command.push_str(&arg);
         }
+        let load = std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|text| text.split_whitespace().next().map(str::to_owned))
+            .unwrap_or_else(|| "?".to_string());
+        let cpus = std::thread::available_parallelism().map_or(0, usize::from);
         Header {
             date,
             qemu: crate::qemu::version().unwrap_or_else(|e| e.to_string()),
             command,
             quick,
+            load: format!("load average {load} on {cpus} CPUs"),
         }
     }
 }
@@ -233,10 +243,11 @@ impl Header {
 fn render(header: &Header, figures: &[Figure]) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "\n`{}` on {}, {}, accelerator tcg{}\n\n",
+        "\n`{}` on {}, {}, accelerator tcg, {}{}\n\n",
         header.command,
         header.date,
         header.qemu,
+        header.load,
         if header.quick {
             " (quick run: timings not judged)"
         } else {

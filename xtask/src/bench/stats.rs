@@ -112,19 +112,20 @@ impl Side {
         Spread::of(&self.values)
     }
 
-    /// Median CPU per operation: (user + system, user, system), microseconds.
+    /// CPU per operation, microseconds: (median of user + system, its user part, its system
+    /// part). The split follows the user/system shares over all rounds, so the parts add up
+    /// to the median (the kernel splits a thread's time between the two by sampling, which
+    /// makes a single round's split coarse).
     pub fn cpu(&self) -> Option<(f64, f64, f64)> {
         if self.cpu_us.is_empty() {
             return None;
         }
         let total: Vec<f64> = self.cpu_us.iter().map(|(u, s)| u + s).collect();
-        let user: Vec<f64> = self.cpu_us.iter().map(|c| c.0).collect();
-        let system: Vec<f64> = self.cpu_us.iter().map(|c| c.1).collect();
-        Some((
-            Spread::of(&total).median,
-            Spread::of(&user).median,
-            Spread::of(&system).median,
-        ))
+        let median = Spread::of(&total).median;
+        let user: f64 = self.cpu_us.iter().map(|c| c.0).sum();
+        let all: f64 = total.iter().sum();
+        let user_share = if all > 0.0 { user / all } else { 0.0 };
+        Some((median, median * user_share, median * (1.0 - user_share)))
     }
 
     fn to_json(&self) -> Value {
