@@ -231,7 +231,7 @@ impl Header {
         let cpus = std::thread::available_parallelism().map_or(0, usize::from);
         Header {
             date,
-            qemu: crate::qemu::version().unwrap_or_else(|e| e.to_string()),
+            qemu: crate::qemu::version(&crate::qemu::binary()).unwrap_or_else(|e| e.to_string()),
             command,
             quick,
             load: format!("load average {load} on {cpus} CPUs"),
