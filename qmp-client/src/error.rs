@@ -56,6 +56,33 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A shared monitor's socket path exists and is not a socket: it is never replaced.
+    #[error("refusing to replace {path:?}: it exists and is not a socket")]
+    NotASocket {
+        /// The path.
+        path: PathBuf,
+    },
+    /// A shared monitor's socket path is a socket something still listens on.
+    #[error("{path:?} is in use: something listens on it")]
+    SocketInUse {
+        /// The path.
+        path: PathBuf,
+    },
+    /// A shared monitor's TCP address is not a loopback address (QMP has no authentication).
+    #[error("refusing to share QMP on {addr}: only loopback addresses are allowed")]
+    NotLoopback {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+    },
+    /// Creating the private directory for a shared monitor's socket failed.
+    #[error("cannot create a private directory in {parent:?}")]
+    PrivateDir {
+        /// Where it was to be created.
+        parent: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// Accepting the peer failed.
     #[error("cannot accept a connection on {address}")]
     Accept {

@@ -110,7 +110,9 @@ pub use config::{Config, OobPolicy, OverflowPolicy};
 pub use connection::{Connection, PROCESS_BUDGET};
 pub use error::{Error, Result};
 pub use listener::Listener;
-pub use mux::{ClientId, ClientInfo, DropReason, Mux, MuxConfig, MuxStats, QuitPolicy};
+pub use mux::{
+    ClientId, ClientInfo, DropReason, Mux, MuxConfig, MuxServer, MuxStats, QuitPolicy, ShareAddress,
+};
 pub use session::{Phase, Relayed, RequestId, Session, MAX_IN_FLIGHT};
 pub use shared::Shared;
 pub use sys::UNIX_PATH_MAX;

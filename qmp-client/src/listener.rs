@@ -37,9 +37,15 @@ impl Listener {
     /// Binds a unix socket at `path` (backlog 1). [`Error::PathTooLong`] comes before anything
     /// is created.
     pub fn bind_unix(path: &Path) -> Result<Listener> {
+        Listener::bind_unix_backlog(path, 1)
+    }
+
+    /// [`Listener::bind_unix`] with room for `backlog` pending connections (the multiplexer
+    /// takes many clients).
+    pub(crate) fn bind_unix_backlog(path: &Path, backlog: i32) -> Result<Listener> {
         sys::check_unix_path(path)?;
         let address = path.display().to_string();
-        let std_listener = sys::listen_unix(path).map_err(|e| Error::Bind {
+        let std_listener = sys::listen_unix(path, backlog).map_err(|e| Error::Bind {
             address: address.clone(),
             source: e,
         })?;
@@ -59,11 +65,16 @@ impl Listener {
     /// [`Listener::local_addr`]). A non-loopback address logs a warning: QMP has no
     /// authentication.
     pub fn bind_tcp(addr: SocketAddr) -> Result<Listener> {
+        Listener::bind_tcp_backlog(addr, 1)
+    }
+
+    /// [`Listener::bind_tcp`] with room for `backlog` pending connections.
+    pub(crate) fn bind_tcp_backlog(addr: SocketAddr, backlog: i32) -> Result<Listener> {
         let address = addr.to_string();
         if !addr.ip().is_loopback() {
             warn!("QMP listener on non-loopback {addr}: QMP has no authentication");
         }
-        let std_listener = sys::listen_tcp(addr).map_err(|e| Error::Bind {
+        let std_listener = sys::listen_tcp(addr, backlog).map_err(|e| Error::Bind {
             address: address.clone(),
             source: e,
         })?;
@@ -105,18 +116,7 @@ impl Listener {
             source: e,
         })?;
         let mut events = Events::with_capacity(4);
-        let registered = match &mut self.inner {
-            Inner::Unix(l) => poll
-                .registry()
-                .register(l, sockio::SOCKET, Interest::READABLE),
-            Inner::Tcp(l) => poll
-                .registry()
-                .register(l, sockio::SOCKET, Interest::READABLE),
-        };
-        registered.map_err(|e| Error::Io {
-            op: "poll",
-            source: e,
-        })?;
+        self.register(poll.registry(), sockio::SOCKET)?;
         sockio::register_abort(poll.registry(), abort)?;
         let accepted = self.accept_loop(&mut poll, &mut events, deadline, timeout);
         sockio::deregister_abort(poll.registry(), abort);
@@ -126,13 +126,8 @@ impl Listener {
         Connection::establish(stream, config, abort)
     }
 
-    fn accept_loop(
-        &self,
-        poll: &mut Poll,
-        events: &mut Events,
-        deadline: Instant,
-        timeout: Duration,
-    ) -> Result<Stream> {
+    /// Accepts one pending peer without waiting: `None` when there is none (`WouldBlock`).
+    pub(crate) fn try_accept(&self) -> Result<Option<Stream>> {
         loop {
             let accepted = match &self.inner {
                 Inner::Unix(l) => l.accept().map(|(s, _)| Stream::Unix(s)),
@@ -143,9 +138,9 @@ impl Listener {
                     Stream::Tcp(s)
                 }),
             };
-            match accepted {
-                Ok(stream) => return Ok(stream),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            return match accepted {
+                Ok(stream) => Ok(Some(stream)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -154,12 +149,47 @@ impl Listener {
                 {
                     continue
                 }
-                Err(e) => {
-                    return Err(Error::Accept {
-                        address: self.address.clone(),
-                        source: e,
-                    })
-                }
+                Err(e) => Err(Error::Accept {
+                    address: self.address.clone(),
+                    source: e,
+                }),
+            };
+        }
+    }
+
+    /// Registers the listening socket on `registry` under `token` (readable: a peer waits).
+    pub(crate) fn register(&mut self, registry: &mio::Registry, token: mio::Token) -> Result<()> {
+        let registered = match &mut self.inner {
+            Inner::Unix(l) => registry.register(l, token, Interest::READABLE),
+            Inner::Tcp(l) => registry.register(l, token, Interest::READABLE),
+        };
+        registered.map_err(|e| Error::Io {
+            op: "poll",
+            source: e,
+        })
+    }
+
+    /// Removes the listening socket from `registry`.
+    pub(crate) fn deregister(&mut self, registry: &mio::Registry) {
+        let result = match &mut self.inner {
+            Inner::Unix(l) => registry.deregister(l),
+            Inner::Tcp(l) => registry.deregister(l),
+        };
+        if let Err(e) = result {
+            debug!("cannot deregister the listener on {}: {e}", self.address);
+        }
+    }
+
+    fn accept_loop(
+        &self,
+        poll: &mut Poll,
+        events: &mut Events,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Stream> {
+        loop {
+            if let Some(stream) = self.try_accept()? {
+                return Ok(stream);
             }
             if Instant::now() >= deadline {
                 return Err(Error::AcceptTimeout {

@@ -37,8 +37,8 @@ pub fn check_unix_path(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A nonblocking, close-on-exec unix listener on `path` with a backlog of 1.
-pub fn listen_unix(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
+/// A nonblocking, close-on-exec unix listener on `path` with room for `backlog` pending peers.
+pub fn listen_unix(path: &Path, backlog: i32) -> io::Result<std::os::unix::net::UnixListener> {
     let fd = socket::socket(
         AddressFamily::Unix,
         SockType::Stream,
@@ -47,15 +47,15 @@ pub fn listen_unix(path: &Path) -> io::Result<std::os::unix::net::UnixListener> 
     )?;
     let addr = UnixAddr::new(path)?;
     socket::bind(fd.as_raw_fd(), &addr)?;
-    socket::listen(&fd, Backlog::new(1)?)?;
+    socket::listen(&fd, Backlog::new(backlog)?)?;
     Ok(std::os::unix::net::UnixListener::from(fd))
 }
 
-/// A nonblocking, close-on-exec TCP listener on `addr` with a backlog of 1.
-pub fn listen_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+/// A nonblocking, close-on-exec TCP listener on `addr` with room for `backlog` pending peers.
+pub fn listen_tcp(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
     let listener = std::net::TcpListener::bind(addr)?;
     // Linux lets `listen` be called again on a listening socket to change its backlog.
-    socket::listen(&listener, Backlog::new(1)?)?;
+    socket::listen(&listener, Backlog::new(backlog)?)?;
     listener.set_nonblocking(true)?;
     Ok(listener)
 }
@@ -113,4 +113,11 @@ pub fn recv_with_fds(
         }
     }
     Ok(n)
+}
+
+/// The pid and uid of the process at the other end of a unix socket (`SO_PEERCRED`), as
+/// the peer was when it connected.
+pub fn peer_credentials(sock: BorrowedFd<'_>) -> Option<(i32, u32)> {
+    let creds = socket::getsockopt(&sock, socket::sockopt::PeerCredentials).ok()?;
+    Some((creds.pid(), creds.uid()))
 }

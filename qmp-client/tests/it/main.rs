@@ -7,5 +7,6 @@ mod events;
 mod fds;
 mod framing;
 mod handshake;
+mod mux;
 mod replay;
 mod util;
