@@ -51,6 +51,14 @@ pub enum Command {
     Qom(QomArgs),
     /// Launch QEMU with the given arguments and open the shell on it.
     Wrap(WrapArgs),
+    /// Talk to QEMU's guest agent (the commands of QEMU's `qemu-ga-client`, plus `exec`).
+    ///
+    /// Usage: `ga ADDRESS COMMAND [ARGS]`; ADDRESS (the agent chardev's unix path or
+    /// host:port) may be left out when $QGA_CLIENT_ADDRESS is set. Commands: cat FILE,
+    /// fsfreeze status|freeze|thaw, fstrim [MINIMUM], ifconfig, info, ping,
+    /// suspend disk|ram|hybrid, shutdown|powerdown|halt|reboot, exec PROGRAM [ARGS...]
+    /// (exits with the guest command's status).
+    Ga(GaArgs),
     /// Print a completion script for a shell.
     Completions(CompletionsArgs),
 }
@@ -113,9 +121,47 @@ pub struct RunArgs {
     /// Print lifecycle lines, events and the exit report as JSON Lines.
     #[arg(long)]
     pub json: bool,
+    /// Boot the Linux test guest (Debian's cloud kernel, busybox, QEMU's guest agent; built
+    /// from Debian packages with apt on first use) on q35 under TCG: a shell on the console.
+    #[arg(long, conflicts_with = "qemu_args")]
+    pub linux: bool,
+    /// Where the Linux test guest is cached.
+    #[arg(
+        long,
+        env = "QEMU_MACHINE_CACHE",
+        default_value = "target",
+        value_name = "DIR"
+    )]
+    pub linux_cache: PathBuf,
+    /// With --linux: the guest agent's chardev listens on this unix path, for
+    /// `qemu-machine ga PATH ...`.
+    #[arg(long, value_name = "PATH", requires = "linux")]
+    pub agent_listen: Option<PathBuf>,
     /// Arguments for QEMU after `--`; none boots the built-in tiny guest.
     #[arg(last = true, value_name = "QEMU ARGS")]
     pub qemu_args: Vec<OsString>,
+}
+
+/// Options of `ga`.
+#[derive(Debug, Args)]
+pub struct GaArgs {
+    /// ADDRESS (may be left out when $QGA_CLIENT_ADDRESS is set), COMMAND, its arguments.
+    #[arg(
+        required = true,
+        value_name = "ARGS",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    pub words: Vec<String>,
+    /// JSON output.
+    #[arg(long)]
+    pub json: bool,
+    /// Deadline for each agent command (and for `exec`, for the guest command to end).
+    #[arg(long, value_parser = parse_duration, default_value = "30s", value_name = "DURATION")]
+    pub timeout: Duration,
+    /// Deadline for connecting.
+    #[arg(long, value_parser = parse_duration, default_value = "10s", value_name = "DURATION")]
+    pub connect_timeout: Duration,
 }
 
 /// Options of `qmp`.

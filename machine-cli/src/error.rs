@@ -120,6 +120,21 @@ pub enum Error {
         #[source]
         source: qmp_client::Error,
     },
+    /// A `ga` command line that does not parse.
+    #[error("bad ga command `{text}`: {why}")]
+    BadGaCommand {
+        /// The words given.
+        text: String,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// The Linux test guest for `run --linux` could not be built.
+    #[error("cannot build the Linux test guest")]
+    LinuxGuest {
+        /// Why (the message names the apt command to run when a package is missing).
+        #[source]
+        source: machine_core::Error,
+    },
     /// A command came back with a QMP error reply.
     #[error("{command}: {class}: {desc}")]
     Command {
@@ -278,6 +293,7 @@ impl Error {
             | Error::Readline { .. }
             | Error::Machine { .. }
             | Error::Console { .. } => EXIT_COMMAND,
+            Error::LinuxGuest { .. } => EXIT_LAUNCH,
             _ => EXIT_USAGE,
         }
     }

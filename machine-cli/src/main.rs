@@ -25,6 +25,7 @@ mod args;
 mod connect;
 mod error;
 mod events_cmd;
+mod ga_cmd;
 mod lang;
 mod output;
 mod qmp_cmd;
@@ -64,6 +65,7 @@ fn dispatch(command: Command) -> Result<u8> {
         Command::Events(args) => events_cmd::run(args),
         Command::Qom(args) => qom_cmd::run(args),
         Command::Wrap(args) => wrap_cmd::run(args),
+        Command::Ga(args) => ga_cmd::run(args),
         Command::Completions(args) => {
             let mut command = Cli::command();
             let mut stdout = io::stdout().lock();

@@ -174,7 +174,14 @@ pub fn run(args: RunArgs) -> Result<u8> {
             path: args.qemu.clone(),
         });
     }
-    let tiny = args.qemu_args.is_empty();
+    let linux = match args.linux {
+        true => Some(
+            machine_core::linux::LinuxGuest::ensure(&args.linux_cache)
+                .map_err(|source| Error::LinuxGuest { source })?,
+        ),
+        false => None,
+    };
+    let tiny = args.qemu_args.is_empty() && linux.is_none();
     let listen: Vec<Address> = args.qmp_listen.iter().map(|a| Address::parse(a)).collect();
     // QEMU unlinks whatever is at a listening unix path before it binds: a user's file there
     // would be lost. Only a stale socket may go.
@@ -194,7 +201,7 @@ pub fn run(args: RunArgs) -> Result<u8> {
             Address::Tcp(_) => {}
         }
     }
-    let mut machine = build(&args, &listen)?;
+    let mut machine = build(&args, &listen, linux.as_ref())?;
     if tiny {
         let guest_machine = match args.machine.as_deref() {
             None | Some("q35") => GuestMachine::Q35,
@@ -270,7 +277,12 @@ pub fn run(args: RunArgs) -> Result<u8> {
     let banner = args
         .banner
         .clone()
-        .or_else(|| tiny.then(|| guest::BANNER.to_string()));
+        .or_else(|| tiny.then(|| guest::BANNER.to_string()))
+        .or_else(|| {
+            linux
+                .is_some()
+                .then(|| machine_core::linux::READY_LINE.to_string())
+        });
     let outcome = attach(&mut machine, &args, &reporter, &rx, banner.as_deref());
     let result = match outcome {
         Ok(ended) => finish(&mut machine, &reporter, ended),
@@ -289,11 +301,19 @@ pub fn run(args: RunArgs) -> Result<u8> {
             remove_stale_socket(path);
         }
     }
+    if let Some(path) = &args.agent_listen {
+        remove_stale_socket(path);
+    }
     result
 }
 
-/// The machine as configured by the options (the tiny guest's arguments come later).
-fn build(args: &RunArgs, listen: &[Address]) -> Result<Machine> {
+/// The machine as configured by the options (the tiny guest's arguments come later; the Linux
+/// guest's, with its accelerator, machine type and agent channel, come here).
+fn build(
+    args: &RunArgs,
+    listen: &[Address],
+    linux: Option<&machine_core::linux::LinuxGuest>,
+) -> Result<Machine> {
     let mut builder = MachineBuilder::new(&args.qemu);
     // Ctrl-C goes to the terminal's whole foreground process group; QEMU must not get it (it
     // would quit at once), so on a terminal it runs in a session of its own and we run the
@@ -311,7 +331,29 @@ fn build(args: &RunArgs, listen: &[Address]) -> Result<Machine> {
             builder.machine_type(machine);
         }
     }
-    builder.args(accel_args(args.accel));
+    match (linux, &args.agent_listen) {
+        (Some(guest), None) => {
+            guest.configure(&mut builder);
+        }
+        (Some(guest), Some(path)) => {
+            // The agent on a socket path instead of the socketpair, for `qemu-machine ga`.
+            machine_core::prepare_socket_path(path).map_err(|source| Error::ListenPath {
+                path: path.clone(),
+                source: Box::new(source),
+            })?;
+            let mut chardev = OsString::from("socket,id=qga0,server=on,wait=off,path=");
+            chardev.push(machine_core::escape_os_value(path.as_os_str()));
+            builder.machine_type("q35").args(guest.qemu_args()).args([
+                OsString::from("-chardev"),
+                chardev,
+                "-device".into(),
+                "isa-serial,chardev=qga0".into(),
+            ]);
+        }
+        (None, _) => {
+            builder.args(accel_args(args.accel));
+        }
+    }
     if let Some(memory) = &args.memory {
         builder.args(["-m", memory.as_str()]);
     }

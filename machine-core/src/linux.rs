@@ -97,6 +97,17 @@ sync
 poweroff -f
 ";
 
+/// `/sbin/shutdown` for the agent's `guest-shutdown` (busybox has no `shutdown`): qemu-ga 7.2
+/// runs `shutdown -h -P +0 MSG` (powerdown), `-h -H` (halt) or `-r` (reboot).
+pub const SHUTDOWN_SCRIPT: &str = "#!/bin/sh
+sync
+case \" $* \" in
+*' -r '*) exec reboot -f ;;
+*' -H '*) exec halt -f ;;
+*) exec poweroff -f ;;
+esac
+";
+
 /// The initramfs's `/init`.
 pub const INIT_SCRIPT: &str = "#!/bin/busybox sh
 /bin/busybox --install -s
@@ -208,6 +219,7 @@ fn recipe_hash() -> u64 {
         "1",
         INIT_SCRIPT,
         POWER_BUTTON_SCRIPT,
+        SHUTDOWN_SCRIPT,
         KNOWN_FILE_CONTENT,
         KERNEL_META_PACKAGE,
     ];
@@ -359,6 +371,7 @@ fn initramfs(root: &Path, version: &str) -> Result<Vec<u8>> {
     archive.file("bin/busybox", 0o755, &read(&root.join("bin/busybox"))?);
     archive.symlink("bin/sh", "busybox");
     archive.file("init", 0o755, INIT_SCRIPT.as_bytes());
+    archive.file("sbin/shutdown", 0o755, SHUTDOWN_SCRIPT.as_bytes());
     // busybox acpid runs CONFDIR/ACTION: the power button's action is PWRF/00000080.
     archive.file(
         "etc/acpi/PWRF/00000080",
