@@ -1,13 +1,14 @@
 //! The client against the recorded sessions of every QEMU version in `transcripts/`
-//! (`cargo xtask record`): each command of a recording, sent through `Connection`, must give
-//! exactly what that QEMU answered (the reply's `return`, or its error class and text), with
-//! the events it sent queued in order, and the session must end as it ended.
+//! (`cargo xtask record`): each command of a recording, sent through `Connection` (owned or
+//! behind a `Shared` handle), must give exactly what that QEMU answered (the reply's `return`,
+//! or its error class and text), with the events it sent queued in order, and the session must
+//! end as it ended.
 
 use std::time::Duration;
 
 use qmp_client::replay::{self, Side, Transcript};
-use qmp_client::{Config, Connection, Error, OobPolicy};
-use qmp_proto::ErrorClass;
+use qmp_client::{Config, Connection, Error, OobPolicy, Shared};
+use qmp_proto::{ErrorClass, Event};
 use serde_json::{Map, Value};
 
 /// Every recorded transcript; the set must cover the three versions we test against.
@@ -32,20 +33,60 @@ fn arguments(command: &Value) -> Option<Map<String, Value>> {
     command.get("arguments").and_then(Value::as_object).cloned()
 }
 
-/// Replays every exchange of `transcript` after the handshake through a `Connection`.
-fn replay_through_connection(transcript: &Transcript, oob: OobPolicy) {
+/// The two ways to drive a session: a `Connection` owned by the caller, or a `Shared` handle
+/// whose thread drives it.
+enum Client {
+    Owned(Box<Connection>),
+    Shared(Shared),
+}
+
+impl Client {
+    fn execute(
+        &mut self,
+        command: &str,
+        args: Option<Map<String, Value>>,
+    ) -> qmp_client::Result<Value> {
+        match self {
+            Client::Owned(c) => c.execute(command, args),
+            Client::Shared(s) => s.execute(command, args),
+        }
+    }
+
+    fn pull_event(&mut self, timeout: Duration) -> qmp_client::Result<Option<Event>> {
+        match self {
+            Client::Owned(c) => c.pull_event(timeout),
+            Client::Shared(s) => s.pull_event(timeout),
+        }
+    }
+
+    fn drain_events(&mut self) -> Vec<Event> {
+        match self {
+            Client::Owned(c) => c.drain_events(),
+            Client::Shared(s) => s.drain_events(),
+        }
+    }
+}
+
+/// Replays every exchange of `transcript` after the handshake through a `Connection`, or
+/// through a `Shared` handle over it when `shared`.
+fn replay_through_connection(transcript: &Transcript, oob: OobPolicy, shared: bool) {
     let name = format!("QEMU {} {}", transcript.qemu, transcript.name);
     let (server, stream) = transcript.script().start_pair().expect("fake server");
     let config = Config::default()
         .with_oob(oob)
         .with_command_timeout(Duration::from_secs(10));
-    let mut qmp = Connection::from_unix_stream(stream, &config)
+    let qmp = Connection::from_unix_stream(stream, &config)
         .unwrap_or_else(|e| panic!("{name}: handshake: {e}"));
 
     let greeting = qmp.greeting().expect("a greeting").clone();
     assert_eq!(greeting.version.qemu.to_string(), transcript.qemu, "{name}");
     assert_eq!(greeting.capabilities, ["oob"], "{name}");
     assert_eq!(qmp.oob_enabled(), oob == OobPolicy::Auto, "{name}");
+    let mut qmp = if shared {
+        Client::Shared(Shared::new(qmp).unwrap_or_else(|e| panic!("{name}: Shared: {e}")))
+    } else {
+        Client::Owned(Box::new(qmp))
+    };
 
     let mut checked = 0;
     for exchange in transcript.exchanges() {
@@ -129,14 +170,21 @@ fn replay_through_connection(transcript: &Transcript, oob: OobPolicy) {
 #[test]
 fn every_recorded_session_replays_through_the_client() {
     for transcript in transcripts() {
-        replay_through_connection(&transcript, OobPolicy::Off);
+        replay_through_connection(&transcript, OobPolicy::Off, false);
+    }
+}
+
+#[test]
+fn every_recorded_session_replays_through_a_shared_handle() {
+    for transcript in transcripts() {
+        replay_through_connection(&transcript, OobPolicy::Off, true);
     }
 }
 
 #[test]
 fn every_recorded_session_replays_with_oob_negotiated() {
     for transcript in transcripts() {
-        replay_through_connection(&transcript, OobPolicy::Auto);
+        replay_through_connection(&transcript, OobPolicy::Auto, false);
     }
 }
 
