@@ -11,9 +11,10 @@
 //!   own module directory is bind-mounted over the system's, with its own data directory (`-L`).
 //! - 11.1 needs sid's libraries: `debootstrap` makes a sid root in
 //!   `target/qemu-versions/11.1/root`, and the wrapper runs `/usr/bin/qemu-system-x86_64`
-//!   chrooted there, in a private mount namespace with the host's `/tmp`, `/dev`, `/proc` and
-//!   `/sys` (and the working directory, when the root has no such directory) bound in, so socket
-//!   paths, files under `/tmp` and inherited fds (our socketpairs) work as on the host.
+//!   chrooted there, in a private mount namespace with the host's `/tmp`, `/dev`, `/proc`,
+//!   `/sys`, `/home`, `/root` and this workspace (and the working directory, when the root has no
+//!   such directory) bound in, so socket paths, files under `/tmp` or the workspace (the Linux
+//!   test guest's cache under `target/`) and inherited fds (our socketpairs) work as on the host.
 //!
 //! Each wrapper `exec`s all the way down, so QEMU keeps the wrapper's pid (pidfds, signals and
 //! the parent-death signal stay right) and inherits exactly the fds the wrapper was given. The
@@ -185,6 +186,9 @@ fn ensure_sid() -> Result<PathBuf, String> {
         )?;
         // Downloaded packages are not needed once installed.
         remove_dir_all(&root.join("var/cache/apt/archives"))?;
+        // Where the wrapper binds this workspace (it cannot create it when run without root).
+        let workspace = crate::workspace_root();
+        create_dir_all(&root.join(workspace.strip_prefix("/").unwrap_or(&workspace)))?;
         Ok(())
     })
 }
@@ -332,21 +336,29 @@ fn sid_wrapper(dir: &Path) -> String {
     format!(
         r#"#!/bin/sh
 # QEMU 11.1 from Debian sid, in a root made by debootstrap (see xtask/src/versions.rs).
-# A private mount namespace binds the host's /tmp, /dev, /proc and /sys into the root, then
-# chroots; `exec` all the way down keeps this pid and the fds we were given. The working
-# directory stays the same when the root has its path (anything under /tmp); otherwise it is
-# bound at /mnt and QEMU starts there, so relative paths still work.
+# A private mount namespace binds the host's /tmp, /dev, /proc, /sys, /home, /root and this
+# workspace into the root at the same paths, then chroots; `exec` all the way down keeps this
+# pid and the fds we were given. Other host paths are not visible to QEMU. The working
+# directory stays the same when the root has its path; otherwise it is bound at /mnt and QEMU
+# starts there, so relative paths still work.
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
 R={root}
+WS={workspace}
 U=--mount; [ "$(id -u)" = 0 ] || U="--map-root-user --mount"
 exec unshare $U --propagation private -- /bin/sh -c '
-R=$1; shift
+R=$1; WS=$2; shift 2
 for d in /tmp /dev /proc /sys; do mount --rbind "$d" "$R$d" || exit 125; done
+for d in /home /root "$WS"; do
+  if [ -d "$d" ] && {{ [ -d "$R$d" ] || mkdir -p "$R$d" 2>/dev/null; }}; then
+    mount --rbind "$d" "$R$d" || exit 125
+  fi
+done
 W=$PWD
 if [ ! -d "$R$W" ]; then mount --bind "$W" "$R/mnt" || exit 125; W=/mnt; fi
-exec chroot "$R" /bin/sh -c "cd \"\$0\" && exec /usr/bin/qemu-system-x86_64 \"\$@\"" "$W" "$@"' sh "$R" "$@"
+exec chroot "$R" /bin/sh -c "cd \"\$0\" && exec /usr/bin/qemu-system-x86_64 \"\$@\"" "$W" "$@"' sh "$R" "$WS" "$@"
 "#,
-        root = shell_quote(root.as_os_str())
+        root = shell_quote(root.as_os_str()),
+        workspace = shell_quote(crate::workspace_root().as_os_str())
     )
 }
 
