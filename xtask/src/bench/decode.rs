@@ -44,7 +44,7 @@ const CHUNK: usize = 64 * 1024;
 
 /// Measures every corpus `settings` selects.
 pub fn run(settings: &Settings) -> Result<Vec<Figure>, String> {
-    let (target_bytes, rounds) = settings.pick((4 << 20, 15), (256 << 10, 3));
+    let (target_bytes, rounds) = settings.pick((4 << 20, 21), (256 << 10, 3));
     let mut figures = Vec::new();
     for (id, name, files) in CORPORA {
         if !settings.wants(id, name) {
