@@ -18,8 +18,9 @@
 //!   agent's own `0xFF` delimiter, and replies are skipped until the one that returns that id.
 //!   A sync attempt that gets no answer within [`AgentConfig::sync_attempt_timeout`] is sent
 //!   again with a new id, until the caller's deadline.
-//! - **Stale replies are skipped.** Every command carries a fresh `id`; the agent echoes it. A
-//!   reply with another id or none (the late answer of a timed-out command, the agent's
+//! - **Stale replies are skipped.** Every command carries an `id` (a small counter from a random start: the agent
+//!   answers in order, so the sync has already discarded every reply to a request before it);
+//!   the agent echoes it. A reply with another id or none (the late answer of a timed-out command, the agent's
 //!   complaint about our `0xFF`, garbage) is logged, counted ([`Agent::stale_replies`]) and
 //!   never returned as an answer.
 //! - **Deadlines.** Every call has one ([`AgentConfig::command_timeout`] or an explicit
@@ -222,7 +223,9 @@ impl Agent {
     fn new(stream: Stream, config: &AgentConfig) -> Result<Agent> {
         let poll = sockio::new_poll(stream.as_raw_fd())?;
         let random = RandomState::new();
-        let next_id = random.hash_one(std::process::id()) >> 33;
+        // Start the small id counter somewhere unpredictable, so even a misbehaving peer's
+        // late reply is unlikely to carry the id we wait for.
+        let next_id = random.hash_one(std::process::id()) % 999;
         Ok(Agent {
             stream,
             poll,
@@ -234,7 +237,7 @@ impl Agent {
             config: config.clone(),
             awaiting_delimiter: false,
             synced: false,
-            next_id: next_id.max(1),
+            next_id,
             stale: 0,
             random,
             closed: false,
@@ -366,7 +369,10 @@ impl Agent {
         if !self.synced {
             self.sync_until(deadline, start)?;
         }
-        self.next_id += 1;
+        // Small ids are enough (and each byte costs time on a serial line): a sync discards
+        // every reply the agent wrote before it, and any timeout forces a sync, so an id only
+        // has to be unique among the requests since the last sync.
+        self.next_id = self.next_id % 999 + 1;
         let id = self.next_id;
         let mut cmd = Command::new(command).with_id(id);
         if let Some(args) = args {
@@ -878,7 +884,7 @@ mod tests {
                 out.extend_from_slice(b"{\"return\": {}, \"id\": 9");
             } else {
                 // A stale answer of an earlier command and a reply to another sync first.
-                out.extend_from_slice(b"{\"return\": {\"stale\": true}, \"id\": 1}\n");
+                out.extend_from_slice(b"{\"return\": {\"stale\": true}, \"id\": 1000}\n");
                 out.extend_from_slice(b"{\"return\": 12345}\n");
                 out.extend_from_slice(b"\x01not json\n");
             }

@@ -52,6 +52,7 @@ pub fn scenarios() -> Vec<Scenario> {
             run_ctrl_c_on_terminal,
         ),
         s("cli_run_missing_qemu", TCG, 60, run_missing_qemu),
+        s("cli_run_linux_and_ga", TCG, 300, run_linux_and_ga),
         s(
             "cli_run_qmp_listen_never_replaces_a_file",
             TCG,
@@ -736,6 +737,69 @@ fn run_listen_on_existing_file(ctx: &Ctx) -> Result<(), String> {
     if !done.stderr.iter().any(|l| l.contains("already exists")) {
         return Err(format!("no clear refusal: {:?}", done.stderr));
     }
+    Ok(())
+}
+
+/// `run --linux --agent-listen SOCK`, then `ga SOCK` ping, exec (the guest's exit status
+/// becomes ours), info --json, a failing cat (typed, status 1) and powerdown: the run ends with
+/// a clean guest power-off (status 0) and removes the socket.
+fn run_linux_and_ga(ctx: &Ctx) -> Result<(), String> {
+    let guest = crate::qemu::ensure_linux_guest()?;
+    let cache = guest
+        .dir()
+        .parent()
+        .and_then(Path::to_str)
+        .ok_or("non-UTF-8 cache path")?
+        .to_string();
+    let sock_path = ctx.scratch.join("qga.sock");
+    let sock = sock_path.to_str().ok_or("non-UTF-8 scratch path")?;
+    let mut vm = Proc::spawn(
+        ctx,
+        &[
+            "run",
+            "--linux",
+            "--linux-cache",
+            &cache,
+            "--agent-listen",
+            sock,
+            "--shutdown-timeout",
+            "10s",
+        ],
+        None,
+    )?;
+    vm.wait_stderr(ctx, |l| l.contains("banner seen"))?;
+    one_shot(ctx, &["ga", sock, "ping"], None)?.expect_code(0)?;
+    let exec = one_shot(
+        ctx,
+        &["ga", sock, "exec", "/bin/sh", "-c", "echo hi; exit 3"],
+        None,
+    )?;
+    exec.expect_code(3)?;
+    if exec.stdout != ["hi"] {
+        return Err(format!("exec printed {:?}", exec.stdout));
+    }
+    let info = one_shot(ctx, &["ga", "--json", sock, "info"], None)?;
+    info.expect_code(0)?;
+    let version = info
+        .json_lines()
+        .first()
+        .and_then(|v| v["version"].as_str().map(str::to_owned))
+        .ok_or_else(|| format!("ga --json info: {:?}", info.stdout))?;
+    let missing = one_shot(ctx, &["ga", sock, "cat", "/nonexistent"], None)?;
+    missing.expect_code(1)?;
+    if !missing.stderr.iter().any(|l| l.contains("guest-file-open")) {
+        return Err(format!("no typed error for cat: {:?}", missing.stderr));
+    }
+    one_shot(ctx, &["ga", sock, "powerdown"], None)?.expect_code(0)?;
+    let ended = vm.finish(ctx)?;
+    ended.expect_code(0)?;
+    if sock_path.exists() {
+        return Err("the --agent-listen socket was left behind".to_string());
+    }
+    ctx.note(format!(
+        "qemu-ga {version}: ping, exec (status 3 passed on), info, typed cat error, powerdown -> run exit 0 after {:.1} s",
+        ended.elapsed.as_secs_f64()
+    ));
     Ok(())
 }
 
