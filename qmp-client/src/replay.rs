@@ -256,7 +256,10 @@ fn answer(state: &Mutex<ReplayState>, command: &Command) -> Vec<Action> {
         .as_ref()
         .filter(|a| !a.is_empty())
         .map(|a| Value::Object(a.clone()));
-    let same_name = |e: &Exchange| e.name() == Some(command.execute.as_str());
+    let same_name = |e: &Exchange| {
+        e.name() == Some(command.execute.as_str())
+            && e.command.get("exec-oob").is_some() == command.oob
+    };
     let same_arguments = |e: &Exchange| {
         let recorded = e
             .command

@@ -1,12 +1,15 @@
 //! `cargo xtask record [--qemu system|10.0|11.1|all|PATH] [--out DIR]`: records real QMP sessions
 //! of each QEMU into transcripts (`qmp_client::replay`'s format) for the offline replay tests.
 //!
-//! Two sessions per version, each QEMU started with the suite's `-compat` policy when it has one:
+//! Three sessions per version, each QEMU started with the suite's `-compat` policy when it has
+//! one:
 //!
 //! - `session` (`-M none`): a command before negotiation, `qmp_capabilities`, `query-version`,
 //!   `query-status`, `query-commands`, `query-qmp-schema`, the cheap event sources (stop, cont,
 //!   system_reset, system_powerdown), error replies of each kind, block jobs (backup to
 //!   completion, mirror to READY then `job-complete`), HMP passthrough, QOM, and `quit`;
+//! - `oob` (`-M none`, `oob` negotiated): `exec-oob` of an in-band-only command, of an
+//!   out-of-band one that fails (with and without an id), an in-band command, and `quit`;
 //! - `guest-exit` (q35 with the tiny guest, qboot, `isa-debug-exit` and an xHCI controller, under
 //!   `-S`): USB hot-plug (`device_add`/`device_del` -> DEVICE_DELETED; a running q35 gives no
 //!   DEVICE_DELETED here), `cont`, `query-status` once the guest is up,
@@ -26,7 +29,7 @@ use console_socket::{Config as ConsoleConfig, Console, LineEnding, Pattern};
 use machine_core::guest::{self, GuestMachine};
 use serde_json::{json, Value};
 
-use crate::e2e::{socketpair, Ctx};
+use crate::e2e::{socketpair, Ctx, QemuChild};
 use crate::versions::Choice;
 
 /// Records the sessions of each requested QEMU into the output directory.
@@ -67,6 +70,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 "session",
                 session as fn(&Ctx, bool) -> Result<Vec<Value>, String>,
             ),
+            ("oob", oob),
             ("guest-exit", guest_exit),
         ] {
             let lines = record(&ctx, compat).map_err(|e| format!("QEMU {version} {name}: {e}"))?;
@@ -104,8 +108,8 @@ fn header(name: &str, ctx: &Ctx, argv: &[String]) -> Value {
     })
 }
 
-/// The `-M none` session (see the module docs).
-fn session(ctx: &Ctx, compat: bool) -> Result<Vec<Value>, String> {
+/// QEMU on `-M none` with its monitor on a socketpair, and a recorder on our end.
+fn start_none(ctx: &Ctx, compat: bool, name: &str) -> Result<(QemuChild, Recorder), String> {
     let mut argv: Vec<String> = ["-M", "none", "-nodefaults", "-display", "none"]
         .iter()
         .map(|s| s.to_string())
@@ -127,8 +131,14 @@ fn session(ctx: &Ctx, compat: bool) -> Result<Vec<Value>, String> {
         "-mon".to_string(),
         "chardev=qmp,mode=control".to_string(),
     ]);
-    let mut qemu = cmd.spawn()?;
-    let mut rec = Recorder::new(ours, ctx.deadline, header("session", ctx, &argv));
+    let qemu = cmd.spawn()?;
+    let rec = Recorder::new(ours, ctx.deadline, header(name, ctx, &argv));
+    Ok((qemu, rec))
+}
+
+/// The `-M none` session (see the module docs).
+fn session(ctx: &Ctx, compat: bool) -> Result<Vec<Value>, String> {
+    let (mut qemu, mut rec) = start_none(ctx, compat, "session")?;
     rec.greeting()?;
     // Refused: capabilities are not negotiated yet.
     rec.command("query-status", None)?;
@@ -195,6 +205,27 @@ fn session(ctx: &Ctx, compat: bool) -> Result<Vec<Value>, String> {
         "qom-get",
         Some(json!({"path": "/machine", "property": "type"})),
     )?;
+    rec.command("quit", None)?;
+    rec.wait_event("SHUTDOWN")?;
+    rec.read_to_end()?;
+    let status = qemu.wait_until(ctx.deadline)?;
+    rec.finish(status.code())
+}
+
+/// The `-M none` session with `oob` negotiated (see the module docs).
+fn oob(ctx: &Ctx, compat: bool) -> Result<Vec<Value>, String> {
+    let (mut qemu, mut rec) = start_none(ctx, compat, "oob")?;
+    rec.greeting()?;
+    rec.command("qmp_capabilities", Some(json!({"enable": ["oob"]})))?;
+    // In-band only: refused out of band.
+    let id = rec.next_id();
+    rec.command_raw(&json!({"exec-oob": "query-status", "id": id}))?;
+    // Allowed out of band, refused here (no migration to pause).
+    let id = rec.next_id();
+    rec.command_raw(&json!({"exec-oob": "migrate-pause", "id": id}))?;
+    // Without an id: QEMU runs it and answers without one.
+    rec.command_raw(&json!({"exec-oob": "migrate-pause"}))?;
+    rec.command("query-status", None)?;
     rec.command("quit", None)?;
     rec.wait_event("SHUTDOWN")?;
     rec.read_to_end()?;

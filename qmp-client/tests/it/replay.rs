@@ -52,6 +52,17 @@ impl Client {
         }
     }
 
+    fn execute_oob(
+        &mut self,
+        command: &str,
+        args: Option<Map<String, Value>>,
+    ) -> qmp_client::Result<Value> {
+        match self {
+            Client::Owned(c) => c.execute_oob(command, args),
+            Client::Shared(s) => s.execute_oob(command, args),
+        }
+    }
+
     fn pull_event(&mut self, timeout: Duration) -> qmp_client::Result<Option<Event>> {
         match self {
             Client::Owned(c) => c.pull_event(timeout),
@@ -90,8 +101,13 @@ fn replay_through_connection(transcript: &Transcript, oob: OobPolicy, shared: bo
 
     let mut checked = 0;
     for exchange in transcript.exchanges() {
-        let Some(command) = exchange.command["execute"].as_str() else {
-            // A raw `exec-oob` without negotiated oob: the client refuses to send that itself.
+        let out_of_band = exchange.command.get("exec-oob").is_some();
+        if out_of_band && (oob != OobPolicy::Auto || exchange.command.get("id").is_none()) {
+            // `exec-oob` without negotiated oob, or without an id: the client never sends
+            // those itself.
+            continue;
+        }
+        let Some(command) = exchange.name() else {
             continue;
         };
         if command == "qmp_capabilities" {
@@ -111,7 +127,11 @@ fn replay_through_connection(transcript: &Transcript, oob: OobPolicy, shared: bo
             .iter()
             .find(|a| a.get("return").is_some() || a.get("error").is_some())
             .unwrap_or_else(|| panic!("{name}: no reply recorded for {command}"));
-        let result = qmp.execute(command, arguments(&exchange.command));
+        let result = if out_of_band {
+            qmp.execute_oob(command, arguments(&exchange.command))
+        } else {
+            qmp.execute(command, arguments(&exchange.command))
+        };
         match (&result, reply.get("return"), reply.get("error")) {
             (Ok(value), Some(expected), _) => {
                 assert_eq!(value, expected, "{name}: {command}")
@@ -211,6 +231,19 @@ fn the_recordings_hold_what_the_tests_rely_on() {
                 assert!(
                     schema.answer[0].text.len() > 100_000,
                     "{name}: schema too small"
+                );
+            }
+            "oob" => {
+                assert_eq!(end.exit, Some(0), "{name}");
+                let refused = transcript
+                    .exchanges()
+                    .into_iter()
+                    .find(|e| e.command["exec-oob"] == "query-status")
+                    .unwrap_or_else(|| panic!("{name}: no exec-oob query-status"));
+                assert!(
+                    refused.answer[0].text.contains("does not support OOB"),
+                    "{name}: {:?}",
+                    refused.answer
                 );
             }
             "guest-exit" => {
