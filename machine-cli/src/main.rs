@@ -23,10 +23,8 @@
 mod address;
 mod args;
 mod connect;
-mod error;
 mod events_cmd;
 mod ga_cmd;
-mod lang;
 mod output;
 mod qmp_cmd;
 mod qom_cmd;
@@ -35,6 +33,9 @@ mod shell;
 mod signals;
 mod tty;
 mod wrap_cmd;
+
+// The language and its errors live in the library target (so fuzz targets reach them).
+use machine_cli::{error, lang};
 
 use std::error::Error as _;
 use std::io::{self, Write};

@@ -603,9 +603,10 @@ impl Session {
         if let Some(id) = self.quit {
             if let Some(p) = self.pending.get_mut(&id) {
                 if p.reply.is_none() {
+                    // The reply QEMU would have sent: with our id, or none for an id-less quit.
                     let reply = ServerMessage::Return(qmp_proto::ReturnReply {
                         ret: Value::Object(serde_json::Map::new()),
-                        id: Some(Value::from(id.0)),
+                        id: (id != RequestId::IDLESS).then(|| Value::from(id.0)),
                     });
                     if p.relayed {
                         self.pending.remove(&id);
@@ -1063,6 +1064,31 @@ mod tests {
         ));
         match s.take_reply(other) {
             Some(Err(e)) => assert!(e.is_closed(), "{e:?}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Found by the `session` fuzz target: the reply completing an id-less `quit` at EOF
+    /// carried `"id": 0`, an id the client never sends; QEMU's reply would carry none.
+    #[test]
+    fn idless_quit_then_eof_completes_without_an_id() {
+        let mut s = ready();
+        let quit = s.send_without_id(Command::new("quit")).unwrap();
+        s.feed_eof();
+        match s.take_reply(quit) {
+            Some(Ok(reply @ ServerMessage::Return(_))) => assert_eq!(reply.id(), None),
+            other => panic!("{other:?}"),
+        }
+        let quit = {
+            let mut s = ready();
+            let quit = s.send(Command::new("quit")).unwrap();
+            s.feed_eof();
+            s.take_reply(quit)
+        };
+        match quit {
+            Some(Ok(reply @ ServerMessage::Return(_))) => {
+                assert_eq!(reply.id(), Some(&Value::from(2)))
+            }
             other => panic!("{other:?}"),
         }
     }

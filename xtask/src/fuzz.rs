@@ -1,11 +1,12 @@
-//! `cargo xtask fuzz --seconds N [--target NAME]`: runs the cargo-fuzz targets of
-//! `qmp-proto/fuzz`, N seconds each, and prints the executions of each.
+//! `cargo xtask fuzz --seconds N [--target NAME]`: runs the cargo-fuzz targets of `fuzz/`,
+//! N seconds each, and prints the executions of each.
 //!
 //! cargo-fuzz needs nightly compiler flags; on a stable toolchain they are unlocked with
-//! `RUSTC_BOOTSTRAP=1`. The targets run without a sanitizer (qmp-proto has no unsafe code),
-//! with libFuzzer's RSS limit and per-input timeout. cargo-fuzz itself is installed with
-//! `cargo install cargo-fuzz` when missing. The corpus grows in `qmp-proto/fuzz/corpus/`
-//! (not in git), starting from the seeds in `qmp-proto/fuzz/seeds/`.
+//! `RUSTC_BOOTSTRAP=1`. The targets run without a sanitizer (the code they reach keeps its
+//! unsafe to a few `sys` modules; see `fuzz/README.md`), with libFuzzer's RSS limit and
+//! per-input timeout. cargo-fuzz itself is installed with `cargo install cargo-fuzz` when
+//! missing. The corpus grows in `fuzz/corpus/` (not in git), starting from the seeds in
+//! `fuzz/seeds/`.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -15,7 +16,14 @@ use std::time::Instant;
 use crate::workspace_root;
 
 /// The fuzz targets, in the order they run.
-const TARGETS: [&str; 2] = ["decoder", "message"];
+pub const TARGETS: [&str; 6] = [
+    "decoder",
+    "message",
+    "session",
+    "console_ring",
+    "argv",
+    "shell_line",
+];
 
 /// What one run achieved, read from libFuzzer's final statistics.
 #[derive(Debug, Default)]
@@ -53,21 +61,21 @@ pub fn run(args: &[String]) -> Result<(), String> {
         }
     }
     ensure_cargo_fuzz()?;
-    let crate_dir = workspace_root().join("qmp-proto");
+    let fuzz_dir = workspace_root().join("fuzz");
     let mut summary = Vec::new();
     for target in TARGETS {
         if only.as_deref().is_some_and(|name| name != target) {
             continue;
         }
         let started = Instant::now();
-        let stats = run_target(&crate_dir, target, seconds)?;
+        let stats = run_target(&fuzz_dir, target, seconds)?;
         summary.push((target, stats, started.elapsed()));
     }
     eprintln!("\nxtask fuzz summary ({seconds} s per target):");
     for (target, stats, elapsed) in &summary {
         let show = |value: Option<u64>| value.map_or("?".to_string(), |v| v.to_string());
         println!(
-            "  {target:<8} {} executions ({} /s), corpus {} units, peak RSS {} MB, 0 crashes ({:.0} s with build)",
+            "  {target:<12} {} executions ({} /s), corpus {} units, peak RSS {} MB, 0 crashes ({:.0} s with build)",
             show(stats.executions),
             show(stats.per_second),
             show(stats.corpus_units),
@@ -102,20 +110,23 @@ fn ensure_cargo_fuzz() -> Result<(), String> {
 }
 
 /// Runs one target for `seconds`, echoing libFuzzer's output, and returns its statistics.
-fn run_target(crate_dir: &Path, target: &str, seconds: u64) -> Result<Stats, String> {
-    let corpus = crate_dir.join("fuzz").join("corpus").join(target);
+fn run_target(fuzz_dir: &Path, target: &str, seconds: u64) -> Result<Stats, String> {
+    let corpus = fuzz_dir.join("corpus").join(target);
     std::fs::create_dir_all(&corpus)
         .map_err(|e| format!("cannot create {}: {e}", corpus.display()))?;
-    let seeds = crate_dir.join("fuzz").join("seeds").join(target);
+    let seeds = fuzz_dir.join("seeds").join(target);
+    std::fs::create_dir_all(&seeds)
+        .map_err(|e| format!("cannot create {}: {e}", seeds.display()))?;
     eprintln!("==> xtask fuzz: {target} for {seconds} s");
     let mut command = Command::new(cargo());
     command
-        .current_dir(crate_dir)
+        .current_dir(fuzz_dir)
         // cargo-fuzz passes nightly-only flags; this lets the stable compiler accept them.
         .env("RUSTC_BOOTSTRAP", "1")
         // The fuzz project keeps its own target directory (fuzz/target).
         .env_remove("CARGO_TARGET_DIR")
-        // qmp-proto forbids unsafe code, so AddressSanitizer would only re-check std and
+        // Our crates keep unsafe code to their private `sys` modules (system calls on fds the
+        // targets create themselves), so AddressSanitizer would mostly re-check std and
         // serde_json while slowing each run several times over: more executions find more.
         .args(["fuzz", "run", "--sanitizer", "none", target])
         .arg(&corpus)
@@ -146,7 +157,7 @@ fn run_target(crate_dir: &Path, target: &str, seconds: u64) -> Result<Stats, Str
         .map_err(|e| format!("waiting for cargo fuzz run {target}: {e}"))?;
     if !status.success() {
         return Err(format!(
-            "fuzz target {target} failed ({status}); the crashing input is in qmp-proto/fuzz/artifacts/{target}/"
+            "fuzz target {target} failed ({status}); the crashing input is in fuzz/artifacts/{target}/"
         ));
     }
     Ok(stats)
