@@ -49,7 +49,10 @@ fn qemu_parse(params: &[u8], implied: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
         if p.is_empty() {
             break;
         }
-        let name_end = p.iter().position(|&b| b == b'=' || b == b',').unwrap_or(p.len());
+        let name_end = p
+            .iter()
+            .position(|&b| b == b'=' || b == b',')
+            .unwrap_or(p.len());
         if first && p.get(name_end) != Some(&b'=') {
             let (value, next) = get_opt_value(p);
             out.push((implied.as_bytes().to_vec(), value));
@@ -130,7 +133,12 @@ fuzz_target!(|data: &[u8]| {
             (b"server".to_vec(), b"on".to_vec()),
             (b"wait".to_vec(), b"off".to_vec()),
         ];
-        assert_eq!(parsed, expected, "value {:?}", String::from_utf8_lossy(value));
+        assert_eq!(
+            parsed,
+            expected,
+            "value {:?}",
+            String::from_utf8_lossy(value)
+        );
         if let Ok(text) = std::str::from_utf8(value) {
             assert_eq!(escape_value(text).as_bytes(), escaped.as_bytes());
             let options = String::from_utf8(options).expect("utf-8 in, utf-8 out");
@@ -138,10 +146,20 @@ fuzz_target!(|data: &[u8]| {
             let from_qemu: Vec<String> = parsed
                 .iter()
                 .skip(1)
-                .map(|(k, v)| format!("{}={}", String::from_utf8_lossy(k), String::from_utf8_lossy(v)))
+                .map(|(k, v)| {
+                    format!(
+                        "{}={}",
+                        String::from_utf8_lossy(k),
+                        String::from_utf8_lossy(v)
+                    )
+                })
                 .collect();
             assert_eq!(split[0], "socket");
-            assert_eq!(split[1..], from_qemu[..], "split_options disagrees with QEMU");
+            assert_eq!(
+                split[1..],
+                from_qemu[..],
+                "split_options disagrees with QEMU"
+            );
         }
     }
     // The printed command line is what a person pastes into a shell.

@@ -22,7 +22,10 @@ enum Step {
     /// The peer writes these bytes (as many as the socket takes).
     Write(Vec<u8>),
     /// The peer writes `count` copies of `byte` (floods past the capacity cheaply).
-    Flood { byte: u8, count: u16 },
+    Flood {
+        byte: u8,
+        count: u16,
+    },
     /// The owner's poll reported readiness: drain.
     Drain,
     ReadAvailable,
@@ -67,7 +70,10 @@ impl Model {
 
 fn check(console: &Console, model: &Model, capacity: usize) {
     let total = console.bytes_total();
-    assert!(total as usize <= model.written.len(), "more read than written");
+    assert!(
+        total as usize <= model.written.len(),
+        "more read than written"
+    );
     assert!(console.buffer_len() <= capacity, "buffer over capacity");
     assert!(console.unconsumed_len() <= console.buffer_len());
     let start = model.unconsumed_start(console);
@@ -195,7 +201,11 @@ fn run(data: &[u8]) -> arbitrary::Result<()> {
     }
     check(&console, &model, capacity);
     if !closed_locally {
-        assert_eq!(console.bytes_total() as usize, model.written.len(), "bytes lost");
+        assert_eq!(
+            console.bytes_total() as usize,
+            model.written.len(),
+            "bytes lost"
+        );
     }
     let start = model.unconsumed_start(&console);
     let out = console.read_available();
@@ -211,7 +221,11 @@ fn failed_wait(err: Error, console: &Console, model: &mut Model, start: u64, end
     match err {
         Error::Timeout { .. } => {}
         Error::Closed { unconsumed, .. } => {
-            assert_eq!(unconsumed, model.range(start, end), "output handed over at close");
+            assert_eq!(
+                unconsumed,
+                model.range(start, end),
+                "output handed over at close"
+            );
             model.consume_to(console, end);
         }
         other => panic!("a wait failed with {other:?}"),

@@ -19,8 +19,8 @@ use std::collections::BTreeSet;
 
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use qmp_client::{Config, Error, OobPolicy, OverflowPolicy, Phase, RequestId, Session};
 use qmp_client::MAX_IN_FLIGHT;
+use qmp_client::{Config, Error, OobPolicy, OverflowPolicy, Phase, RequestId, Session};
 use qmp_proto::{Command, EventFilter, ServerMessage};
 
 /// What the server writes next.
@@ -65,9 +65,14 @@ enum Step {
     /// Up to this many of the server's written bytes reach the session in one `feed`.
     Deliver(u16),
     /// The client sends a command (`kind` picks the name; `quit` among them).
-    Send { kind: u8, oob: bool },
+    Send {
+        kind: u8,
+        oob: bool,
+    },
     /// The client sends a command without an id.
-    SendWithoutId { kind: u8 },
+    SendWithoutId {
+        kind: u8,
+    },
     /// The client gives up on the n-th sent id (its deadline passed).
     Abandon(u8),
     /// The client takes the outcome of the n-th sent id, if ready.
@@ -76,12 +81,17 @@ enum Step {
     Written(u16),
     PopEvent,
     DrainEvents,
-    TakeMatching { name: u8 },
+    TakeMatching {
+        name: u8,
+    },
     TakeEventsLost,
     /// The server closes the connection (everything written is delivered first).
     Eof,
     /// The socket fails (`kind` picks reset, broken pipe or another error).
-    IoError { kind: u8, read: bool },
+    IoError {
+        kind: u8,
+        read: bool,
+    },
     /// The client closes the session.
     Close,
 }
@@ -160,9 +170,13 @@ impl Client {
                 let caps = if *oob { "[\"oob\"]" } else { "[]" };
                 let version = r#"{"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}"#;
                 match shape {
-                    0..=3 => format!("{{\"QMP\": {{\"version\": {version}, \"capabilities\": {caps}}}}}\r\n"),
+                    0..=3 => format!(
+                        "{{\"QMP\": {{\"version\": {version}, \"capabilities\": {caps}}}}}\r\n"
+                    ),
                     4 => format!("{{\"QMP\": {{\"version\": 7, \"capabilities\": {caps}}}}}\r\n"),
-                    5 => format!("{{\"QMP\": {{\"version\": {version}, \"capabilities\": \"oob\"}}}}\r\n"),
+                    5 => format!(
+                        "{{\"QMP\": {{\"version\": {version}, \"capabilities\": \"oob\"}}}}\r\n"
+                    ),
                     6 => "[\"QMP\"]\r\n".to_string(),
                     _ => "{\"QMP\": null}\r\n".to_string(),
                 }
@@ -263,7 +277,11 @@ impl Client {
     /// The bounds that must hold after every step.
     fn check_bounds(&self) {
         let s = &self.session;
-        assert!(s.in_flight() <= MAX_IN_FLIGHT, "{} in flight", s.in_flight());
+        assert!(
+            s.in_flight() <= MAX_IN_FLIGHT,
+            "{} in flight",
+            s.in_flight()
+        );
         assert!(s.oob_in_flight() <= self.config.max_oob_in_flight);
         assert!(s.queued_events() <= self.config.event_capacity);
         assert!(
@@ -364,7 +382,10 @@ fn run(data: &[u8]) -> arbitrary::Result<()> {
                 };
                 let op = if read { "read" } else { "write" };
                 c.session.feed_io_error(op, std::io::Error::from(kind));
-                assert!(c.session.failure().is_some(), "a socket error must end the session");
+                assert!(
+                    c.session.failure().is_some(),
+                    "a socket error must end the session"
+                );
             }
             Step::Close => {
                 c.session.close();

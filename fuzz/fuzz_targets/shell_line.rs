@@ -84,7 +84,10 @@ fn quoted_round_trip(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
             .collect();
         key.push_str(&format!("k{i}"));
         let raw = if item.single {
-            format!("'{}'", item.value.replace('\\', "\\\\").replace('\'', "\\'"))
+            format!(
+                "'{}'",
+                item.value.replace('\\', "\\\\").replace('\'', "\\'")
+            )
         } else {
             serde_json::to_string(&item.value).expect("a string encodes")
         };

@@ -23,6 +23,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let steps: Vec<Step> = vec![
         ("fmt", Box::new(|| cargo(&["fmt", "--all", "--check"], &[]))),
         ("tidy", Box::new(|| crate::tidy::run(&[]))),
+        ("catalogue", Box::new(|| crate::catalogue::run(&[]))),
         (
             "clippy",
             Box::new(|| {
@@ -66,6 +67,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
             }),
         ),
         ("e2e", Box::new(|| crate::e2e::run(&[]))),
+        (
+            "fuzz",
+            Box::new(|| crate::fuzz::run(&["--seconds".to_string(), "5".to_string()])),
+        ),
         (
             "reliability",
             Box::new(|| quick("reliability", crate::reliability::run)),

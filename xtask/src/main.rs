@@ -14,8 +14,11 @@
 //!   each figure beside a baseline from the same run.
 //! - `cargo xtask fuzz --seconds N`: the cargo-fuzz targets, N seconds each.
 //! - `cargo xtask reliability [--quick] [--json FILE]`: the fault catalogue's measured figures.
+//! - `cargo xtask catalogue`: checks that `RELIABILITY.md` has every catalogue case and that
+//!   every test it cites exists.
 
 mod bench;
+mod catalogue;
 mod ci;
 mod e2e;
 mod fuzz;
@@ -27,7 +30,7 @@ mod versions;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <ci | tidy | e2e [--qemu system|10.0|11.1|all|PATH] [--accel tcg|kvm|both] [--filter TEXT] | record [--qemu ...] [--out DIR] | qemu [system|10.0|11.1|all|PATH] | bench [--quick] [--filter TEXT] [--json FILE] | fuzz [--seconds N] | reliability [--quick] [--json FILE]>";
+const USAGE: &str = "usage: cargo xtask <ci | tidy | catalogue | e2e [--qemu system|10.0|11.1|all|PATH] [--accel tcg|kvm|both] [--filter TEXT] | record [--qemu ...] [--out DIR] | qemu [system|10.0|11.1|all|PATH] | bench [--quick] [--filter TEXT] [--json FILE] | fuzz [--seconds N] [--target NAME] | reliability [--quick] [--json FILE]>";
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
@@ -45,6 +48,9 @@ fn main() -> ExitCode {
         "reliability" => reliability::run(rest),
         "record" => record::run(rest),
         "qemu" => versions::run(rest),
+        "catalogue" => catalogue::run(rest),
+        // Internal: the security figure runs it as another user.
+        "connect-probe" => reliability::connect_probe(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(())

@@ -194,3 +194,84 @@ fn a_launch_can_be_aborted_by_the_caller_during_the_handshake() {
     ok.launch_with_abort(idle_r.as_fd()).expect("launch");
     ok.shutdown().expect("shutdown");
 }
+
+/// Catalogue case 1: a binary that exists but is not executable is refused before anything
+/// is created, with the reason.
+#[test]
+fn a_binary_that_is_not_executable_is_reported_before_anything_is_created() {
+    use std::os::unix::fs::PermissionsExt;
+    let _g = shared();
+    let stub = Stub::serving();
+    let plain = stub.path().with_file_name("not-executable");
+    std::fs::write(&plain, "#!/bin/sh\n").expect("write");
+    std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let mut b = MachineBuilder::new(&plain);
+    b.base_temp_dir(stub.base());
+    let err = b.build().launch().expect_err("not executable");
+    match &err {
+        Error::BinaryNotFound { path, source } => {
+            assert_eq!(path, &plain);
+            assert_eq!(
+                source.kind(),
+                std::io::ErrorKind::PermissionDenied,
+                "{source}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(err.to_string().contains("not-executable"), "{err}");
+    assert_eq!(stub.leftovers(), 0);
+}
+
+/// Catalogue case 6: `qmp_capabilities` answered with an error fails the launch with the
+/// negotiation error as cause; the rollback kills and reaps QEMU (which would otherwise keep
+/// running) and removes the temp dir, at once rather than at a deadline.
+#[test]
+fn a_failed_negotiation_kills_qemu_and_rolls_back() {
+    let _g = shared();
+    let stub = Stub::new(concat!(
+        "greet\n",
+        "IFS= read -r -d '}' -u $MON cmd\n",
+        "printf '{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"no capabilities here\"}, \"id\": 1}\\r\\n' >&$MON\n",
+        "exec sleep 300",
+    ));
+    let mut b = stub.builder();
+    b.greeting_timeout(Duration::from_secs(20))
+        .command_timeout(Duration::from_secs(20));
+    let mut m = b.build();
+    let started = Instant::now();
+    let err = m.launch().expect_err("negotiation refused");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    match &err {
+        Error::LaunchFailed {
+            status,
+            killed,
+            cause,
+            ..
+        } => {
+            assert!(killed, "{err:?}");
+            assert_eq!(status.and_then(ExitStatus::signal), Some(libc::SIGKILL));
+            match &**cause {
+                Error::Qmp { source, .. } => assert!(
+                    matches!(source, machine_core::qmp_client::Error::Negotiation { .. }),
+                    "{source:?}"
+                ),
+                other => panic!("{other:?}"),
+            }
+        }
+        other => panic!("{other:?}"),
+    }
+    let chain = {
+        let mut text = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(s) = source {
+            text.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        text
+    };
+    assert!(chain.contains("no capabilities here"), "{chain}");
+    assert!(!m.is_running());
+    assert_eq!(stub.leftovers(), 0, "temp dir rolled back");
+}

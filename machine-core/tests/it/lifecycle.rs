@@ -118,6 +118,32 @@ fn drop_without_shutdown_kills_reaps_and_removes_the_temp_dir() {
     assert_eq!(stub.leftovers(), 0);
 }
 
+/// Catalogue case 35: a caller that panics while its machine runs still leaves nothing
+/// behind: unwinding drops the `Machine`, which kills and reaps QEMU and removes the temp dir.
+#[test]
+fn a_panic_while_qemu_runs_kills_reaps_and_removes_the_temp_dir() {
+    let _g = shared();
+    let stub = Stub::serving();
+    let mut builder = stub.builder();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let caller = std::thread::spawn(move || {
+        let mut m = builder.build();
+        m.launch().expect("launch");
+        tx.send(m.pid().expect("pid")).expect("send pid");
+        panic!("the caller fails while QEMU runs");
+    });
+    let pid = rx.recv().expect("pid");
+    assert!(
+        caller.join().is_err(),
+        "the caller thread must have panicked"
+    );
+    assert!(
+        !pid_exists(pid),
+        "pid {pid} survived the panic (or is a zombie)"
+    );
+    assert_eq!(stub.leftovers(), 0, "temp dir left after the panic");
+}
+
 #[test]
 fn launch_and_shutdown_leave_no_fd_behind() {
     let _g = exclusive();

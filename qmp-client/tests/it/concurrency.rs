@@ -1,5 +1,6 @@
 //! Concurrency and load (catalogue #27-#29): many threads on one connection, a large command
-//! to a slow reader, EINTR, and driving the socket from the caller's own mio::Poll.
+//! to a slow reader, EINTR, spurious readiness, and driving the socket from the caller's own
+//! mio::Poll.
 
 use std::collections::HashSet;
 use std::os::fd::AsRawFd;
@@ -176,6 +177,30 @@ fn eintr_is_retried() {
     let res = conn.execute("slow", None);
     kicker.wait().unwrap();
     assert_eq!(res.unwrap(), json!("ok"));
+}
+
+/// #29: spurious readiness. A caller's poll may report the socket ready when nothing is there
+/// (or another reader took it): `process_io` then finds `WouldBlock`, returns at once without
+/// an error and without touching the session, however often it happens; the next real reply
+/// is still delivered.
+#[test]
+fn spurious_readiness_is_neither_an_error_nor_a_hang() {
+    let script = Script::new().on("q", vec![Action::reply(json!(1))]);
+    let (_server, mut conn) = connect(script);
+    let started = Instant::now();
+    for _ in 0..10_000 {
+        conn.process_io()
+            .expect("a wake-up with nothing to read is no error");
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "10k empty wake-ups took {took:?}"
+    );
+    assert!(conn.session_mut().is_ready());
+    assert_eq!(conn.session_mut().buffered_input(), 0);
+    assert_eq!(conn.session_mut().queued_events(), 0);
+    assert_eq!(conn.execute("q", None).expect("the next command"), json!(1));
 }
 
 /// The socket can be driven from the caller's own Poll through the sans-IO session.

@@ -172,6 +172,19 @@ impl Ctx {
     }
 }
 
+/// Every scenario of the suite, area by area.
+pub fn all_scenarios() -> Vec<Scenario> {
+    let mut all = Vec::new();
+    all.extend(guest::scenarios());
+    all.extend(client::scenarios());
+    all.extend(console::scenarios());
+    all.extend(machine::scenarios());
+    all.extend(cli::scenarios());
+    all.extend(qtest::scenarios());
+    all.extend(linux::scenarios());
+    all
+}
+
 /// One end-to-end test.
 pub struct Scenario {
     /// Unique name, printed on its result line.
@@ -440,14 +453,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
 fn run_suite(qemu: &Path, filter: Option<&str>, accels: &[Accel]) -> Result<String, String> {
     let version = report_qemu(qemu, accels)?;
 
-    let mut all = Vec::new();
-    all.extend(guest::scenarios());
-    all.extend(client::scenarios());
-    all.extend(console::scenarios());
-    all.extend(machine::scenarios());
-    all.extend(cli::scenarios());
-    all.extend(qtest::scenarios());
-    all.extend(linux::scenarios());
+    let all = all_scenarios();
     let mut names = std::collections::BTreeSet::new();
     if let Some(dup) = all.iter().find(|s| !names.insert(s.name)) {
         return Err(format!("two scenarios are named `{}`", dup.name));

@@ -19,6 +19,8 @@ mod console;
 mod flood;
 mod greeting;
 mod security;
+
+pub use security::connect_probe;
 mod soak;
 mod sys;
 
@@ -30,7 +32,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 /// The figures, in the order they run, with the name `--only` takes.
-const FIGURES: [&str; 9] = [
+pub const FIGURES: [&str; 9] = [
     "soak",
     "bad-launch",
     "greeting-timeout",

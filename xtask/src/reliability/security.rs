@@ -1,6 +1,7 @@
-//! Figure "security": no fd of ours reaches QEMU, the private temp dir is 0700, a TCP monitor
-//! on a non-loopback address is refused by default, and hostile values stay literal argv
-//! entries (commas doubled in option strings), checked through QEMU's own answers.
+//! Figure "security": no fd of ours reaches QEMU, the private temp dir is 0700 and another
+//! user cannot connect to a socket in it, a TCP monitor on a non-loopback address is refused by
+//! default, and hostile values stay literal argv entries (commas doubled in option strings),
+//! checked through QEMU's own answers.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
@@ -498,11 +499,109 @@ fn which(program: &Path) -> Option<PathBuf> {
     })
 }
 
+/// The uid of `nobody`, the second user the socket check connects as.
+const NOBODY: u32 = 65534;
+
+/// `cargo xtask connect-probe PATH` (internal): connects to the unix socket at PATH and exits
+/// 0 when that works, 13 on permission denied, 1 on any other error. The security figure runs
+/// it as another user.
+pub fn connect_probe(args: &[String]) -> Result<(), String> {
+    let [path] = args else {
+        return Err("usage: cargo xtask connect-probe PATH".into());
+    };
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => std::process::exit(13),
+        Err(e) => Err(format!("connect {path}: {e}")),
+    }
+}
+
+/// Runs [`connect_probe`] as uid/gid `nobody`; the exit code.
+fn probe_as_nobody(path: &Path) -> Result<i32, String> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let status = std::process::Command::new(exe)
+        .arg("connect-probe")
+        .arg(path)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map_err(|e| format!("probe as uid {NOBODY}: {e}"))?;
+    status
+        .code()
+        .ok_or_else(|| format!("probe ended by {status}"))
+}
+
+/// A socket in a machine's private temp dir cannot be reached by another user. While a machine
+/// runs, a listening socket sits in its temp dir (as a monitor, console or qtest socket a
+/// caller puts there would); `nobody` must get "permission denied" connecting to it. The same
+/// probe must reach a socket that is open to everyone in a world-readable dir next to it, so
+/// the check cannot pass because the probe itself is broken. Switching uid needs root; other
+/// users get a note instead of a figure.
+fn other_uid_check(settings: &Settings, figure: &mut Figure) {
+    let what = "other uid connecting into the temp dir";
+    if !nix::unistd::Uid::effective().is_root() {
+        figure.note(format!(
+            "{what}: not measured, switching to another uid needs root"
+        ));
+        return;
+    }
+    let result = (|| -> Result<(i32, i32), String> {
+        // A base every user may traverse, so only the machine's own dir can stop the probe.
+        let base = tempfile::Builder::new()
+            .prefix("qm-uid-")
+            .permissions(std::fs::Permissions::from_mode(0o755))
+            .tempdir()
+            .map_err(|e| format!("base dir: {e}"))?;
+        let open_dir = base.path().join("open");
+        std::fs::create_dir(&open_dir).map_err(|e| format!("open dir: {e}"))?;
+        std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| format!("chmod open dir: {e}"))?;
+        let open_sock = open_dir.join("open.sock");
+        let _open = std::os::unix::net::UnixListener::bind(&open_sock)
+            .map_err(|e| format!("bind {}: {e}", open_sock.display()))?;
+        std::fs::set_permissions(&open_sock, std::fs::Permissions::from_mode(0o777))
+            .map_err(|e| format!("chmod open socket: {e}"))?;
+        let mut builder = settings.none_machine();
+        builder.base_temp_dir(base.path());
+        let vm = builder.build();
+        with_machine(vm, |vm| {
+            let private = vm.temp_dir().map_err(|e| chain(&e))?.join("private.sock");
+            let _private = std::os::unix::net::UnixListener::bind(&private)
+                .map_err(|e| format!("bind {}: {e}", private.display()))?;
+            Ok((probe_as_nobody(&open_sock)?, probe_as_nobody(&private)?))
+        })
+    })();
+    match result {
+        Ok((open, private)) => figure.check(
+            what,
+            "permission denied (open control socket: connects)",
+            format!(
+                "private: {}; control: {}",
+                probe_outcome(private),
+                probe_outcome(open)
+            ),
+            private == 13 && open == 0,
+        ),
+        Err(e) => figure.check(what, "permission denied", e, false),
+    }
+}
+
+fn probe_outcome(code: i32) -> &'static str {
+    match code {
+        0 => "connected",
+        13 => "permission denied",
+        _ => "other error",
+    }
+}
+
 /// Runs the figure.
 pub fn run(settings: &Settings) -> Figure {
     let mut figure = Figure::new("security");
     fd_check(settings, &mut figure);
     temp_dir_check(settings, &mut figure);
+    other_uid_check(settings, &mut figure);
     tcp_check(settings, &mut figure);
     injection_check(settings, &mut figure);
     figure
