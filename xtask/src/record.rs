@@ -1,7 +1,7 @@
 //! `cargo xtask record [--qemu system|10.0|11.1|all|PATH] [--out DIR]`: records real QMP sessions
 //! of each QEMU into transcripts (`qmp_client::replay`'s format) for the offline replay tests.
 //!
-//! Three sessions per version, each QEMU started with the suite's `-compat` policy when it has
+//! Four sessions per version, each QEMU started with the suite's `-compat` policy when it has
 //! one:
 //!
 //! - `session` (`-M none`): a command before negotiation, `qmp_capabilities`, `query-version`,
@@ -10,6 +10,8 @@
 //!   completion, mirror to READY then `job-complete`), HMP passthrough, QOM, and `quit`;
 //! - `oob` (`-M none`, `oob` negotiated): `exec-oob` of an in-band-only command, of an
 //!   out-of-band one that fails (with and without an id), an in-band command, and `quit`;
+//! - `deprecated` (`-M none`): `query-kvm` and `block-job-dismiss`, which 11.1 deprecates (so
+//!   the `-compat` policy refuses them there), beside `job-dismiss`;
 //! - `guest-exit` (q35 with the tiny guest, qboot, `isa-debug-exit` and an xHCI controller, under
 //!   `-S`): USB hot-plug (`device_add`/`device_del` -> DEVICE_DELETED; a running q35 gives no
 //!   DEVICE_DELETED here), `cont`, `query-status` once the guest is up,
@@ -71,6 +73,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 session as fn(&Ctx, bool) -> Result<Vec<Value>, String>,
             ),
             ("oob", oob),
+            ("deprecated", deprecated),
             ("guest-exit", guest_exit),
         ] {
             let lines = record(&ctx, compat).map_err(|e| format!("QEMU {version} {name}: {e}"))?;
@@ -226,6 +229,24 @@ fn oob(ctx: &Ctx, compat: bool) -> Result<Vec<Value>, String> {
     // Without an id: QEMU runs it and answers without one.
     rec.command_raw(&json!({"exec-oob": "migrate-pause"}))?;
     rec.command("query-status", None)?;
+    rec.command("quit", None)?;
+    rec.wait_event("SHUTDOWN")?;
+    rec.read_to_end()?;
+    let status = qemu.wait_until(ctx.deadline)?;
+    rec.finish(status.code())
+}
+
+/// The `-M none` session of commands a later version deprecates (see the module docs): under
+/// `deprecated-input=reject` they stop working on the version that deprecates them.
+fn deprecated(ctx: &Ctx, compat: bool) -> Result<Vec<Value>, String> {
+    let (mut qemu, mut rec) = start_none(ctx, compat, "deprecated")?;
+    rec.greeting()?;
+    rec.command("qmp_capabilities", None)?;
+    // Deprecated in 11.1 (query-accelerators replaces it).
+    rec.command("query-kvm", None)?;
+    // Deprecated in 11.1 (the job-* commands replace the block-job-* ones).
+    rec.command("block-job-dismiss", Some(json!({"id": "nojob"})))?;
+    rec.command("job-dismiss", Some(json!({"id": "nojob"})))?;
     rec.command("quit", None)?;
     rec.wait_event("SHUTDOWN")?;
     rec.read_to_end()?;

@@ -246,6 +246,16 @@ fn the_recordings_hold_what_the_tests_rely_on() {
                     refused.answer
                 );
             }
+            "deprecated" => {
+                // 11.1 deprecates query-kvm: our -compat policy makes it a CommandNotFound.
+                let query_kvm = transcript
+                    .exchanges()
+                    .into_iter()
+                    .find(|e| e.name() == Some("query-kvm"))
+                    .unwrap_or_else(|| panic!("{name}: no query-kvm"));
+                let refused = query_kvm.answer[0].text.contains("disabled by policy");
+                assert_eq!(refused, transcript.qemu.starts_with("11."), "{name}");
+            }
             "guest-exit" => {
                 // isa-debug-exit: `exit 5` -> status (5 << 1) | 1.
                 assert_eq!(end.exit, Some(11), "{name}");
