@@ -435,16 +435,24 @@ impl Agent {
         }
     }
 
-    /// Reads until `WouldBlock`, feeding the decoder; waits for readiness first when nothing
-    /// is there. False at the deadline with nothing read.
+    /// Reads until the socket is empty (`WouldBlock` or a short read), feeding the decoder;
+    /// waits for readiness first when nothing is there. False at the deadline with nothing
+    /// read.
     fn read_some(&mut self, deadline: Instant) -> Result<bool> {
         let mut got = false;
         loop {
             match sockio::read_chunk(&self.stream, &mut self.buf) {
                 Chunk::Data(n) => {
                     got = true;
-                    let chunk = self.buf[..n].to_vec();
-                    self.take_input(&chunk);
+                    let buf = std::mem::take(&mut self.buf);
+                    self.take_input(&buf[..n]);
+                    self.buf = buf;
+                    // A short read emptied the socket: the next arrival is a new readiness
+                    // edge, so no read to see WouldBlock is needed (the agent's replies come
+                    // from a UART a few bytes at a time; this saves a system call per piece).
+                    if n < self.buf.len() {
+                        return Ok(true);
+                    }
                 }
                 Chunk::WouldBlock => {
                     if got {

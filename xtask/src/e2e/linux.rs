@@ -205,6 +205,21 @@ fn shell_and_agent(ctx: &Ctx) -> Result<(), String> {
     if content != KNOWN_FILE_CONTENT.as_bytes() {
         return Err(format!("{KNOWN_FILE} read as {content:?}"));
     }
+    let frozen = agent
+        .fsfreeze_status()
+        .map_err(|e| format!("fsfreeze status: {e}"))?;
+    if frozen != "thawed" {
+        return Err(format!("fsfreeze status {frozen:?}"));
+    }
+    let interfaces = agent
+        .network_interfaces()
+        .map_err(|e| format!("network interfaces: {e}"))?;
+    let has_lo = interfaces
+        .as_array()
+        .is_some_and(|all| all.iter().any(|i| i["name"] == "lo"));
+    if !has_lo {
+        return Err(format!("no lo in guest-network-get-interfaces: {interfaces}"));
+    }
     ctx.note(format!(
         "qemu-ga {version}; guest-exec of true end to end {:.1} ms",
         exec_true.as_secs_f64() * 1000.0
@@ -247,19 +262,18 @@ fn shell_and_agent(ctx: &Ctx) -> Result<(), String> {
 }
 
 /// One raw `guest-ping` on the agent socket (nonblocking, as the client set it): write, then
-/// poll and read until the reply's newline.
+/// poll and read until a whole reply line. Line ends left over from the client's previous
+/// reply (the client returns at the closing brace) are skipped, not taken for the reply.
 fn raw_ping(stream: &std::os::unix::net::UnixStream) -> Result<(), String> {
     use std::io::Read;
     use std::os::fd::AsFd;
     (&*stream)
         .write_all(b"{\"execute\":\"guest-ping\",\"id\":1}")
         .map_err(|e| format!("raw write: {e}"))?;
+    let mut got: Vec<u8> = Vec::new();
     let mut buf = [0u8; 256];
     loop {
-        let mut fds = [nix::poll::PollFd::new(
-            stream.as_fd(),
-            nix::poll::PollFlags::POLLIN,
-        )];
+        let mut fds = [nix::poll::PollFd::new(stream.as_fd(), nix::poll::PollFlags::POLLIN)];
         let ready = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(10_000u16))
             .map_err(|e| format!("raw poll: {e}"))?;
         if ready == 0 {
@@ -267,8 +281,15 @@ fn raw_ping(stream: &std::os::unix::net::UnixStream) -> Result<(), String> {
         }
         match (&*stream).read(&mut buf) {
             Ok(0) => return Err("raw ping: channel closed".into()),
-            Ok(n) if buf[..n].contains(&b'\n') => return Ok(()),
-            Ok(_) => {}
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                let start = got.iter().position(|b| !b.is_ascii_whitespace());
+                if let Some(start) = start {
+                    if got[start..].contains(&b'\n') {
+                        return Ok(());
+                    }
+                }
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(format!("raw read: {e}")),
         }
