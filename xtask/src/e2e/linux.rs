@@ -218,7 +218,9 @@ fn shell_and_agent(ctx: &Ctx) -> Result<(), String> {
         .as_array()
         .is_some_and(|all| all.iter().any(|i| i["name"] == "lo"));
     if !has_lo {
-        return Err(format!("no lo in guest-network-get-interfaces: {interfaces}"));
+        return Err(format!(
+            "no lo in guest-network-get-interfaces: {interfaces}"
+        ));
     }
     ctx.note(format!(
         "qemu-ga {version}; guest-exec of true end to end {:.1} ms",
@@ -273,7 +275,10 @@ fn raw_ping(stream: &std::os::unix::net::UnixStream) -> Result<(), String> {
     let mut got: Vec<u8> = Vec::new();
     let mut buf = [0u8; 256];
     loop {
-        let mut fds = [nix::poll::PollFd::new(stream.as_fd(), nix::poll::PollFlags::POLLIN)];
+        let mut fds = [nix::poll::PollFd::new(
+            stream.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
         let ready = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(10_000u16))
             .map_err(|e| format!("raw poll: {e}"))?;
         if ready == 0 {
