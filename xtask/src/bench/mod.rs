@@ -24,6 +24,7 @@ mod python;
 mod qmp;
 mod qtest;
 mod stats;
+mod sys;
 
 use std::path::PathBuf;
 

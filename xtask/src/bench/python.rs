@@ -89,10 +89,7 @@ impl Anchor {
         };
         Ok(Block {
             wall: Duration::from_nanos(wall),
-            cpu: Cpu {
-                user: Duration::from_nanos(user),
-                system: Duration::from_nanos(system),
-            },
+            cpu: Cpu::from_parts(Duration::from_nanos(user), Duration::from_nanos(system)),
             received,
         })
     }

@@ -5,70 +5,83 @@
 use std::time::Duration;
 
 use nix::sys::resource::{getrusage, UsageWho};
+
+use super::sys::{cpu_time, Clock};
 use serde_json::{json, Value};
 
-/// CPU time, user and system apart.
+/// CPU time: the total read from a precise clock, and its user and system parts from
+/// `getrusage` (which splits by sampling, so the parts are used only as shares of the total).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Cpu {
-    /// Time in user mode.
+    /// User plus system time, to the nanosecond.
+    pub total: Duration,
+    /// Time in user mode (`getrusage`).
     pub user: Duration,
-    /// Time in the kernel on our behalf.
+    /// Time in the kernel on our behalf (`getrusage`).
     pub system: Duration,
 }
 
 impl Cpu {
     /// The calling thread's CPU time so far (for loops that run on one thread).
     pub fn thread() -> Cpu {
-        Cpu::of(UsageWho::RUSAGE_THREAD)
+        Cpu::of(Clock::Thread, UsageWho::RUSAGE_THREAD)
     }
 
     /// The whole process's CPU time so far (for work spread over threads).
     pub fn process() -> Cpu {
-        Cpu::of(UsageWho::RUSAGE_SELF)
+        Cpu::of(Clock::Process, UsageWho::RUSAGE_SELF)
     }
 
-    fn of(who: UsageWho) -> Cpu {
+    fn of(clock: Clock, who: UsageWho) -> Cpu {
         let tv = |t: nix::sys::time::TimeVal| {
             Duration::from_secs(t.tv_sec().max(0) as u64)
                 + Duration::from_micros(t.tv_usec().max(0) as u64)
         };
-        match getrusage(who) {
-            Ok(usage) => Cpu {
-                user: tv(usage.user_time()),
-                system: tv(usage.system_time()),
-            },
+        let (user, system) = match getrusage(who) {
+            Ok(usage) => (tv(usage.user_time()), tv(usage.system_time())),
             Err(e) => {
                 log::warn!("getrusage: {e}");
-                Cpu::default()
+                (Duration::ZERO, Duration::ZERO)
             }
+        };
+        Cpu {
+            total: cpu_time(clock).unwrap_or(user + system),
+            user,
+            system,
+        }
+    }
+
+    /// A reading from elsewhere (another process) with user and system time only.
+    pub fn from_parts(user: Duration, system: Duration) -> Cpu {
+        Cpu {
+            total: user + system,
+            user,
+            system,
         }
     }
 
     /// Time since `earlier` (a reading of the same clock).
     pub fn since(self, earlier: Cpu) -> Cpu {
         Cpu {
+            total: self.total.saturating_sub(earlier.total),
             user: self.user.saturating_sub(earlier.user),
             system: self.system.saturating_sub(earlier.system),
         }
     }
 
-    /// Per operation, in microseconds: (user, system).
+    /// Per operation, in microseconds: (user, system), adding up to the precise total (split
+    /// by `getrusage`'s shares; all user when it counted nothing).
     pub fn per_op_us(self, ops: usize) -> (f64, f64) {
         let n = ops.max(1) as f64;
-        (
-            self.user.as_secs_f64() * 1e6 / n,
-            self.system.as_secs_f64() * 1e6 / n,
-        )
+        let total = self.total.as_secs_f64() * 1e6 / n;
+        let sampled = (self.user + self.system).as_secs_f64();
+        let user_share = if sampled > 0.0 {
+            self.user.as_secs_f64() / sampled
+        } else {
+            1.0
+        };
+        (total * user_share, total * (1.0 - user_share))
     }
-}
-
-/// This thread's CPU time so far, user and system together, to the nanosecond (from
-/// `/proc/thread-self/schedstat`; `getrusage` gives microseconds and splits by ticks);
-/// `None` where that file does not exist.
-pub fn thread_runtime() -> Option<Duration> {
-    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
-    let nanos: u64 = text.split_whitespace().next()?.parse().ok()?;
-    Some(Duration::from_nanos(nanos))
 }
 
 /// Runs `f` and returns its result, its wall time and the CPU time `clock` saw meanwhile.
