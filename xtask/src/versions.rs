@@ -24,9 +24,10 @@
 //!
 //! # Caching
 //!
-//! Each version is built in `target/qemu-versions/.NAME.tmp-PID` and renamed into place only
-//! once its QEMU answered `--version`; a failed or interrupted build leaves no half-built cache
-//! (leftover temp dirs of dead builds are removed by the next build).
+//! Each version is built in `target/qemu-versions/.NAME.tmp-PID`, renamed into place, and
+//! removed again unless its wrapper then answers `--version`; a failed or interrupted build
+//! leaves no half-built cache (leftover temp dirs of dead builds are removed by the next build).
+//! When two builds race, the first rename wins and the other build is discarded.
 
 use std::ffi::OsStr;
 use std::os::unix::fs::PermissionsExt;
@@ -238,6 +239,10 @@ fn ensure_cached(
     if let Err(why) = built {
         if let Err(e) = std::fs::remove_dir_all(&building) {
             log::warn!("cannot remove {}: {e}", building.display());
+        }
+        if wrapper.exists() {
+            // Another build finished first: use its cache.
+            return Ok(wrapper);
         }
         return Err(format!("cannot build QEMU {name}: {why}"));
     }
