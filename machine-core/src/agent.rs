@@ -69,3 +69,29 @@ impl Machine {
         self.agent_slot().as_mut().ok_or(Error::NotRunning)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MachineBuilder;
+
+    #[test]
+    fn a_machine_without_the_channel_says_so_and_one_with_it_adds_the_device() {
+        let mut plain = MachineBuilder::new("qemu-system-x86_64").build();
+        assert!(matches!(plain.agent(), Err(Error::NoAgent)));
+        let mut with = MachineBuilder::new("qemu-system-x86_64")
+            .guest_agent(AgentChannel::IsaSerial)
+            .build();
+        assert!(matches!(with.agent(), Err(Error::NotRunning)));
+        assert_eq!(
+            agent_args(AgentChannel::IsaSerial, 7),
+            [
+                "-chardev",
+                "socket,id=qga0,fd=7",
+                "-device",
+                "isa-serial,chardev=qga0"
+            ]
+            .map(OsString::from)
+        );
+    }
+}

@@ -140,6 +140,11 @@ pub struct LinuxGuest {
 impl LinuxGuest {
     /// The guest cached under `cache`, built first when missing (see the module docs).
     pub fn ensure(cache: &Path) -> Result<LinuxGuest> {
+        LinuxGuest::ensure_with(cache, build)
+    }
+
+    /// [`LinuxGuest::ensure`] with the build step given (tests fail it on purpose).
+    fn ensure_with(cache: &Path, build: fn(&Path) -> Result<PathBuf>) -> Result<LinuxGuest> {
         let dir = cache.join(format!("linux-guest-{:016x}", recipe_hash()));
         let guest = LinuxGuest { dir };
         if guest.kernel().is_file() && guest.initrd().is_file() {
@@ -453,6 +458,41 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("which none of the packages"), "{text}");
         assert!(matches!(err, Error::GuestPackages { .. }));
+    }
+
+    #[test]
+    fn a_failed_build_leaves_nothing_in_the_cache() {
+        let cache = tempfile::tempdir().expect("temp dir");
+        let half_built = |work: &Path| -> Result<PathBuf> {
+            let out = work.join("out");
+            std::fs::create_dir(&out).map_err(build_err("create", &out))?;
+            std::fs::write(out.join("vmlinuz"), b"half").map_err(build_err("write", &out))?;
+            Err(Error::GuestPackages {
+                what: "no such package".into(),
+                fix: "apt-get update".into(),
+            })
+        };
+        let err = LinuxGuest::ensure_with(cache.path(), half_built).expect_err("build fails");
+        assert!(matches!(err, Error::GuestPackages { .. }));
+        let left: Vec<_> = std::fs::read_dir(cache.path())
+            .expect("list cache")
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+        // A complete build is renamed into place and found the next time without building.
+        let complete = |work: &Path| -> Result<PathBuf> {
+            let out = work.join("out");
+            std::fs::create_dir(&out).map_err(build_err("create", &out))?;
+            for name in ["vmlinuz", "initrd.cpio"] {
+                std::fs::write(out.join(name), b"x").map_err(build_err("write", &out))?;
+            }
+            Ok(out)
+        };
+        let guest = LinuxGuest::ensure_with(cache.path(), complete).expect("built");
+        assert!(guest.kernel().is_file() && guest.initrd().is_file());
+        let again = LinuxGuest::ensure_with(cache.path(), |_| panic!("rebuilt")).expect("cached");
+        assert_eq!(again.dir(), guest.dir());
+        let entries = std::fs::read_dir(cache.path()).expect("list cache").count();
+        assert_eq!(entries, 1, "only the finished guest directory");
     }
 
     #[test]
