@@ -113,6 +113,6 @@ pub use listener::Listener;
 pub use mux::{
     ClientId, ClientInfo, DropReason, Mux, MuxConfig, MuxServer, MuxStats, QuitPolicy, ShareAddress,
 };
-pub use session::{Phase, Relayed, RequestId, Session, MAX_IN_FLIGHT};
+pub use session::{Phase, RelayWaker, Relayed, RequestId, Session, MAX_IN_FLIGHT};
 pub use shared::Shared;
 pub use sys::UNIX_PATH_MAX;

@@ -148,7 +148,12 @@ pub struct Session {
     failure: Option<Arc<Error>>,
     /// Events and relayed replies in arrival order, once a relay started.
     relay: Option<VecDeque<Relayed>>,
+    /// Called when the relay queue gains a message (see [`Session::set_relay_waker`]).
+    relay_waker: Option<RelayWaker>,
 }
+
+/// What [`Session::set_relay_waker`] takes: called from whichever thread feeds the session.
+pub type RelayWaker = Box<dyn Fn() + Send>;
 
 impl fmt::Debug for Session {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -198,6 +203,7 @@ impl Session {
             handshake_completed: false,
             failure: None,
             relay: None,
+            relay_waker: None,
         };
         if !config.await_greeting {
             if config.negotiate {
@@ -354,6 +360,13 @@ impl Session {
         Ok(id)
     }
 
+    /// Sets a function called each time a message joins the relay queue, from whichever thread
+    /// feeds the session: a relay that waits in a poll of its own (while another thread reads
+    /// the socket) wakes with it, for example through a `mio::Waker`.
+    pub fn set_relay_waker(&mut self, waker: RelayWaker) {
+        self.relay_waker = Some(waker);
+    }
+
     /// The oldest message of the relay queue (see [`Session::start_relay`]).
     pub fn take_relayed(&mut self) -> Option<Relayed> {
         self.relay.as_mut()?.pop_front()
@@ -361,8 +374,15 @@ impl Session {
 
     /// Appends the reply of a relayed command to the relay queue.
     fn relay_reply(&mut self, id: RequestId, message: ServerMessage) {
+        self.relay_push(Relayed::Reply { id, message });
+    }
+
+    fn relay_push(&mut self, message: Relayed) {
         if let Some(relay) = &mut self.relay {
-            relay.push_back(Relayed::Reply { id, message });
+            relay.push_back(message);
+            if let Some(wake) = &self.relay_waker {
+                wake();
+            }
         }
     }
 
@@ -678,8 +698,8 @@ impl Session {
     }
 
     fn push_event(&mut self, event: Event) {
-        if let Some(relay) = &mut self.relay {
-            relay.push_back(Relayed::Event(event.clone()));
+        if self.relay.is_some() {
+            self.relay_push(Relayed::Event(event.clone()));
         }
         self.events_seen += 1;
         if self.events.len() >= self.capacity {
@@ -1124,6 +1144,35 @@ mod tests {
             s.failure().map(|f| &**f),
             Some(Error::Greeting { .. })
         ));
+    }
+
+    #[test]
+    fn relay_keeps_qemus_order_and_wakes_its_waiter() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let mut s = ready();
+        let wakes = Arc::new(AtomicUsize::new(0));
+        let counter = wakes.clone();
+        s.set_relay_waker(Box::new(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }));
+        let relayed = s.send_relayed(Command::new("stop")).unwrap();
+        let own = s.send(Command::new("query-status")).unwrap();
+        s.feed(&event("STOP", 0));
+        s.feed(b"{\"return\": {}, \"id\": 2}\r\n{\"return\": 1, \"id\": 3}\r\n");
+        assert!(matches!(s.take_relayed(), Some(Relayed::Event(e)) if e.event == "STOP"));
+        assert!(matches!(s.take_relayed(), Some(Relayed::Reply { id, .. }) if id == relayed));
+        assert!(
+            s.take_relayed().is_none(),
+            "the owner's reply is not relayed"
+        );
+        assert!(s.take_reply(own).unwrap().is_ok());
+        assert_eq!(
+            s.pop_event().unwrap().event,
+            "STOP",
+            "the owner still gets the event"
+        );
+        assert_eq!(wakes.load(Ordering::SeqCst), 2);
+        assert_eq!(s.in_flight(), 0);
     }
 
     #[test]
