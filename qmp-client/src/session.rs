@@ -367,6 +367,11 @@ impl Session {
         self.relay_waker = Some(waker);
     }
 
+    /// Whether the relay queue holds messages (see [`Session::start_relay`]).
+    pub fn has_relayed(&self) -> bool {
+        self.relay.as_ref().is_some_and(|r| !r.is_empty())
+    }
+
     /// The oldest message of the relay queue (see [`Session::start_relay`]).
     pub fn take_relayed(&mut self) -> Option<Relayed> {
         self.relay.as_mut()?.pop_front()

@@ -68,9 +68,10 @@ struct Conn {
 /// The owner registers it ([`MuxServer::register`], which takes every token from `base` up),
 /// hands it each readiness event of those tokens ([`MuxServer::handle`]), and calls
 /// [`MuxServer::pump`] with the shared session each time round its loop, after the session
-/// processed its own input; then it writes the session's output. A client that floods input
-/// is read at most a budget at a time ([`MuxServer::wants_read`] says to come back without
-/// waiting), so it cannot starve QEMU's socket or other clients.
+/// processed its own input; then it writes the session's output. Before waiting again it asks
+/// [`MuxServer::wants_pump`]: a client that floods input is read at most a budget at a time,
+/// so it cannot starve QEMU's socket or other clients, and input the owner read while writing
+/// must still be relayed.
 ///
 /// Dropping the server closes every client and removes its socket file (only if it is still
 /// the one it bound) and its private directory.
@@ -183,10 +184,11 @@ impl MuxServer {
         self.base.is_some_and(|base| token.0 >= base)
     }
 
-    /// True when a client stopped at its read budget: call [`MuxServer::pump`] again without
-    /// waiting for readiness.
-    pub fn wants_read(&self) -> bool {
-        self.more
+    /// True when [`MuxServer::pump`] must run again before the owner waits for readiness: a
+    /// client stopped at its read budget, or `upstream` holds relayed messages (the owner's
+    /// own reads, when it writes the session's output, may bring some in).
+    pub fn wants_pump(&self, upstream: &Session) -> bool {
+        self.more || upstream.has_relayed()
     }
 
     /// Handles one readiness event of the server's tokens: accepts new clients, reads input

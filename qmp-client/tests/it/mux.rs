@@ -105,7 +105,7 @@ fn run_owner(
     let mut mine = None;
     let mut owner_errors = Vec::new();
     while !stop.load(Ordering::SeqCst) {
-        let timeout = if server.wants_read() || conn.wants_read() {
+        let timeout = if server.wants_pump(conn.session()) || conn.wants_read() {
             Duration::ZERO
         } else {
             Duration::from_millis(5)

@@ -20,6 +20,7 @@
 mod decode;
 mod drain;
 mod lifecycle;
+mod mux;
 mod python;
 mod qmp;
 mod qtest;
@@ -97,6 +98,10 @@ const GROUPS: &[Group] = &[
         prefix: "qtest",
         run: qtest::run,
     },
+    Group {
+        prefix: "mux",
+        run: mux::run,
+    },
 ];
 
 /// Figures that other work is adding (id prefix, what it will measure, its baseline).
@@ -104,10 +109,6 @@ const PLANNED: &[(&str, &str)] = &[
     (
         "fleet",
         "N machines launched, queried and shut down from one thread; baseline: the raw one-thread fleet floor",
-    ),
-    (
-        "mux",
-        "QMP round trip through the monitor multiplexer; baseline: a client on the monitor directly",
     ),
     (
         "agent",

@@ -210,11 +210,59 @@ fn rotation(round: usize, anchor: bool) -> Vec<Who> {
     order
 }
 
-fn us_per(wall: Duration, ops: usize) -> f64 {
+/// QEMU `-M none` (TCG) with one QMP monitor per name, each on a socketpair: returns the
+/// child (log in the scratch directory under `log`) and our ends, in the order of `names`.
+pub(super) fn spawn_monitors(
+    settings: &Settings,
+    log: &str,
+    names: &[&str],
+) -> Result<(QemuChild, Vec<UnixStream>), String> {
+    let mut cmd = QemuCommand::new(crate::qemu::binary(), settings.scratch.join(log));
+    cmd.args([
+        "-M",
+        "none",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-accel",
+        "tcg",
+    ]);
+    let mut ours = Vec::new();
+    for name in names {
+        let (mine, theirs) =
+            UnixStream::pair().map_err(|e| format!("cannot create a socketpair: {e}"))?;
+        let fd = cmd.pass_fd(OwnedFd::from(theirs));
+        cmd.args(["-chardev", &format!("socket,id={name},fd={fd}")])
+            .args(["-mon", &format!("chardev={name},mode=control")]);
+        ours.push(mine);
+    }
+    Ok((cmd.spawn()?, ours))
+}
+
+/// `pairs` stop/cont pairs on `client`, each reply awaited; returns the STOP and RESUME
+/// events that came with them.
+pub(super) fn stop_cont_pairs(client: &mut Connection, pairs: usize) -> Result<u64, String> {
+    let mut received = 0;
+    for _ in 0..pairs {
+        for (command, event) in [("stop", "STOP"), ("cont", "RESUME")] {
+            client
+                .execute(command, None)
+                .map_err(|e| format!("{command}: {e}"))?;
+            received += client
+                .drain_events()
+                .iter()
+                .filter(|e| e.event == event)
+                .count() as u64;
+        }
+    }
+    Ok(received)
+}
+
+pub(super) fn us_per(wall: Duration, ops: usize) -> f64 {
     wall.as_secs_f64() * 1e6 / ops.max(1) as f64
 }
 
-fn per_second(ops: usize, wall: Duration) -> f64 {
+pub(super) fn per_second(ops: usize, wall: Duration) -> f64 {
     ops as f64 / wall.as_secs_f64().max(1e-9)
 }
 
@@ -229,27 +277,7 @@ struct Qemu {
 
 impl Qemu {
     fn start(settings: &Settings) -> Result<Qemu, String> {
-        let mut cmd =
-            QemuCommand::new(crate::qemu::binary(), settings.scratch.join("qemu-qmp.log"));
-        cmd.args([
-            "-M",
-            "none",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-accel",
-            "tcg",
-        ]);
-        let mut ours = Vec::new();
-        for name in ["client", "raw", "anchor"] {
-            let (mine, theirs) =
-                UnixStream::pair().map_err(|e| format!("cannot create a socketpair: {e}"))?;
-            let fd = cmd.pass_fd(OwnedFd::from(theirs));
-            cmd.args(["-chardev", &format!("socket,id={name},fd={fd}")])
-                .args(["-mon", &format!("chardev={name},mode=control")]);
-            ours.push(mine);
-        }
-        let child = cmd.spawn()?;
+        let (child, ours) = spawn_monitors(settings, "qemu-qmp.log", &["client", "raw", "anchor"])?;
         let mut ours = ours.into_iter();
         let (Some(client), Some(raw), Some(anchor)) = (ours.next(), ours.next(), ours.next())
         else {
@@ -296,21 +324,7 @@ impl Qemu {
     fn client_events(&mut self, pairs: usize) -> Result<u64, String> {
         self.client_roundtrip()?;
         self.client.clear_events();
-        let mut received = 0;
-        for _ in 0..pairs {
-            for (command, event) in [("stop", "STOP"), ("cont", "RESUME")] {
-                self.client
-                    .execute(command, None)
-                    .map_err(|e| format!("{command}: {e}"))?;
-                received += self
-                    .client
-                    .drain_events()
-                    .iter()
-                    .filter(|e| e.event == event)
-                    .count() as u64;
-            }
-        }
-        Ok(received)
+        stop_cont_pairs(&mut self.client, pairs)
     }
 
     fn finish(mut self) -> Result<(), String> {
