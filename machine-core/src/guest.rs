@@ -45,9 +45,11 @@
 //! | `exit CODE` | writes `CODE` to the `isa-debug-exit` port: QEMU exits at once with status `(CODE << 1) \| 1` (see [`exit_status_for`]); no SHUTDOWN event |
 //! | `poweroff` | prints [`POWEROFF_LINE`], then ACPI S5 (SLP_EN with SLP_TYP 0, QEMU's S5, to PM1a_CNT at base+4): QEMU reports `SHUTDOWN {guest: true, reason: guest-shutdown}` |
 //! | `panic` | prints [`PANIC_LINE`], then triple-faults (null IDT then `ud2`): QEMU resets the machine (event `RESET {guest: true, reason: guest-reset}`) and the guest boots again, or with `-no-reboot` QEMU reports `SHUTDOWN {guest: true, reason: guest-reset}` and exits |
+//! | `help` | prints [`HELP_TEXT`], the list of these commands |
 //! | anything else | an error line starting with [`ERROR_PREFIX`] |
 //!
-//! `N` and `CODE` are 1 to 9 decimal digits. Error lines: `ERR unknown command: LINE`,
+//! `N` and `CODE` are 1 to 9 decimal digits. Error lines: `ERR unknown command: LINE (try
+//! help)`,
 //! `ERR bad number`, `ERR line too long`, `ERR no isa-debug-exit device` (the exit write had no
 //! effect), `ERR no ACPI PM found` (no known chipset), `ERR poweroff failed` (still running one
 //! second after the S5 write, timed with the ACPI PM timer).
@@ -103,6 +105,16 @@ pub const CMD_EXIT: &str = "exit";
 pub const CMD_POWEROFF: &str = "poweroff";
 /// The command that triple-faults the guest.
 pub const CMD_PANIC: &str = "panic";
+/// The command that lists the commands.
+pub const CMD_HELP: &str = "help";
+/// What `help` prints (each line ends with `"\r\n"`).
+pub const HELP_TEXT: &str = "\
+flood N     write N bytes of a test pattern, then FLOOD-DONE\r
+exit CODE   end QEMU through isa-debug-exit: its exit status is (CODE << 1) | 1\r
+poweroff    ACPI power-off (QEMU reports a guest shutdown)\r
+panic       triple fault: QEMU resets the machine (or exits with -no-reboot)\r
+help        this list\r
+";
 
 /// The I/O port of the `isa-debug-exit` device [`qemu_args`] adds.
 pub const DEBUG_EXIT_IOBASE: u16 = 0xf4;
@@ -129,6 +141,8 @@ pub enum Command {
     Poweroff,
     /// `panic`: triple fault.
     Panic,
+    /// `help`: print [`HELP_TEXT`].
+    Help,
 }
 
 impl Command {
@@ -146,6 +160,7 @@ impl fmt::Display for Command {
             Command::Exit(code) => write!(f, "{CMD_EXIT} {code}"),
             Command::Poweroff => f.write_str(CMD_POWEROFF),
             Command::Panic => f.write_str(CMD_PANIC),
+            Command::Help => f.write_str(CMD_HELP),
         }
     }
 }
@@ -319,6 +334,7 @@ struct Labels {
     exit: Label,
     poweroff: Label,
     panic: Label,
+    help: Label,
     pm_base: Label,
     line_buf: Label,
     pattern: Label,
@@ -385,6 +401,7 @@ impl Program {
             exit: a.label(),
             poweroff: a.label(),
             panic: a.label(),
+            help: a.label(),
             pm_base: a.label(),
             line_buf: a.label(),
             pattern: a.label(),
@@ -641,6 +658,7 @@ impl Program {
         for (name, target, matcher) in [
             (CMD_POWEROFF.to_string(), l.poweroff, l.match_exact),
             (CMD_PANIC.to_string(), l.panic, l.match_exact),
+            (CMD_HELP.to_string(), l.help, l.match_exact),
             (format!("{CMD_FLOOD} "), flood, l.match_prefix),
             (format!("{CMD_EXIT} "), exit, l.match_prefix),
         ] {
@@ -655,7 +673,7 @@ impl Program {
         self.asm.mov_addr(R32::Esi, l.line_buf);
         self.asm.mov(R32::Ecx, R32::Ebx);
         self.asm.call(l.puts);
-        self.print(l, b"\r\n");
+        self.print(l, b" (try help)\r\n");
         self.asm.bind(empty);
         self.asm.ret();
 
@@ -730,8 +748,13 @@ impl Program {
         a.ret();
     }
 
-    /// flood, exit, poweroff, panic.
+    /// flood, exit, poweroff, panic, help.
     fn commands(&mut self, l: &Labels) {
+        // help: the list of commands.
+        self.asm.bind(l.help);
+        self.print(l, HELP_TEXT.as_bytes());
+        self.asm.ret();
+
         // flood(eax = N): EDI = bytes left, ESI = index into the pattern cycle. Waits for an
         // empty transmit FIFO, then writes up to 16 bytes without looking: one status read per
         // 16 bytes instead of one per byte, and never more than the FIFO holds, so a slow
@@ -913,7 +936,8 @@ mod tests {
         for text in [FLOOD_DONE, POWEROFF_LINE, POWER_BUTTON_LINE, PANIC_LINE] {
             assert!(contains(text.as_bytes()), "{text}");
         }
-        for command in ["poweroff", "panic", "flood ", "exit "] {
+        assert!(contains(HELP_TEXT.as_bytes()));
+        for command in ["poweroff", "panic", "help", "flood ", "exit "] {
             assert!(contains(command.as_bytes()), "{command}");
         }
     }
@@ -933,6 +957,17 @@ mod tests {
         assert_eq!(Command::Exit(5).to_string(), "exit 5");
         assert_eq!(Command::Poweroff.to_string(), "poweroff");
         assert_eq!(Command::Panic.to_string(), "panic");
+        assert_eq!(Command::Help.to_string(), "help");
+        // Every command is listed by `help`, in its own line.
+        for command in [CMD_FLOOD, CMD_EXIT, CMD_POWEROFF, CMD_PANIC, CMD_HELP] {
+            assert!(
+                HELP_TEXT
+                    .lines()
+                    .any(|l| l.split_whitespace().next() == Some(command)),
+                "{command}"
+            );
+        }
+        assert!(HELP_TEXT.split_inclusive('\n').all(|l| l.ends_with("\r\n")));
     }
 
     #[test]

@@ -355,14 +355,17 @@ fn boot(ctx: &Ctx, machine: GuestMachine) -> Result<(), String> {
 fn echo(ctx: &Ctx) -> Result<(), String> {
     let mut vm = GuestVm::launch(ctx, GuestMachine::Q35, &[])?;
     vm.wait_ready(ctx)?;
-    let steps: [(&[u8], &str); 5] = [
+    let help = format!("help\r\n{}guest> ", guest::HELP_TEXT);
+    let steps: [(&[u8], &str); 6] = [
         // Typo erased with backspace, CR LF ends one line only.
         (
             b"hellp\x08o\r\n",
-            "hellp\x08 \x08o\r\nERR unknown command: hello\r\nguest> ",
+            "hellp\x08 \x08o\r\nERR unknown command: hello (try help)\r\nguest> ",
         ),
         // An empty line gives a prompt; LF alone ends a line.
         (b"\n", "\r\nguest> "),
+        // `help` lists the commands.
+        (b"help\r", &help),
         (b"flood x1\r", "flood x1\r\nERR bad number\r\nguest> "),
         (
             b"exit 1234567890\r",
@@ -370,7 +373,7 @@ fn echo(ctx: &Ctx) -> Result<(), String> {
         ),
         (
             b"FLOOD 1\r",
-            "FLOOD 1\r\nERR unknown command: FLOOD 1\r\nguest> ",
+            "FLOOD 1\r\nERR unknown command: FLOOD 1 (try help)\r\nguest> ",
         ),
     ];
     for (input, expected) in steps {
