@@ -49,7 +49,7 @@ pub enum Error {
         max: usize,
     },
     /// Connecting to a unix socket failed with an error that retrying cannot fix.
-    #[error("cannot connect to console socket {path:?}")]
+    #[error("cannot connect to console socket {path:?}: {source}")]
     Connect {
         /// The socket path.
         path: PathBuf,
@@ -58,7 +58,7 @@ pub enum Error {
         source: io::Error,
     },
     /// Nobody accepted a connection on the socket path before the deadline.
-    #[error("no console listener at {path:?} within {timeout:?}")]
+    #[error("no console listener at {path:?} within {timeout:?}: {source}")]
     ConnectTimeout {
         /// The socket path.
         path: PathBuf,
@@ -69,14 +69,14 @@ pub enum Error {
         source: io::Error,
     },
     /// The file descriptor handed over is not a connected stream socket.
-    #[error("console fd is not a stream socket")]
+    #[error("console fd is not a stream socket{}", source.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
     NotAStreamSocket {
         /// Why the check failed (for example `ENOTSOCK`), if the OS said.
         #[source]
         source: Option<io::Error>,
     },
     /// Setting up the socket, the poller or the drain thread failed.
-    #[error("cannot set up the console: {what}")]
+    #[error("cannot set up the console: {what}: {source}")]
     Setup {
         /// The step that failed.
         what: &'static str,
@@ -91,7 +91,7 @@ pub enum Error {
         reason: &'static str,
     },
     /// The log file could not be created.
-    #[error("cannot create console log file {path:?}")]
+    #[error("cannot create console log file {path:?}: {source}")]
     LogOpen {
         /// The log file path.
         path: PathBuf,
@@ -100,7 +100,7 @@ pub enum Error {
         source: io::Error,
     },
     /// Writing or flushing the log file failed; logging stopped at that point (the drain went on).
-    #[error("cannot write console log file {path:?}")]
+    #[error("cannot write console log file {path:?}: {source}")]
     LogWrite {
         /// The log file path.
         path: PathBuf,
@@ -109,7 +109,7 @@ pub enum Error {
         source: io::Error,
     },
     /// A regular expression did not compile.
-    #[error("invalid console pattern {pattern:?}")]
+    #[error("invalid console pattern {pattern:?}: {source}")]
     InvalidPattern {
         /// The expression as given.
         pattern: String,
@@ -159,7 +159,7 @@ pub enum Error {
         timeout: Duration,
     },
     /// Sending failed with another OS error.
-    #[error("cannot send to the console after {written} of {len} bytes")]
+    #[error("cannot send to the console after {written} of {len} bytes: {source}")]
     Send {
         /// Bytes the kernel accepted before the error.
         written: usize,

@@ -13,7 +13,8 @@ Exit status:
   2    bad usage or bad input (arguments, key=value syntax, JSON)
   3    connection failure: unreachable socket, timeout, disconnect, garbage
   4    QEMU could not be launched (missing binary, bad arguments)
-  N    for `run`: QEMU's own exit code when it exited on its own with N != 0
+  N    for `run`: QEMU's own exit code when it exited on its own with N != 0; for a guest
+       that wrote V to isa-debug-exit that is QEMU's (V << 1) | 1, never 0
   128+S  for `run`: QEMU was ended by signal S that we did not send
   130  for `run`: Ctrl-C (or SIGTERM...) before QEMU was up; QEMU was killed
   137  for `run`: we had to kill QEMU (SIGKILL)";
@@ -72,6 +73,19 @@ pub enum Accel {
     Kvm,
     /// KVM when it works, else TCG.
     Auto,
+}
+
+/// How much of the exit report `run` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ReportMode {
+    /// One line after a clean stop, the full report after an abnormal end.
+    Auto,
+    /// Always the full report.
+    Full,
+    /// Always one line.
+    Short,
+    /// Nothing (the exit status still says how it ended).
+    None,
 }
 
 /// Options of `run`.
@@ -137,6 +151,11 @@ pub struct RunArgs {
     /// `qemu-machine ga PATH ...`.
     #[arg(long, value_name = "PATH", requires = "linux")]
     pub agent_listen: Option<PathBuf>,
+    /// How much to print when QEMU has ended: `auto` is one line after a clean stop and the
+    /// full report (ladder steps, last events, QEMU's output, console tail, command line)
+    /// after an abnormal end.
+    #[arg(long, value_enum, default_value_t = ReportMode::Auto, value_name = "HOW")]
+    pub report: ReportMode,
     /// Arguments for QEMU after `--`; none boots the built-in tiny guest.
     #[arg(last = true, value_name = "QEMU ARGS")]
     pub qemu_args: Vec<OsString>,
@@ -267,9 +286,13 @@ pub struct EventsArgs {
 /// Options of `qom`.
 #[derive(Debug, Args)]
 pub struct QomArgs {
-    /// QMP server: unix path or host:port.
+    /// QMP server: unix path or host:port, as for the other subcommands.
+    #[arg(value_name = "ADDRESS")]
+    pub address: Option<String>,
+    /// The server address given as an option, as QEMU's qom tools take it (`-s PATH`);
+    /// $QMP_SOCKET when neither is given.
     #[arg(long, short = 's', env = "QMP_SOCKET", value_name = "ADDRESS")]
-    pub socket: String,
+    pub socket: Option<String>,
     /// Deadline for each reply.
     #[arg(long, value_parser = parse_duration, default_value = "30s", value_name = "DURATION")]
     pub timeout: Duration,

@@ -1,5 +1,7 @@
 //! Opening a QMP connection to an address typed by the user, through `qmp_client`.
 
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
 use std::time::Duration;
 
 use log::debug;
@@ -33,6 +35,9 @@ impl ConnectOptions {
 
 /// Connects to `address` (greeting and negotiation included, unless skipped).
 pub fn connect(address: &Address, options: &ConnectOptions) -> Result<Connection> {
+    if let Address::Unix(path) = address {
+        check_unix_path(path)?;
+    }
     let config = options.config();
     let result = match address {
         Address::Unix(path) => Connection::connect_unix(path, &config),
@@ -42,6 +47,30 @@ pub fn connect(address: &Address, options: &ConnectOptions) -> Result<Connection
         address: address.to_string(),
         source,
     })
+}
+
+/// Says plainly what is wrong with a unix path before connecting: a file that is not a socket
+/// (connecting would only say "connection refused"), or a missing path that was meant as
+/// `host:port` with a bad port (it would only say "no such file").
+fn check_unix_path(path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => Err(Error::NotASocket {
+            path: path.to_path_buf(),
+        }),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let text = path.to_string_lossy();
+            match text.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && !text.contains('/') => {
+                    Err(Error::BadPort {
+                        address: text.to_string(),
+                        port: port.to_string(),
+                    })
+                }
+                _ => Ok(()),
+            }
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Closes a connection we are done with. A failure to close cleanly changes nothing for the

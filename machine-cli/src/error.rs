@@ -259,6 +259,31 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The `--logfile` cannot be opened for appending (a usage error: checked before
+    /// connecting).
+    #[error("cannot open log file {}: {source}", path.display())]
+    LogFile {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A unix socket address names something that is not a socket.
+    #[error("{} is not a socket (a QMP server address is a unix socket path or host:port)", path.display())]
+    NotASocket {
+        /// The path.
+        path: PathBuf,
+    },
+    /// An address looks like `host:port` but its port is not a number from 1 to 65535 (and
+    /// no unix socket has that name).
+    #[error("invalid port `{port}` in `{address}` (expected host:PORT with PORT from 1 to 65535, or a unix socket path)")]
+    BadPort {
+        /// The address as given.
+        address: String,
+        /// The part after the last `:`.
+        port: String,
+    },
     /// Reading input or writing output failed.
     #[error("{what} failed")]
     Io {
@@ -287,6 +312,7 @@ impl Error {
             | Error::Events { .. }
             | Error::Disconnected { .. } => EXIT_CONNECTION,
             Error::Launch { .. } | Error::QemuNotFound { .. } => EXIT_LAUNCH,
+            Error::NotASocket { .. } => EXIT_CONNECTION,
             Error::Interrupted { .. } => EXIT_INTERRUPTED,
             Error::File { .. }
             | Error::Io { .. }
@@ -298,8 +324,21 @@ impl Error {
         }
     }
 
-    /// Extra lines worth showing after the causes: QEMU's own output when a launch failed.
+    /// Extra lines worth showing after the causes: QEMU's own output when a launch failed,
+    /// and what a missing greeting usually means.
     pub fn details(&self) -> Option<String> {
+        if let Error::Connect { source, .. } = self {
+            if matches!(source.root(), qmp_client::Error::GreetingTimeout { .. }) {
+                return Some(
+                    "QEMU serves one client at a time on each -qmp socket, and greets the next \
+                     one only when the first has left: another client may hold this monitor. \
+                     Give QEMU one -qmp socket per client (`run --qmp-listen` can be repeated), \
+                     or share one monitor through a multiplexed chardev (mux=on)."
+                        .to_string(),
+                );
+            }
+            return None;
+        }
         let Error::Launch { source, .. } = self else {
             return None;
         };
@@ -307,7 +346,8 @@ impl Error {
             return None;
         };
         let lines: Vec<&str> = output.lines().filter(|l| !l.trim().is_empty()).collect();
-        if lines.is_empty() {
+        // One line is already in the message (see machine_core::Error::LaunchFailed).
+        if lines.len() < 2 {
             return None;
         }
         let tail = &lines[lines.len().saturating_sub(20)..];

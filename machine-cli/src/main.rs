@@ -92,7 +92,24 @@ fn report(error: &Error) -> ExitCode {
     let mut message = format!("qemu-machine: {error}");
     let mut cause = error.source();
     while let Some(inner) = cause {
-        message.push_str(&format!("\n  caused by: {inner}"));
+        // Messages carry their cause's text already (so each reads well alone): show a cause
+        // only when it adds something.
+        let text = inner.to_string();
+        if !message.contains(&text) {
+            message.push_str(&format!("\n  caused by: {text}"));
+        }
+        // When QEMU exited by itself during the launch, its exit status and its own words
+        // are the reason; what that did to our handshake is not worth showing.
+        if matches!(
+            inner.downcast_ref::<machine_core::Error>(),
+            Some(machine_core::Error::LaunchFailed {
+                status: Some(_),
+                killed: false,
+                ..
+            })
+        ) {
+            break;
+        }
         cause = inner.source();
     }
     if let Some(details) = error.details() {

@@ -18,7 +18,10 @@ use crate::output;
 
 /// Runs `qom`.
 pub fn run(args: QomArgs) -> Result<u8> {
-    let address = Address::parse(&args.socket);
+    let address = match args.address.as_ref().or(args.socket.as_ref()) {
+        Some(text) => Address::parse(text),
+        None => return Err(Error::MissingAddress),
+    };
     let options = ConnectOptions {
         connect_timeout: args.connect_timeout,
         command_timeout: args.timeout,

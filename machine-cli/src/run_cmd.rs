@@ -13,12 +13,27 @@
 //! QEMU at once. The loop wakes every
 //! [`TICK`] to move the console, events and the ladder along.
 //!
-//! The exit status says how the VM ended: 0 when it shut down cleanly (our request, or the
-//! guest powering off), QEMU's own code when it exited by itself with one (the tiny guest's
-//! `exit N` gives `2N+1`), 128+S when a signal S we did not send ended it, 137 when we had to
-//! kill it, 1 for another abnormal end (a guest reset with `-no-reboot`, a panic). A signal
-//! that arrives while QEMU is still starting ends the launch at once (QEMU killed, status 130).
+//! With `--exit-after-banner` and `--send` lines, the ladder starts only once the guest is
+//! quiet again (the tiny guest's prompt after each line, or a short silence on the console), so
+//! the lines' output is not lost.
+//!
+//! On stderr, lifecycle and event lines wait for the console to reach the end of a line (or
+//! to be silent for a moment, as at a prompt), so they never cut the guest's text in two.
+//!
+//! The exit status says how the VM ended, decided by QEMU's exit status first
+//! ([`ExitReport::clean`]): 0 when it shut down cleanly (our request, or the guest powering
+//! off), QEMU's own code when it exited by itself with one, 128+S when a signal S we did not
+//! send ended it, 137 when we had to kill it, 1 for another abnormal end (a guest reset with
+//! `-no-reboot`, a panic). A guest that writes V to `isa-debug-exit` makes QEMU exit with
+//! `(V << 1) | 1`; `run` returns that code unchanged (the tiny guest's `exit 3` gives 7), so no
+//! guest write can look like success, and the last line shows both numbers. A signal that
+//! arrives while QEMU is still starting ends the launch at once (QEMU killed, status 130).
+//!
+//! When QEMU has ended, one line says how; after an abnormal end (or with `--report full`) the
+//! full report follows: ladder steps, last events, QEMU's output, the console's last lines and
+//! the command line.
 
+use std::cell::{Cell, RefCell};
 use std::ffi::OsString;
 use std::io::{IsTerminal, Read, Write};
 use std::os::unix::fs::FileTypeExt;
@@ -30,11 +45,13 @@ use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use machine_core::guest::{self, GuestMachine};
-use machine_core::{EndedBy, ExitReport, Machine, MachineBuilder, ShutdownLadder, Step};
+use machine_core::{
+    format_duration, EndedBy, ExitReport, Machine, MachineBuilder, ShutdownLadder, Step,
+};
 use serde_json::{json, Value};
 
 use crate::address::Address;
-use crate::args::{Accel, RunArgs};
+use crate::args::{Accel, ReportMode, RunArgs};
 use crate::error::{Error, Result};
 use crate::events_cmd;
 use crate::output;
@@ -46,6 +63,10 @@ pub const TICK: Duration = Duration::from_millis(5);
 
 /// Exit status when we had to SIGKILL QEMU (128 + 9, as a shell reports it).
 const EXIT_KILLED: u8 = 137;
+
+/// A console silent this long counts as quiet: held lines are printed, and `--send` lines of
+/// a guest without a known prompt count as answered.
+const QUIET: Duration = Duration::from_millis(300);
 
 /// What the helper threads tell the loop.
 enum Msg {
@@ -69,15 +90,27 @@ struct Reporter {
     json: bool,
     start: Instant,
     /// The console's last byte was not a newline: a human line must start on a new line.
-    mid_line: std::cell::Cell<bool>,
+    mid_line: Cell<bool>,
+    /// When the console last printed something.
+    console_at: Cell<Instant>,
+    /// Human lines held back until the console reaches the end of a line or goes quiet.
+    held: RefCell<Vec<String>>,
     /// Writing to stdout failed (the terminal hung up, the pipe's reader left): output stops
     /// and the VM is shut down gracefully rather than killed by an error.
-    broken: std::cell::Cell<bool>,
+    broken: Cell<bool>,
 }
 
 impl Reporter {
-    fn ms(&self) -> u128 {
-        self.start.elapsed().as_millis()
+    fn new(json: bool) -> Reporter {
+        let now = Instant::now();
+        Reporter {
+            json,
+            start: now,
+            mid_line: Cell::new(false),
+            console_at: Cell::new(now),
+            held: RefCell::new(Vec::new()),
+            broken: Cell::new(false),
+        }
     }
 
     /// Notes a failed write to stdout instead of failing the run (see `broken`).
@@ -97,16 +130,43 @@ impl Reporter {
 
     /// A lifecycle line: `text` for people, `object` (plus `type` and `ms`) for `--json`.
     fn line(&self, kind: &str, text: &str, mut object: Value) -> Result<()> {
+        let elapsed = self.start.elapsed();
         if self.json {
             if let Value::Object(map) = &mut object {
                 map.insert("type".to_string(), Value::from(kind));
-                map.insert("ms".to_string(), Value::from(self.ms() as u64));
+                map.insert("ms".to_string(), Value::from(elapsed.as_millis() as u64));
             }
             self.record(output::emit(&object.to_string()))
         } else {
-            self.new_line();
-            output::note(&format!("[qemu-machine +{} ms] {text}", self.ms()));
+            self.human(format!(
+                "[qemu-machine +{}] {text}",
+                format_duration(elapsed)
+            ));
             Ok(())
+        }
+    }
+
+    /// Prints a human line on stderr at a line boundary of the console: held while the
+    /// console is in the middle of a line and still talking, printed at once otherwise.
+    fn human(&self, text: String) {
+        if self.mid_line.get() && self.console_at.get().elapsed() < QUIET {
+            self.held.borrow_mut().push(text);
+        } else {
+            self.new_line();
+            output::note(&text);
+        }
+    }
+
+    /// Prints the held lines once the console is at a line end or has gone quiet.
+    fn release(&self, force: bool) {
+        if self.held.borrow().is_empty() {
+            return;
+        }
+        if force || !self.mid_line.get() || self.console_at.get().elapsed() >= QUIET {
+            self.new_line();
+            for text in self.held.take() {
+                output::note(&text);
+            }
         }
     }
 
@@ -121,8 +181,9 @@ impl Reporter {
         if bytes.is_empty() || self.broken() {
             return Ok(());
         }
+        self.console_at.set(Instant::now());
         self.mid_line.set(!bytes.ends_with(b"\n"));
-        if self.json {
+        let written = if self.json {
             let text = String::from_utf8_lossy(bytes);
             self.record(output::emit(
                 &json!({"type": "console", "text": text}).to_string(),
@@ -138,7 +199,9 @@ impl Reporter {
                         source,
                     }),
             )
-        }
+        };
+        self.release(false);
+        written
     }
 
     fn event(&self, event: &machine_core::qmp_proto::Event) -> Result<()> {
@@ -150,21 +213,52 @@ impl Reporter {
             }
             self.record(output::emit(&object.to_string()))
         } else {
-            self.new_line();
-            output::note(&format!("[qemu-machine event] {}", view.human_line()));
+            self.human(format!("[qemu-machine event] {}", view.human_line()));
             Ok(())
         }
     }
 }
 
+/// Counts the appearances of a text in a byte stream that arrives in pieces.
+struct Watch {
+    needle: Vec<u8>,
+    /// The end of the stream that may still hold the start of an appearance.
+    tail: Vec<u8>,
+}
+
+impl Watch {
+    fn new(needle: &str) -> Watch {
+        Watch {
+            needle: needle.as_bytes().to_vec(),
+            tail: Vec::new(),
+        }
+    }
+
+    /// Feeds the next piece of the stream; returns how many appearances end in it.
+    fn feed(&mut self, bytes: &[u8]) -> usize {
+        if self.needle.is_empty() {
+            return 0;
+        }
+        self.tail.extend_from_slice(bytes);
+        let mut found = 0;
+        let mut from = 0;
+        while let Some(at) = self.tail[from..]
+            .windows(self.needle.len())
+            .position(|w| w == self.needle.as_slice())
+        {
+            found += 1;
+            from += at + self.needle.len();
+        }
+        let keep = self.needle.len() - 1;
+        let cut = from.max(self.tail.len().saturating_sub(keep));
+        self.tail.drain(..cut);
+        found
+    }
+}
+
 /// Runs `run`; returns the exit status derived from how the VM ended.
 pub fn run(args: RunArgs) -> Result<u8> {
-    let reporter = Reporter {
-        json: args.json,
-        start: Instant::now(),
-        mid_line: std::cell::Cell::new(false),
-        broken: std::cell::Cell::new(false),
-    };
+    let reporter = Reporter::new(args.json);
     let (tx, rx) = mpsc::channel::<Msg>();
     // First, before machine-core starts any thread: every thread must inherit the mask.
     let signals = signals::install(tx.clone(), Msg::Signal)?;
@@ -283,9 +377,17 @@ pub fn run(args: RunArgs) -> Result<u8> {
                 .is_some()
                 .then(|| machine_core::linux::READY_LINE.to_string())
         });
-    let outcome = attach(&mut machine, &args, &reporter, &rx, banner.as_deref());
+    let prompt = tiny.then_some(guest::PROMPT);
+    let outcome = attach(
+        &mut machine,
+        &args,
+        &reporter,
+        &rx,
+        banner.as_deref(),
+        prompt,
+    );
     let result = match outcome {
-        Ok(ended) => finish(&mut machine, &reporter, ended),
+        Ok(ended) => finish(&mut machine, &reporter, ended, args.report),
         Err(error) => {
             // Never leave QEMU behind, whatever failed in the loop.
             if machine.is_running() {
@@ -483,18 +585,25 @@ enum Ended {
 }
 
 /// The attached loop: console, events, signals, stdin, the banner and the stop ladder.
+/// `prompt` is the guest's prompt when known: it tells when a `--send` line was answered.
 fn attach(
     machine: &mut Machine,
     args: &RunArgs,
     reporter: &Reporter,
     rx: &mpsc::Receiver<Msg>,
     banner: Option<&str>,
+    prompt: Option<&str>,
 ) -> Result<Ended> {
     let step = args.shutdown_timeout;
     let stop_at = args.timeout.map(|t| Instant::now() + t);
     let mut banner_seen = banner.is_none();
+    let mut banner_watch = Watch::new(banner.unwrap_or_default());
+    let mut prompt_watch = Watch::new(prompt.unwrap_or_default());
+    let mut prompts = 0;
+    // With --exit-after-banner and --send lines: when the lines were sent (the ladder waits
+    // until the guest has answered them).
+    let mut answering: Option<Instant> = None;
     let mut sent_lines = false;
-    let mut window: Vec<u8> = Vec::new();
     let mut stopping = Stopping::No;
     let mut events_open = true;
     loop {
@@ -504,19 +613,16 @@ fn attach(
             .map(|c| c.read_available())
             .unwrap_or_default();
         reporter.console(&bytes)?;
+        reporter.release(false);
+        prompts += prompt_watch.feed(&bytes);
         if let (false, Some(banner)) = (banner_seen, banner) {
-            window.extend_from_slice(&bytes);
-            if contains(&window, banner.as_bytes()) {
+            if banner_watch.feed(&bytes) > 0 {
                 banner_seen = true;
                 reporter.line(
                     "banner",
                     &format!("banner seen: {banner:?}"),
                     json!({"banner": banner}),
                 )?;
-            } else {
-                let keep = banner.len().saturating_sub(1);
-                let cut = window.len().saturating_sub(keep);
-                window.drain(..cut);
             }
         }
         if banner_seen && !sent_lines {
@@ -530,7 +636,29 @@ fn attach(
                 }
             }
             if args.exit_after_banner && stopping == Stopping::No {
-                stopping = begin_stop(machine, reporter, "the banner appeared", step)?;
+                if args.send.is_empty() {
+                    stopping = begin_stop(machine, reporter, "the banner appeared", None, step)?;
+                } else {
+                    answering = Some(Instant::now());
+                }
+            }
+        }
+        // The tiny guest prints its prompt once after the banner and once after each line.
+        if let (Some(sent), Stopping::No) = (answering, stopping) {
+            let quiet_since = reporter.console_at.get().max(sent);
+            let answered = match prompt {
+                Some(_) => prompts > args.send.len(),
+                None => false,
+            };
+            if answered || quiet_since.elapsed() >= QUIET {
+                answering = None;
+                stopping = begin_stop(
+                    machine,
+                    reporter,
+                    "the --send lines were answered",
+                    None,
+                    step,
+                )?;
             }
         }
 
@@ -554,10 +682,10 @@ fn attach(
         let now = Instant::now();
         match stopping {
             Stopping::No if reporter.broken() => {
-                stopping = begin_stop(machine, reporter, "output closed", step)?;
+                stopping = begin_stop(machine, reporter, "output closed", None, step)?;
             }
             Stopping::No if stop_at.is_some_and(|at| now >= at) => {
-                stopping = begin_stop(machine, reporter, "--timeout elapsed", step)?;
+                stopping = begin_stop(machine, reporter, "--timeout elapsed", None, step)?;
             }
             Stopping::Powerdown(deadline) if now >= deadline => {
                 stopping = send_quit(machine, reporter, step)?;
@@ -571,7 +699,7 @@ fn attach(
             Ok(Msg::Signal(signal)) => {
                 let what = signal_text(signal);
                 if stopping == Stopping::No && signal != Received::Quit {
-                    stopping = begin_stop(machine, reporter, what, step)?;
+                    stopping = begin_stop(machine, reporter, what, Some(what), step)?;
                 } else {
                     reporter.line(
                         "stopping",
@@ -608,15 +736,24 @@ fn signal_text(signal: Received) -> &'static str {
 }
 
 /// First rung: `system_powerdown`. A machine that refuses it goes straight to `quit`.
+/// `signal` names the signal that asked for the stop, if one did: the same one again kills.
 fn begin_stop(
     machine: &mut Machine,
     reporter: &Reporter,
     why: &str,
+    signal: Option<&str>,
     step: Duration,
 ) -> Result<Stopping> {
+    let kill = match signal {
+        Some("Ctrl-C") | None => "Ctrl-C kills at once".to_string(),
+        Some(signal) => format!("another {signal} or Ctrl-C kills at once"),
+    };
     reporter.line(
         "stopping",
-        &format!("{why}: system_powerdown (up to {step:?}; Ctrl-C again kills)"),
+        &format!(
+            "{why}: system_powerdown (up to {}; {kill})",
+            format_duration(step)
+        ),
         json!({"step": "system_powerdown", "reason": why}),
     )?;
     match machine.cmd_with_timeout("system_powerdown", (), step) {
@@ -632,7 +769,7 @@ fn begin_stop(
 fn send_quit(machine: &mut Machine, reporter: &Reporter, step: Duration) -> Result<Stopping> {
     reporter.line(
         "stopping",
-        &format!("quit (up to {step:?})"),
+        &format!("quit (up to {})", format_duration(step)),
         json!({"step": "quit"}),
     )?;
     if let Err(error) = machine.cmd_with_timeout("quit", (), step) {
@@ -644,7 +781,12 @@ fn send_quit(machine: &mut Machine, reporter: &Reporter, step: Duration) -> Resu
 
 /// Collects the exit report (running the last rungs when needed), prints what is left of the
 /// console and events, then the report; returns the exit status.
-fn finish(machine: &mut Machine, reporter: &Reporter, ended: Ended) -> Result<u8> {
+fn finish(
+    machine: &mut Machine,
+    reporter: &Reporter,
+    ended: Ended,
+    mode: ReportMode,
+) -> Result<u8> {
     let ladder = match ended {
         // Already exited: this only reaps and cleans up.
         Ended::Exited => ShutdownLadder::wait(Duration::from_secs(5)),
@@ -682,12 +824,20 @@ fn finish(machine: &mut Machine, reporter: &Reporter, ended: Ended) -> Result<u8
     if let Some(cause) = &abnormal {
         warn!("qemu had to be killed: {cause}");
     }
+    reporter.release(true);
     let code = exit_code(&report);
-    print_report(reporter, &report, code)?;
+    print_report(reporter, &report, code, mode)?;
     Ok(code)
 }
 
-fn print_report(reporter: &Reporter, report: &ExitReport, code: u8) -> Result<()> {
+/// The last word: one line saying how QEMU ended, then the full report when `mode` asks for
+/// it (by default after an abnormal end only).
+fn print_report(
+    reporter: &Reporter,
+    report: &ExitReport,
+    code: u8,
+    mode: ReportMode,
+) -> Result<()> {
     if reporter.json {
         let steps: Vec<Value> = report
             .steps
@@ -706,6 +856,8 @@ fn print_report(reporter: &Reporter, report: &ExitReport, code: u8) -> Result<()
             "",
             json!({
                 "ended_by": report.ended_by.to_string(),
+                "summary": report.summary(),
+                "clean": report.clean(),
                 "status": report.status.to_string(),
                 "exit_code": code,
                 "uptime_ms": report.uptime.as_millis() as u64,
@@ -715,32 +867,37 @@ fn print_report(reporter: &Reporter, report: &ExitReport, code: u8) -> Result<()
             }),
         )
     } else {
-        reporter.line("exit", &format!("exit status {code}"), Value::Null)?;
-        output::note(report.to_string().trim_end());
+        let full = match mode {
+            ReportMode::None => return Ok(()),
+            ReportMode::Short => false,
+            ReportMode::Full => true,
+            ReportMode::Auto => !report.clean(),
+        };
+        reporter.line("exit", &report.summary(), Value::Null)?;
+        if full {
+            // The summary is the report's first line; the details follow it.
+            for line in report.to_string().lines().skip(1) {
+                output::note(line);
+            }
+        }
         Ok(())
     }
 }
 
-/// The exit status for how the VM ended (see the module docs).
+/// The exit status for how the VM ended (see the module docs): the library decides what is
+/// clean, this maps the rest to numbers.
 pub fn exit_code(report: &ExitReport) -> u8 {
-    match &report.ended_by {
-        EndedBy::Quit
-        | EndedBy::Powerdown { .. }
-        | EndedBy::OurSignal { .. }
-        | EndedBy::Host { .. } => 0,
-        EndedBy::Guest { reason } if reason == "guest-shutdown" => 0,
-        EndedBy::Guest { .. } => 1,
-        EndedBy::Kill => EXIT_KILLED,
-        EndedBy::Exited { code } => u8::try_from(*code).ok().filter(|c| *c != 0).unwrap_or(1),
-        EndedBy::ExternalSignal { signal } | EndedBy::Crash { signal } => {
+    if report.clean() {
+        return 0;
+    }
+    match (&report.ended_by, report.status.code()) {
+        (EndedBy::Kill, _) => EXIT_KILLED,
+        (EndedBy::ExternalSignal { signal } | EndedBy::Crash { signal }, _) => {
             u8::try_from(128 + signal).unwrap_or(1)
         }
+        (_, Some(code)) => u8::try_from(code).ok().filter(|c| *c != 0).unwrap_or(1),
         _ => 1,
     }
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 #[cfg(test)]
@@ -771,9 +928,12 @@ mod tests {
     }
 
     #[test]
-    fn banner_search() {
-        assert!(contains(b"xx ready yy", b"ready"));
-        assert!(!contains(b"rea", b"ready"));
-        assert!(!contains(b"abc", b""));
+    fn watches_count_appearances_across_pieces() {
+        let mut w = Watch::new("guest> ");
+        assert_eq!(w.feed(b"ready\r\nguest> flood 5\r\n01234\r\ngu"), 1);
+        assert_eq!(w.feed(b"est"), 0);
+        assert_eq!(w.feed(b"> guest> "), 2);
+        assert_eq!(w.feed(b""), 0);
+        assert_eq!(Watch::new("").feed(b"abc"), 0);
     }
 }

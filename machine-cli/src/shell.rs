@@ -157,7 +157,23 @@ pub type EventPull =
 const EVENT_WAIT: Duration = Duration::from_millis(250);
 
 /// Runs `shell ADDRESS`: connect, then [`run`].
+/// Opens (creating it if needed) the `--logfile` for appending.
+pub fn open_log(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| Error::LogFile {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
 pub fn run_connected(args: ShellArgs) -> Result<u8> {
+    // A bad --logfile is a usage error: say so before connecting.
+    if let Some(path) = &args.shell.logfile {
+        open_log(path)?;
+    }
     let address = Address::parse(&args.address);
     let options = ConnectOptions {
         connect_timeout: args.connect_timeout,
@@ -305,17 +321,7 @@ struct Shell<'m, M: Monitor> {
 impl<'m, M: Monitor> Shell<'m, M> {
     fn new(monitor: &'m mut M, options: &ShellOptions, peer: &str) -> Result<Self> {
         let log = match &options.logfile {
-            Some(path) => {
-                let file = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| Error::File {
-                        path: path.clone(),
-                        source,
-                    })?;
-                Some((path.clone(), file))
-            }
+            Some(path) => Some((path.clone(), open_log(path)?)),
             None => None,
         };
         Ok(Shell {

@@ -6,7 +6,8 @@
 //! connection is shared (`Machine::qmp_shared`) with the background event printer.
 //!
 //! When the shell ends (Ctrl-D, or `quit`), a QEMU still running is shut down (`quit`, then
-//! SIGKILL after the timeout) and the exit report goes to stderr.
+//! SIGKILL after the timeout) and one line saying how it ended goes to stderr (the full exit
+//! report after an abnormal end).
 
 use std::time::Duration;
 
@@ -78,6 +79,10 @@ fn from_machine(command: &str, error: machine_core::Error) -> MonitorError {
 
 /// Runs `wrap`.
 pub fn run(args: WrapArgs) -> Result<u8> {
+    // A bad --logfile is a usage error: say so before QEMU starts.
+    if let Some(path) = &args.shell.logfile {
+        crate::shell::open_log(path)?;
+    }
     if crate::run_cmd::find_program(&args.qemu).is_none() {
         return Err(Error::QemuNotFound {
             path: args.qemu.clone(),
@@ -136,10 +141,10 @@ pub fn run(args: WrapArgs) -> Result<u8> {
         machine.wait(Duration::from_secs(5))
     };
     match ended {
-        Ok(report) => output::note(report.to_string().trim_end()),
+        Ok(report) => output::note_report(&report),
         Err(machine_core::Error::AbnormalShutdown { report, cause }) => {
             warn!("qemu had to be killed: {cause}");
-            output::note(report.to_string().trim_end());
+            output::note_report(&report);
         }
         Err(error) => warn!("ending qemu: {error}"),
     }

@@ -106,6 +106,19 @@ impl CommandLine {
     pub fn program(&self) -> Option<&OsStr> {
         self.argv.first().map(OsString::as_os_str)
     }
+
+    /// Whether a `-device` option names `driver` (as `driver,...` or `driver=driver`).
+    pub(crate) fn has_device(&self, driver: &str) -> bool {
+        self.argv
+            .windows(2)
+            .filter(|pair| pair[0] == "-device" || pair[0] == "--device")
+            .any(|pair| {
+                let value = pair[1].to_string_lossy();
+                value.split(',').enumerate().any(|(i, option)| {
+                    (i == 0 && option == driver) || option.strip_prefix("driver=") == Some(driver)
+                })
+            })
+    }
 }
 
 impl fmt::Display for CommandLine {
@@ -134,6 +147,19 @@ impl fmt::Display for CommandLine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn devices_are_found_by_driver_name() {
+        let line = |args: &[&str]| CommandLine::new(args.iter().map(OsString::from).collect());
+        let with = line(&["qemu", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
+        assert!(with.has_device("isa-debug-exit"));
+        assert!(
+            line(&["qemu", "-device", "driver=isa-debug-exit,iobase=0xf4"])
+                .has_device("isa-debug-exit")
+        );
+        assert!(!line(&["qemu", "-device", "isa-debug-exit-not"]).has_device("isa-debug-exit"));
+        assert!(!line(&["qemu", "-name", "isa-debug-exit"]).has_device("isa-debug-exit"));
+    }
 
     #[test]
     fn escaping_doubles_commas() {

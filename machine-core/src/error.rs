@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::process::ExitStatus;
-use crate::report::ExitReport;
+use crate::report::{format_duration, ExitReport};
 
 /// Result type of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
@@ -66,7 +66,7 @@ pub enum Error {
         source: io::Error,
     },
     /// The program to run (the wrapper's first element, or the binary) cannot be executed.
-    #[error("cannot execute {path:?}")]
+    #[error("cannot execute {path:?}: {source}")]
     BinaryNotFound {
         /// The program as configured.
         path: PathBuf,
@@ -98,7 +98,7 @@ pub enum Error {
         addr: std::net::SocketAddr,
     },
     /// Creating the private temporary directory failed.
-    #[error("cannot create a temporary directory in {base:?}")]
+    #[error("cannot create a temporary directory in {base:?}: {source}")]
     TempDir {
         /// The base directory.
         base: PathBuf,
@@ -107,7 +107,7 @@ pub enum Error {
         source: io::Error,
     },
     /// Creating QEMU's log file failed.
-    #[error("cannot create log file {path:?}")]
+    #[error("cannot create log file {path:?}: {source}")]
     LogFile {
         /// The log file.
         path: PathBuf,
@@ -116,7 +116,7 @@ pub enum Error {
         source: io::Error,
     },
     /// An OS operation failed (`what` names it: `socketpair`, `pipe`, `pidfd_open`, ...).
-    #[error("{what} failed")]
+    #[error("{what} failed: {source}")]
     Os {
         /// The operation.
         what: &'static str,
@@ -125,7 +125,7 @@ pub enum Error {
         source: io::Error,
     },
     /// `fork`/`exec` of QEMU failed.
-    #[error("cannot spawn {command}")]
+    #[error("cannot spawn {command}: {source}")]
     Spawn {
         /// The full command line.
         command: String,
@@ -135,7 +135,7 @@ pub enum Error {
     },
     /// QEMU was started but the launch did not complete (it exited first, the handshake failed
     /// or timed out). Everything was rolled back: no process, fd, temp dir or socket is left.
-    #[error("qemu launch failed ({})", status.map_or_else(|| "not started".to_owned(), |s| s.to_string()))]
+    #[error("{}", launch_failed_text(*status, *killed, output, cause))]
     LaunchFailed {
         /// QEMU's exit status (after our SIGKILL when it had to be killed).
         status: Option<ExitStatus>,
@@ -154,7 +154,7 @@ pub enum Error {
     #[error("the launch was aborted")]
     LaunchAborted,
     /// The QMP connection failed while running `command` (transport, timeout, protocol).
-    #[error("qmp {command}")]
+    #[error("qmp {command}: {source}")]
     Qmp {
         /// The command, or the operation (`handshake`, `events`, ...).
         command: String,
@@ -181,14 +181,14 @@ pub enum Error {
         value: serde_json::Value,
     },
     /// The console failed.
-    #[error("console")]
+    #[error("console: {source}")]
     Console {
         /// The console's error.
         #[source]
         source: console_socket::Error,
     },
     /// Opening a file to pass to QEMU failed.
-    #[error("cannot open {path:?}")]
+    #[error("cannot open {path:?}: {source}")]
     OpenFile {
         /// The file.
         path: PathBuf,
@@ -197,13 +197,13 @@ pub enum Error {
         source: io::Error,
     },
     /// QEMU did not exit within the time given.
-    #[error("qemu did not exit within {waited:?}")]
+    #[error("qemu did not exit within {}", format_duration(*waited))]
     ExitTimeout {
         /// How long we waited.
         waited: Duration,
     },
     /// QEMU could not be reaped even after SIGKILL (stuck in the kernel).
-    #[error("qemu pid {pid} was not reaped within {waited:?} after SIGKILL")]
+    #[error("qemu pid {pid} was not reaped within {} after SIGKILL", format_duration(*waited))]
     ReapTimeout {
         /// The pid.
         pid: u32,
@@ -212,7 +212,7 @@ pub enum Error {
     },
     /// A graceful shutdown failed: QEMU was killed. Cleanup was done anyway; the report says
     /// what each step did.
-    #[error("graceful shutdown failed; qemu was killed ({})", report.status)]
+    #[error("graceful shutdown failed ({cause}); qemu was killed: {}", report.summary())]
     AbnormalShutdown {
         /// The exit report.
         report: Box<ExitReport>,
@@ -232,6 +232,25 @@ pub enum Error {
     /// that drives a `QtestMachine` use one result type for QMP, lifecycle and qtest.
     #[error(transparent)]
     Qtest(#[from] crate::qtest::Error),
+}
+
+/// [`Error::LaunchFailed`]'s text: QEMU's exit status and its own last words first, when it
+/// exited by itself; else what went wrong with the launch.
+fn launch_failed_text(
+    status: Option<ExitStatus>,
+    killed: bool,
+    output: &str,
+    cause: &Error,
+) -> String {
+    let said = output.lines().map(str::trim).rfind(|line| !line.is_empty());
+    match (status, killed) {
+        (Some(status), false) => match said {
+            Some(line) => format!("qemu exited during launch ({status}): {line}"),
+            None => format!("qemu exited during launch ({status}) without a message"),
+        },
+        (Some(_), true) => format!("qemu launch failed ({cause}); qemu was killed"),
+        (None, _) => format!("qemu launch failed: {cause}"),
+    }
 }
 
 impl Error {
@@ -254,6 +273,252 @@ impl Error {
                 command: command.to_owned(),
                 source,
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io(kind: io::ErrorKind) -> io::Error {
+        io::Error::from(kind)
+    }
+
+    /// The variant's name; no wildcard, so a new variant must be added to the table below.
+    fn name(error: &Error) -> &'static str {
+        match error {
+            Error::AlreadyRunning { .. } => "AlreadyRunning",
+            Error::NotRunning => "NotRunning",
+            Error::NoMonitor => "NoMonitor",
+            Error::QmpShared => "QmpShared",
+            Error::NoConsole => "NoConsole",
+            Error::BinaryNotFound { .. } => "BinaryNotFound",
+            Error::SocketPathTooLong { .. } => "SocketPathTooLong",
+            Error::SocketPathInUse { .. } => "SocketPathInUse",
+            Error::RemoteMonitor { .. } => "RemoteMonitor",
+            Error::TempDir { .. } => "TempDir",
+            Error::LogFile { .. } => "LogFile",
+            Error::Os { .. } => "Os",
+            Error::Spawn { .. } => "Spawn",
+            Error::LaunchFailed { .. } => "LaunchFailed",
+            Error::LaunchAborted => "LaunchAborted",
+            Error::Qmp { .. } => "Qmp",
+            Error::Command { .. } => "Command",
+            Error::ArgumentsNotObject { .. } => "ArgumentsNotObject",
+            Error::Console { .. } => "Console",
+            Error::OpenFile { .. } => "OpenFile",
+            Error::ExitTimeout { .. } => "ExitTimeout",
+            Error::ReapTimeout { .. } => "ReapTimeout",
+            Error::AbnormalShutdown { .. } => "AbnormalShutdown",
+            Error::StepFailed { .. } => "StepFailed",
+            Error::Qtest(_) => "Qtest",
+        }
+    }
+
+    const ALL: usize = 25;
+
+    fn handshake_eof() -> Box<Error> {
+        Box::new(Error::Qmp {
+            command: "handshake".into(),
+            source: qmp_client::Error::GreetingTimeout {
+                timeout: Duration::from_secs(10),
+            },
+        })
+    }
+
+    /// `Display` alone says what failed and why: the table of every variant.
+    #[test]
+    fn every_variant_reads_well_alone() {
+        let report = ExitReport {
+            ended_by: crate::EndedBy::Kill,
+            status: ExitStatus::Signal {
+                signal: libc::SIGKILL,
+                core_dumped: false,
+            },
+            pid: 42,
+            shutdown_event: None,
+            steps: Vec::new(),
+            output_tail: Vec::new(),
+            console_tail: Vec::new(),
+            last_events: Vec::new(),
+            command: "qemu".into(),
+            uptime: Duration::from_millis(30_120),
+        };
+        let table: Vec<(Error, &str)> = vec![
+            (
+                Error::AlreadyRunning { pid: 42 },
+                "the machine is already running (pid 42)",
+            ),
+            (Error::NotRunning, "the machine is not running"),
+            (Error::NoMonitor, "the machine has no QMP monitor"),
+            (
+                Error::QmpShared,
+                "the QMP connection is shared; use the shared handle",
+            ),
+            (
+                Error::NoConsole,
+                "the machine has no console (see set_console)",
+            ),
+            (
+                Error::BinaryNotFound {
+                    path: "/no/qemu".into(),
+                    source: io(io::ErrorKind::NotFound),
+                },
+                "cannot execute \"/no/qemu\": entity not found",
+            ),
+            (
+                Error::SocketPathTooLong {
+                    path: "/tmp/long".into(),
+                    len: 120,
+                    limit: 107,
+                },
+                "unix socket path \"/tmp/long\" is 120 bytes long, the limit is 107 bytes",
+            ),
+            (
+                Error::SocketPathInUse {
+                    path: "/tmp/file".into(),
+                },
+                "socket path \"/tmp/file\" already exists",
+            ),
+            (
+                Error::RemoteMonitor {
+                    addr: "10.0.0.1:4444".parse().expect("addr"),
+                },
+                "refusing a QMP monitor on non-loopback address 10.0.0.1:4444",
+            ),
+            (
+                Error::TempDir {
+                    base: "/ro".into(),
+                    source: io(io::ErrorKind::PermissionDenied),
+                },
+                "cannot create a temporary directory in \"/ro\": permission denied",
+            ),
+            (
+                Error::LogFile {
+                    path: "/ro/vm.log".into(),
+                    source: io(io::ErrorKind::PermissionDenied),
+                },
+                "cannot create log file \"/ro/vm.log\": permission denied",
+            ),
+            (
+                Error::Os {
+                    what: "socketpair",
+                    source: io(io::ErrorKind::OutOfMemory),
+                },
+                "socketpair failed: out of memory",
+            ),
+            (
+                Error::Spawn {
+                    command: "qemu -M none".into(),
+                    source: io(io::ErrorKind::PermissionDenied),
+                },
+                "cannot spawn qemu -M none: permission denied",
+            ),
+            (
+                Error::LaunchFailed {
+                    status: Some(ExitStatus::Code(1)),
+                    killed: false,
+                    command: "qemu -bogus".into(),
+                    output: "qemu: -bogus: invalid option\n\n".into(),
+                    cause: handshake_eof(),
+                },
+                "qemu exited during launch (exit code 1): qemu: -bogus: invalid option",
+            ),
+            (
+                Error::LaunchFailed {
+                    status: Some(ExitStatus::Signal {
+                        signal: libc::SIGKILL,
+                        core_dumped: false,
+                    }),
+                    killed: true,
+                    command: "qemu".into(),
+                    output: String::new(),
+                    cause: handshake_eof(),
+                },
+                "qemu launch failed (qmp handshake: no QMP greeting within 10s); qemu was \
+                 killed",
+            ),
+            (Error::LaunchAborted, "the launch was aborted"),
+            (
+                Error::Qmp {
+                    command: "event wait".into(),
+                    source: qmp_client::Error::EventTimeout {
+                        names: "STOP".into(),
+                        timeout: Duration::from_secs(5),
+                    },
+                },
+                "qmp event wait: no event matching STOP within 5s",
+            ),
+            (
+                Error::Command {
+                    command: "device_del".into(),
+                    class: "DeviceNotFound".into(),
+                    desc: "Device 'x' not found".into(),
+                },
+                "`device_del` failed: DeviceNotFound: Device 'x' not found",
+            ),
+            (
+                Error::ArgumentsNotObject {
+                    command: "stop".into(),
+                    value: serde_json::json!([1]),
+                },
+                "arguments of `stop` are not a json object: [1]",
+            ),
+            (
+                Error::Console {
+                    source: console_socket::Error::DrainThreadPanicked,
+                },
+                "console: console drain thread panicked",
+            ),
+            (
+                Error::OpenFile {
+                    path: "/disk.img".into(),
+                    source: io(io::ErrorKind::NotFound),
+                },
+                "cannot open \"/disk.img\": entity not found",
+            ),
+            (
+                Error::ExitTimeout {
+                    waited: Duration::from_millis(30_004),
+                },
+                "qemu did not exit within 30s",
+            ),
+            (
+                Error::ReapTimeout {
+                    pid: 42,
+                    waited: Duration::from_secs(60),
+                },
+                "qemu pid 42 was not reaped within 1m after SIGKILL",
+            ),
+            (
+                Error::AbnormalShutdown {
+                    report: Box::new(report),
+                    cause: Box::new(Error::ExitTimeout {
+                        waited: Duration::from_secs(30),
+                    }),
+                },
+                "graceful shutdown failed (qemu did not exit within 30s); qemu was killed: we \
+                 killed qemu: signal 9 (SIGKILL) after 30.1s",
+            ),
+            (
+                Error::StepFailed {
+                    step: "quit, wait 30s".into(),
+                    detail: "monitor gone".into(),
+                },
+                "shutdown step `quit, wait 30s` failed: monitor gone",
+            ),
+            (
+                Error::Qtest(crate::qtest::Error::NotRunning),
+                "qtest socket not available: the machine is not running",
+            ),
+        ];
+        let mut names: Vec<&str> = table.iter().map(|(e, _)| name(e)).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), ALL, "every variant is in the table");
+        for (error, text) in &table {
+            assert_eq!(error.to_string(), *text, "{}", name(error));
         }
     }
 }

@@ -5,6 +5,8 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use crate::report::format_duration;
+
 /// The default graceful timeout, as the seed's `shutdown(timeout=30)`.
 pub const DEFAULT_GRACEFUL_TIMEOUT: Duration = Duration::from_secs(30);
 /// The default bound on reaping after SIGKILL, as the seed's `wait(timeout=60)`.
@@ -68,16 +70,18 @@ impl Step {
 
 impl fmt::Display for Step {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let wait = |timeout: &Duration| format_duration(*timeout);
         match self {
-            Step::Wait { timeout } => write!(f, "wait {timeout:?}"),
-            Step::Powerdown { timeout } => write!(f, "system_powerdown, wait {timeout:?}"),
-            Step::Quit { timeout } => write!(f, "quit, wait {timeout:?}"),
+            Step::Wait { timeout } => write!(f, "wait {}", wait(timeout)),
+            Step::Powerdown { timeout } => write!(f, "system_powerdown, wait {}", wait(timeout)),
+            Step::Quit { timeout } => write!(f, "quit, wait {}", wait(timeout)),
             Step::Signal { signal, timeout } => write!(
                 f,
-                "{}, wait {timeout:?}",
-                crate::process::signal_name(*signal)
+                "{}, wait {}",
+                crate::process::signal_name(*signal),
+                wait(timeout)
             ),
-            Step::Kill { timeout } => write!(f, "SIGKILL, reap within {timeout:?}"),
+            Step::Kill { timeout } => write!(f, "SIGKILL, reap within {}", wait(timeout)),
         }
     }
 }
@@ -187,8 +191,11 @@ impl fmt::Display for StepRecord {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "+{:?} {} -> {:?} after {:?}",
-            self.started, self.step, self.outcome, self.elapsed
+            "+{} {} -> {:?} after {}",
+            format_duration(self.started),
+            self.step,
+            self.outcome,
+            format_duration(self.elapsed)
         )?;
         if let Some(note) = &self.note {
             write!(f, " ({note})")?;

@@ -111,4 +111,4 @@ pub use crate::ladder::{
 };
 pub use crate::machine::{prepare_socket_path, Args, Machine, LAUNCH_OUTPUT_LIMIT, UNIX_PATH_MAX};
 pub use crate::process::{signal_name, ExitStatus};
-pub use crate::report::{EndedBy, ExitReport, ShutdownEvent};
+pub use crate::report::{format_duration, EndedBy, ExitReport, ShutdownEvent};

@@ -1263,6 +1263,7 @@ impl Machine {
             quit_sent: self.quit_sent,
             sent_signals: &sent,
             shutdown_event: run.shutdown_event.as_ref(),
+            debug_exit_device: run.command.has_device("isa-debug-exit"),
         });
         if matches!(ended_by, EndedBy::Crash { .. }) {
             log::warn!("qemu crashed: {status}");

@@ -1,7 +1,14 @@
 //! The exit report: one value saying who ended the VM, how, and what it said last.
+//!
+//! The process's exit status decides the outcome; QEMU's SHUTDOWN event and the console only
+//! add detail. A newer QEMU that sends an event before a failing exit (QEMU 10 and later send
+//! `SHUTDOWN {"guest": true, "reason": "guest-shutdown"}` before an `isa-debug-exit` exit)
+//! must never turn that failure into a clean guest power-off.
 
 use std::fmt;
 use std::time::Duration;
+
+use jiff::fmt::friendly::{FractionalUnit, SpanPrinter};
 
 use qmp_proto::Event;
 
@@ -37,10 +44,17 @@ pub enum EndedBy {
         /// QEMU's reason, e.g. `host-signal`, `host-qmp-quit`.
         reason: String,
     },
-    /// QEMU exited on its own without a SHUTDOWN event (an error, `isa-debug-exit`...).
+    /// QEMU exited on its own with a non-zero code (an error, or a failing guest). A SHUTDOWN
+    /// event sent before the exit does not change this: the exit status decides.
     Exited {
         /// The exit code.
         code: i32,
+    },
+    /// The guest wrote `value` to an `isa-debug-exit` device (the command line has one): QEMU
+    /// exits with `(value << 1) | 1`, so this is never a zero exit status.
+    DebugExit {
+        /// What the guest wrote to the port (the exit code is `(value << 1) | 1`).
+        value: i32,
     },
     /// A signal we did not send ended QEMU (SIGKILL/SIGTERM/SIGINT/SIGHUP from elsewhere).
     ExternalSignal {
@@ -55,26 +69,59 @@ pub enum EndedBy {
 }
 
 impl fmt::Display for EndedBy {
+    /// One clause naming what ended QEMU, e.g. `the guest powered off after our
+    /// system_powerdown`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            EndedBy::Quit => f.write_str("our quit"),
-            EndedBy::Powerdown { reason } => match reason {
-                Some(r) => write!(f, "our system_powerdown (guest: {r})"),
-                None => f.write_str("our system_powerdown"),
+            EndedBy::Quit => f.write_str("qemu quit on our request"),
+            EndedBy::Powerdown { reason } => match reason.as_deref() {
+                Some("guest-shutdown") | None => {
+                    f.write_str("the guest powered off after our system_powerdown")
+                }
+                Some(r) => write!(f, "the guest ended after our system_powerdown ({r})"),
             },
-            EndedBy::OurSignal { signal } => write!(f, "our {}", signal_name(*signal)),
-            EndedBy::Kill => f.write_str("our SIGKILL"),
-            EndedBy::Guest { reason } => write!(f, "guest shutdown ({reason})"),
-            EndedBy::Host { reason } => write!(f, "host request ({reason})"),
-            EndedBy::Exited { code } => write!(f, "qemu exited by itself with code {code}"),
-            EndedBy::ExternalSignal { signal } => {
-                write!(f, "external signal {signal} ({})", signal_name(*signal))
+            EndedBy::OurSignal { signal } => {
+                write!(f, "qemu stopped on our {}", signal_name(*signal))
             }
-            EndedBy::Crash { signal } => {
-                write!(f, "crash: signal {signal} ({})", signal_name(*signal))
+            EndedBy::Kill => f.write_str("we killed qemu"),
+            EndedBy::Guest { reason } if reason == "guest-shutdown" => {
+                f.write_str("the guest powered off")
             }
+            EndedBy::Guest { reason } => write!(f, "the guest ended the run ({reason})"),
+            EndedBy::Host { reason } => write!(f, "qemu was stopped from outside ({reason})"),
+            EndedBy::Exited { .. } => f.write_str("qemu exited by itself"),
+            EndedBy::DebugExit { value } => write!(
+                f,
+                "the guest asked to exit with {value} through isa-debug-exit"
+            ),
+            EndedBy::ExternalSignal { signal } => write!(
+                f,
+                "qemu was ended by a {} we did not send",
+                signal_name(*signal)
+            ),
+            EndedBy::Crash { signal } => write!(f, "qemu crashed ({})", signal_name(*signal)),
         }
     }
+}
+
+/// A duration as people read it everywhere in this workspace: rounded to 2-3 significant
+/// digits, in milliseconds below one second (`0.42ms`, `4.2ms`, `85ms`) and in seconds above
+/// (`5.13s`, `12.3s`, `2m 5s`).
+pub fn format_duration(duration: Duration) -> String {
+    let nanos = duration.as_nanos();
+    let (step, unit) = match nanos {
+        n if n >= 100_000_000_000 => (1_000_000_000, FractionalUnit::Second),
+        n if n >= 10_000_000_000 => (100_000_000, FractionalUnit::Second),
+        n if n >= 1_000_000_000 => (10_000_000, FractionalUnit::Second),
+        n if n >= 10_000_000 => (1_000_000, FractionalUnit::Millisecond),
+        n if n >= 1_000_000 => (100_000, FractionalUnit::Millisecond),
+        _ => (10_000, FractionalUnit::Millisecond),
+    };
+    let rounded = (nanos + step / 2) / step * step;
+    let rounded = Duration::from_nanos(u64::try_from(rounded).unwrap_or(u64::MAX));
+    SpanPrinter::new()
+        .fractional(Some(unit))
+        .unsigned_duration_to_string(&rounded)
 }
 
 /// What QEMU's SHUTDOWN event said.
@@ -132,13 +179,59 @@ pub struct ExitReport {
     pub uptime: Duration,
 }
 
+impl ExitReport {
+    /// Whether the run ended cleanly: QEMU exited with status 0 because we or the guest asked
+    /// for it (a guest reset or panic under `-no-reboot` / `-no-shutdown` is not clean). The exit
+    /// status decides first: a non-zero exit is never clean, whatever events came before it.
+    pub fn clean(&self) -> bool {
+        if self.status != ExitStatus::Code(0) {
+            return false;
+        }
+        match &self.ended_by {
+            EndedBy::Quit
+            | EndedBy::Powerdown { .. }
+            | EndedBy::OurSignal { .. }
+            | EndedBy::Host { .. } => true,
+            EndedBy::Guest { reason } => reason == "guest-shutdown",
+            _ => false,
+        }
+    }
+
+    /// One plain sentence: what ended QEMU, its exit status and how long it ran, e.g.
+    /// `the guest asked to exit with 3 through isa-debug-exit: exit code 7 ((3 << 1) | 1)
+    /// after 85ms`.
+    pub fn summary(&self) -> String {
+        let mut text = format!("{}: {}", self.ended_by, self.status);
+        if let EndedBy::DebugExit { value } = self.ended_by {
+            text.push_str(&format!(" (({value} << 1) | 1)"));
+        }
+        text.push_str(" after ");
+        text.push_str(&format_duration(self.uptime));
+        // The event only adds detail; say so when it looks like a clean stop but was not one.
+        if let (Some(event), false) = (&self.shutdown_event, self.clean()) {
+            if matches!(
+                self.ended_by,
+                EndedBy::Exited { .. } | EndedBy::DebugExit { .. }
+            ) {
+                text.push_str(&format!(
+                    " (qemu sent SHUTDOWN {} first)",
+                    if event.guest {
+                        format!("guest: {}", event.reason)
+                    } else {
+                        format!("host: {}", event.reason)
+                    }
+                ));
+            }
+        }
+        text
+    }
+}
+
 impl fmt::Display for ExitReport {
+    /// The [`ExitReport::summary`] line, then the details: ladder steps, last events, QEMU's
+    /// output, the console's last lines and the command line.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "qemu ended by {}: {} after {:?}",
-            self.ended_by, self.status, self.uptime
-        )?;
+        writeln!(f, "{}", self.summary())?;
         for step in &self.steps {
             writeln!(f, "  step {step}")?;
         }
@@ -166,6 +259,8 @@ pub(crate) struct Facts<'a> {
     /// Signals we sent.
     pub(crate) sent_signals: &'a [i32],
     pub(crate) shutdown_event: Option<&'a ShutdownEvent>,
+    /// The command line has an `isa-debug-exit` device: an odd exit code is the guest's.
+    pub(crate) debug_exit_device: bool,
 }
 
 /// Decides who ended the VM.
@@ -181,6 +276,14 @@ pub(crate) fn classify(facts: &Facts<'_>) -> EndedBy {
                 EndedBy::Crash { signal }
             };
         }
+    }
+    // A non-zero exit code decides, whatever step ran or event came first.
+    if let Some(code) = facts.status.code().filter(|c| *c > 0) {
+        return if facts.debug_exit_device && code % 2 == 1 {
+            EndedBy::DebugExit { value: code >> 1 }
+        } else {
+            EndedBy::Exited { code }
+        };
     }
     let killed = facts.status.signal() == Some(libc::SIGKILL);
     match facts.ended_during {
@@ -238,6 +341,7 @@ mod tests {
             quit_sent: false,
             sent_signals: sent,
             shutdown_event: ev,
+            debug_exit_device: false,
         }
     }
 
@@ -298,11 +402,32 @@ mod tests {
                 reason: "host-signal".into()
             }
         );
-        // isa-debug-exit: no event, odd exit code.
+        // An odd exit code without an isa-debug-exit device: QEMU's own.
         assert_eq!(
             classify(&facts(ExitStatus::Code(7), &[], None)),
             EndedBy::Exited { code: 7 }
         );
+        // isa-debug-exit on QEMU 7.2: no event, odd exit code.
+        let mut f = facts(ExitStatus::Code(7), &[], None);
+        f.debug_exit_device = true;
+        assert_eq!(classify(&f), EndedBy::DebugExit { value: 3 });
+        // isa-debug-exit on QEMU 10 and later: SHUTDOWN guest-shutdown first, then the exit
+        // status; the status decides.
+        let mut f = facts(ExitStatus::Code(11), &[], Some(&guest));
+        f.debug_exit_device = true;
+        assert_eq!(classify(&f), EndedBy::DebugExit { value: 5 });
+        f.debug_exit_device = false;
+        assert_eq!(classify(&f), EndedBy::Exited { code: 11 });
+        // An even code with the device is QEMU's own, not the guest's.
+        let mut f = facts(ExitStatus::Code(2), &[], None);
+        f.debug_exit_device = true;
+        assert_eq!(classify(&f), EndedBy::Exited { code: 2 });
+        // A failing exit during our quit step is still a failure.
+        let mut f = facts(ExitStatus::Code(1), &[], Some(&host));
+        f.ended_during = Some(Step::Quit {
+            timeout: Duration::from_secs(1),
+        });
+        assert_eq!(classify(&f), EndedBy::Exited { code: 1 });
         // SIGKILL we did not send.
         assert_eq!(
             classify(&facts(KILLED, &[], None)),
@@ -373,34 +498,180 @@ mod display_tests {
     use super::*;
     use crate::ladder::StepOutcome;
 
+    fn report(ended_by: EndedBy, status: ExitStatus) -> ExitReport {
+        ExitReport {
+            ended_by,
+            status,
+            pid: 4242,
+            shutdown_event: None,
+            steps: Vec::new(),
+            output_tail: Vec::new(),
+            console_tail: Vec::new(),
+            last_events: Vec::new(),
+            command: "qemu -M none".into(),
+            uptime: Duration::from_nanos(85_161_196),
+        }
+    }
+
+    #[test]
+    fn durations_have_two_or_three_significant_digits() {
+        for (nanos, text) in [
+            (0, "0ms"),
+            (4_200, "0ms"),
+            (420_000, "0.42ms"),
+            (4_249_000, "4.2ms"),
+            (85_161_196, "85ms"),
+            (999_400_000, "999ms"),
+            (1_000_000_000, "1s"),
+            (1_500_000_000, "1.5s"),
+            (5_138_000_000, "5.14s"),
+            (12_345_000_000, "12.3s"),
+            (125_400_000_000, "2m 5s"),
+        ] {
+            assert_eq!(
+                format_duration(Duration::from_nanos(nanos)),
+                text,
+                "{nanos} ns"
+            );
+        }
+    }
+
+    #[test]
+    fn summaries_are_one_plain_sentence() {
+        let signal = |signal| ExitStatus::Signal {
+            signal,
+            core_dumped: false,
+        };
+        let reason = |r: &str| r.to_string();
+        for (ended_by, status, text) in [
+            (
+                EndedBy::Quit,
+                ExitStatus::Code(0),
+                "qemu quit on our request: exit code 0 after 85ms",
+            ),
+            (
+                EndedBy::Powerdown {
+                    reason: Some(reason("guest-shutdown")),
+                },
+                ExitStatus::Code(0),
+                "the guest powered off after our system_powerdown: exit code 0 after 85ms",
+            ),
+            (
+                EndedBy::OurSignal {
+                    signal: libc::SIGTERM,
+                },
+                ExitStatus::Code(0),
+                "qemu stopped on our SIGTERM: exit code 0 after 85ms",
+            ),
+            (
+                EndedBy::Kill,
+                signal(libc::SIGKILL),
+                "we killed qemu: signal 9 (SIGKILL) after 85ms",
+            ),
+            (
+                EndedBy::Guest {
+                    reason: reason("guest-shutdown"),
+                },
+                ExitStatus::Code(0),
+                "the guest powered off: exit code 0 after 85ms",
+            ),
+            (
+                EndedBy::Guest {
+                    reason: reason("guest-panic"),
+                },
+                ExitStatus::Code(0),
+                "the guest ended the run (guest-panic): exit code 0 after 85ms",
+            ),
+            (
+                EndedBy::Host {
+                    reason: reason("host-signal"),
+                },
+                ExitStatus::Code(0),
+                "qemu was stopped from outside (host-signal): exit code 0 after 85ms",
+            ),
+            (
+                EndedBy::Exited { code: 1 },
+                ExitStatus::Code(1),
+                "qemu exited by itself: exit code 1 after 85ms",
+            ),
+            (
+                EndedBy::DebugExit { value: 3 },
+                ExitStatus::Code(7),
+                "the guest asked to exit with 3 through isa-debug-exit: exit code 7 \
+                 ((3 << 1) | 1) after 85ms",
+            ),
+            (
+                EndedBy::ExternalSignal {
+                    signal: libc::SIGKILL,
+                },
+                signal(libc::SIGKILL),
+                "qemu was ended by a SIGKILL we did not send: signal 9 (SIGKILL) after 85ms",
+            ),
+            (
+                EndedBy::Crash {
+                    signal: libc::SIGSEGV,
+                },
+                signal(libc::SIGSEGV),
+                "qemu crashed (SIGSEGV): signal 11 (SIGSEGV) after 85ms",
+            ),
+        ] {
+            assert_eq!(report(ended_by, status).summary(), text);
+        }
+    }
+
+    #[test]
+    fn a_shutdown_event_before_a_failing_exit_is_detail_not_the_outcome() {
+        let mut r = report(EndedBy::DebugExit { value: 5 }, ExitStatus::Code(11));
+        r.shutdown_event = Some(ShutdownEvent {
+            guest: true,
+            reason: "guest-shutdown".into(),
+        });
+        assert!(!r.clean());
+        assert_eq!(
+            r.summary(),
+            "the guest asked to exit with 5 through isa-debug-exit: exit code 11 ((5 << 1) | 1) \
+             after 85ms (qemu sent SHUTDOWN guest: guest-shutdown first)"
+        );
+        let clean = report(
+            EndedBy::Guest {
+                reason: "guest-shutdown".into(),
+            },
+            ExitStatus::Code(0),
+        );
+        assert!(clean.clean());
+        assert!(!report(
+            EndedBy::Guest {
+                reason: "guest-reset".into()
+            },
+            ExitStatus::Code(0)
+        )
+        .clean());
+        assert!(!report(EndedBy::Kill, ExitStatus::Code(0)).clean());
+    }
+
     #[test]
     fn report_display_names_cause_status_steps_and_tails() {
-        let report = ExitReport {
-            ended_by: EndedBy::Kill,
-            status: ExitStatus::Signal {
+        let mut report = report(
+            EndedBy::Kill,
+            ExitStatus::Signal {
                 signal: libc::SIGKILL,
                 core_dumped: false,
             },
-            pid: 4242,
-            shutdown_event: None,
-            steps: vec![StepRecord {
-                step: Step::Quit {
-                    timeout: Duration::from_secs(1),
-                },
-                started: Duration::ZERO,
-                elapsed: Duration::from_secs(1),
-                outcome: StepOutcome::TimedOut,
-                note: None,
-            }],
-            output_tail: vec!["qemu: warning".into()],
-            console_tail: vec!["guest> ".into()],
-            last_events: Vec::new(),
-            command: "qemu -M none".into(),
-            uptime: Duration::from_millis(5),
-        };
+        );
+        report.steps = vec![StepRecord {
+            step: Step::Quit {
+                timeout: Duration::from_secs(1),
+            },
+            started: Duration::ZERO,
+            elapsed: Duration::from_secs(1),
+            outcome: StepOutcome::TimedOut,
+            note: None,
+        }];
+        report.output_tail = vec!["qemu: warning".into()];
+        report.console_tail = vec!["guest> ".into()];
         let text = report.to_string();
         assert!(
-            text.starts_with("qemu ended by our SIGKILL: signal 9 (SIGKILL)"),
+            text.starts_with("we killed qemu: signal 9 (SIGKILL) after 85ms\n"),
             "{text}"
         );
         assert!(text.contains("quit, wait 1s -> TimedOut"), "{text}");

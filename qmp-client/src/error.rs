@@ -31,7 +31,7 @@ pub enum Error {
         limit: usize,
     },
     /// Connecting to a server failed.
-    #[error("cannot connect to {address}")]
+    #[error("cannot connect to {address}: {source}")]
     Connect {
         /// The unix path or TCP address.
         address: String,
@@ -48,7 +48,7 @@ pub enum Error {
         timeout: Duration,
     },
     /// Creating, binding or listening on a server socket failed.
-    #[error("cannot listen on {address}")]
+    #[error("cannot listen on {address}: {source}")]
     Bind {
         /// The unix path or TCP address.
         address: String,
@@ -84,7 +84,7 @@ pub enum Error {
         source: io::Error,
     },
     /// Accepting the peer failed.
-    #[error("cannot accept a connection on {address}")]
+    #[error("cannot accept a connection on {address}: {source}")]
     Accept {
         /// The unix path or TCP address.
         address: String,
@@ -104,7 +104,7 @@ pub enum Error {
     #[error("wait aborted: the abort fd became readable")]
     Aborted,
     /// The server sent no greeting before the deadline.
-    #[error("no greeting within {timeout:?}")]
+    #[error("no QMP greeting within {timeout:?}")]
     GreetingTimeout {
         /// How long we waited.
         timeout: Duration,
@@ -119,7 +119,7 @@ pub enum Error {
         source: Option<qmp_proto::Error>,
     },
     /// `qmp_capabilities` failed (error reply, timeout, EOF or garbage).
-    #[error("capability negotiation failed")]
+    #[error("capability negotiation failed: {cause}")]
     Negotiation {
         /// What went wrong.
         #[source]
@@ -179,14 +179,14 @@ pub enum Error {
         desc: String,
     },
     /// The server's bytes could not be decoded (malformed JSON, not an object, too large...).
-    #[error("undecodable message from the server")]
+    #[error("undecodable message from the server: {source}")]
     Decode {
         /// The decoder's error, with a bounded copy of the bytes.
         #[source]
         source: qmp_proto::Error,
     },
     /// The server closed the connection.
-    #[error("connection closed by the server during {phase} ({partial_len} bytes of an unfinished message)")]
+    #[error("{}", eof_text(*phase, *partial_len))]
     Eof {
         /// What the session was doing.
         phase: Phase,
@@ -194,7 +194,7 @@ pub enum Error {
         partial_len: usize,
     },
     /// A socket operation failed.
-    #[error("socket {op} failed")]
+    #[error("socket {op} failed: {source}")]
     Io {
         /// The operation (`read`, `write`, `poll`, ...).
         op: &'static str,
@@ -206,7 +206,7 @@ pub enum Error {
     #[error("connection closed")]
     Closed,
     /// The connection is gone; the cause is the failure that ended it.
-    #[error("disconnected")]
+    #[error("disconnected: {cause}")]
     Disconnected {
         /// The first failure of the session.
         #[source]
@@ -249,6 +249,21 @@ pub enum Error {
     /// File descriptors can only be passed over a unix socket.
     #[error("file descriptors can only be passed over a unix socket")]
     FdPassingUnsupported,
+}
+
+/// [`Error::Eof`]'s text: when the server closed, and the unfinished message it cut off.
+fn eof_text(phase: Phase, partial_len: usize) -> String {
+    let when = match phase {
+        Phase::Greeting => " before its greeting",
+        Phase::Negotiation => " during capability negotiation",
+        Phase::Ready | Phase::Closed => "",
+    };
+    match partial_len {
+        0 => format!("the server closed the connection{when}"),
+        n => {
+            format!("the server closed the connection{when}, {n} bytes into an unfinished message")
+        }
+    }
 }
 
 impl Error {

@@ -47,7 +47,7 @@ pub enum Error {
     },
     /// A message is not valid JSON: a syntax error, a truncated message, a lone surrogate, a
     /// control character in a string, a number out of range.
-    #[error("malformed json message")]
+    #[error("malformed json message: {source}")]
     Malformed {
         /// The first bytes of the message.
         raw: Vec<u8>,

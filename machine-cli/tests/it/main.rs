@@ -2,9 +2,11 @@
 //! scripted fake QMP server on a unix socket path (or with a missing QEMU), and checks its exit
 //! status and output.
 
+mod errors;
 mod events;
 mod misc;
 mod qmp;
 mod qom;
+mod run;
 mod shell;
 mod util;

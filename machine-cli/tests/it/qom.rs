@@ -132,3 +132,16 @@ fn errors_are_typed() {
     let r = run(&["qom", "get", "/machine.type"], "", &[]);
     r.expect_code(2);
 }
+
+/// The address is positional as for every other subcommand; `-s` (QEMU's qom tools) and
+/// $QMP_SOCKET still work.
+#[test]
+fn the_address_is_positional_like_elsewhere() {
+    let s = serve(object_model());
+    let r = run(&["qom", s.addr(), "get", "/machine.type"], "", &[]);
+    r.expect_code(0);
+    assert_eq!(r.stdout, "q35-machine\n");
+    let r = run(&["qom", "get", "/machine.type"], "", &[]);
+    r.expect_code(2);
+    assert!(r.stderr.contains("no QMP server address"), "{}", r.stderr);
+}

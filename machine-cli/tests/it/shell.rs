@@ -315,5 +315,9 @@ fn wrap_on_a_terminal_shows_events_while_idle_at_the_prompt() {
     // Ended by our quit after Ctrl-D: the rest of the output (the report) until the
     // terminal hangs up.
     term.read_to_hangup(Duration::from_secs(5));
-    assert!(term.seen.contains("our quit"), "{:?}", term.seen);
+    assert!(
+        term.seen.contains("qemu quit on our request"),
+        "{:?}",
+        term.seen
+    );
 }

@@ -71,7 +71,7 @@ pub enum Error {
         timeout: Duration,
     },
     /// Reading from or writing to the qtest socket failed.
-    #[error("qtest socket i/o failed")]
+    #[error("qtest socket i/o failed{}: {source}", command.as_ref().map(|c| format!(" (`{c}`)")).unwrap_or_default())]
     Io {
         /// The command being sent or waited for, if any.
         command: Option<String>,
@@ -80,7 +80,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// Connecting to a qtest socket path failed.
-    #[error("cannot connect to qtest socket {path}")]
+    #[error("cannot connect to qtest socket {}: {source}", path.display())]
     Connect {
         /// The socket path.
         path: PathBuf,

@@ -674,3 +674,47 @@ exit 0"#,
         Some("FLOOD_END")
     );
 }
+
+/// From QEMU 10 on, isa-debug-exit sends `SHUTDOWN {"guest": true, "reason": "guest-shutdown"}`
+/// before QEMU exits with `(value << 1) | 1`. The exit status decides: this is a failing guest,
+/// never a clean power-off.
+#[test]
+fn a_guest_shutdown_event_before_exit_11_is_the_guests_failure() {
+    let _g = shared();
+    let stub = Stub::new(
+        r#"greet
+serve_one
+serve_one
+printf '{"event": "SHUTDOWN", "data": {"guest": true, "reason": "guest-shutdown"}, "timestamp": {"seconds": 1, "microseconds": 2}}\r\n' >&$MON
+exit 11"#,
+    );
+    for (device, ended_by) in [
+        (true, EndedBy::DebugExit { value: 5 }),
+        (false, EndedBy::Exited { code: 11 }),
+    ] {
+        let mut b = stub.builder();
+        if device {
+            b.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
+        }
+        let mut m = b.build();
+        m.launch().expect("launch");
+        // The stub answers this one command, then sends the event and exits.
+        m.cmd("cont", ()).expect("cont");
+        let report = m.wait(Duration::from_secs(10)).expect("wait");
+        assert_eq!(report.status, ExitStatus::Code(11));
+        assert_eq!(report.ended_by, ended_by);
+        assert_eq!(
+            report
+                .shutdown_event
+                .as_ref()
+                .map(|e| (e.guest, e.reason.as_str())),
+            Some((true, "guest-shutdown"))
+        );
+        assert!(!report.clean(), "{report}");
+        assert!(
+            report.summary().contains("exit code 11"),
+            "{}",
+            report.summary()
+        );
+    }
+}

@@ -453,7 +453,7 @@ fn run_guest_exit_status(ctx: &Ctx) -> Result<(), String> {
     if !done
         .stderr
         .iter()
-        .any(|l| l.contains("qemu exited by itself with code 11"))
+        .any(|l| l.contains("the guest asked to exit with 5 through isa-debug-exit: exit code 11"))
     {
         return Err(format!(
             "report does not say how it ended: {:?}",
@@ -481,7 +481,7 @@ fn run_sigint(ctx: &Ctx) -> Result<(), String> {
     if !done
         .stderr
         .iter()
-        .any(|l| l.contains("guest shutdown (guest-shutdown)"))
+        .any(|l| l.contains("the guest powered off"))
     {
         return Err(format!(
             "report does not say guest shutdown: {:?}",
@@ -635,17 +635,13 @@ fn run_ctrl_c_on_terminal(ctx: &Ctx) -> Result<(), String> {
         term.type_keys(b"flood 3\r")?;
         term.wait_for(ctx, guest::FLOOD_DONE)?;
         term.type_keys(b"\x03")?;
-        term.wait_for(ctx, "exit status")
+        term.wait_for(ctx, "the guest powered off")
     })();
     let (status, seen) = term.finish(ctx, steps, "Ctrl-C")?;
     if status.code() != Some(0) {
         return Err(format!("exit {status:?} after Ctrl-C: {seen:?}"));
     }
-    for want in [
-        guest::POWER_BUTTON_LINE,
-        "guest shutdown (guest-shutdown)",
-        "012",
-    ] {
+    for want in [guest::POWER_BUTTON_LINE, "the guest powered off", "012"] {
         if !seen.contains(want) {
             return Err(format!("{want:?} not on the terminal: {seen:?}"));
         }
@@ -684,7 +680,11 @@ fn run_second_sigint(ctx: &Ctx) -> Result<(), String> {
             sent.elapsed()
         ));
     }
-    if !done.stderr.iter().any(|l| l.contains("our SIGKILL")) {
+    if !done
+        .stderr
+        .iter()
+        .any(|l| l.contains("we killed qemu: signal 9 (SIGKILL)"))
+    {
         return Err(format!("report does not say SIGKILL: {:?}", done.stderr));
     }
     Ok(())
@@ -934,7 +934,7 @@ fn wrap_shell(ctx: &Ctx) -> Result<(), String> {
     if !done
         .stderr
         .iter()
-        .any(|l| l.contains("qemu ended by our quit"))
+        .any(|l| l.contains("qemu quit on our request"))
     {
         return Err(format!("no exit report: {:?}", done.stderr));
     }
@@ -970,7 +970,7 @@ fn wrap_live_events(ctx: &Ctx) -> Result<(), String> {
         term.wait_for(ctx, " STOP")?;
         drop(other);
         term.type_keys(b"\x04")?;
-        term.wait_for(ctx, "qemu ended by our quit")
+        term.wait_for(ctx, "qemu quit on our request")
     })();
     let (status, seen) = term.finish(ctx, steps, "Ctrl-D")?;
     if status.code() != Some(0) {

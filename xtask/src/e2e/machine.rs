@@ -815,7 +815,7 @@ fn guest_console(ctx: &Ctx) -> Result<(), String> {
         format!("status {}", report.status),
     )?;
     check(
-        report.ended_by == EndedBy::Exited { code },
+        report.ended_by == EndedBy::DebugExit { value: 5 },
         format!("ended by {}", report.ended_by),
     )?;
     check(

@@ -64,7 +64,7 @@ fn attempt(settings: &Settings, timeout: Duration) -> Result<Outcome, String> {
                 killed,
                 cause,
                 ..
-            }) if !chain(cause.as_ref()).contains("no greeting within") => {
+            }) if !chain(cause.as_ref()).contains("no QMP greeting within") => {
                 // Stopped after the greeting: a negotiation timeout, not what we measure.
                 let _ = (status, killed);
                 Ok(Outcome::RaceLost)
@@ -160,7 +160,7 @@ pub fn run(settings: &Settings) -> Figure {
     );
     let greeting_typed = samples
         .iter()
-        .filter(|s| s.cause.contains("no greeting within"))
+        .filter(|s| s.cause.contains("no QMP greeting within"))
         .count();
     figure.check(
         "cause is the typed greeting timeout",
