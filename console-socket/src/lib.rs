@@ -30,11 +30,12 @@
 //! End of file is seen at once: waits return [`Error::Closed`] with the unconsumed output
 //! instead of sitting out their timeout.
 //!
-//! Against the weak points of the Python original (anchor inventory W1-W5): W1 (back-pressure
-//! deadlock) and W2 (lazy drain) by draining from creation; W3 (no EOF handling, one byte per
-//! syscall, log flush per byte, unbounded buffer) by EOF detection, 64 KiB reads, buffered
-//! logging and the bounded buffer; W4 (a second reader racing the drain) because nothing reads
-//! the socket but the drain; W5 (a reader spinning at EOF) by [`Error::Closed`].
+//! Against the weak points of the console in QEMU's Python `qemu.machine`: QEMU blocking on a
+//! full socket (back-pressure deadlock) and output lost before anyone reads are avoided by
+//! draining from creation; no end-of-file handling, one byte per system call, a log flush per
+//! byte and an unbounded buffer by EOF detection, 64 KiB reads, buffered logging and the
+//! bounded buffer; a second reader racing the drain because nothing reads the socket but the
+//! drain; a reader spinning at end of file by [`Error::Closed`].
 //!
 //! The console takes the socket over: it sets `O_NONBLOCK` on it and shuts it down at close.
 //!

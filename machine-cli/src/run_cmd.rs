@@ -182,26 +182,42 @@ impl Reporter {
             return Ok(());
         }
         self.console_at.set(Instant::now());
-        self.mid_line.set(!bytes.ends_with(b"\n"));
-        let written = if self.json {
+        if self.json {
             let text = String::from_utf8_lossy(bytes);
-            self.record(output::emit(
+            return self.record(output::emit(
                 &json!({"type": "console", "text": text}).to_string(),
-            ))
-        } else {
-            let mut stdout = std::io::stdout().lock();
-            self.record(
-                stdout
-                    .write_all(bytes)
-                    .and_then(|()| stdout.flush())
-                    .map_err(|source| Error::Io {
-                        what: "writing to stdout",
-                        source,
-                    }),
-            )
+            ));
+        }
+        // Held lines go out at the first line boundary in these bytes.
+        let cut = match bytes.iter().position(|b| *b == b'\n') {
+            Some(at) if !self.held.borrow().is_empty() => at + 1,
+            _ => bytes.len(),
         };
-        self.release(false);
-        written
+        let (lines, rest) = bytes.split_at(cut);
+        self.write_console(lines)?;
+        if lines.ends_with(b"\n") {
+            self.mid_line.set(false);
+            self.release(true);
+        }
+        self.write_console(rest)
+    }
+
+    /// Writes console bytes to stdout as they are.
+    fn write_console(&self, bytes: &[u8]) -> Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        self.mid_line.set(!bytes.ends_with(b"\n"));
+        let mut stdout = std::io::stdout().lock();
+        self.record(
+            stdout
+                .write_all(bytes)
+                .and_then(|()| stdout.flush())
+                .map_err(|source| Error::Io {
+                    what: "writing to stdout",
+                    source,
+                }),
+        )
     }
 
     fn event(&self, event: &machine_core::qmp_proto::Event) -> Result<()> {

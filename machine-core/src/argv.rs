@@ -1,4 +1,4 @@
-//! Building QEMU's command line safely: comma escaping, the seed's argv layout, printing.
+//! Building QEMU's command line safely: comma escaping, the argv layout of QEMU's Python `qemu.machine`, printing.
 //!
 //! QEMU splits option strings such as `socket,id=mon,path=P` at every single comma and reads a
 //! doubled comma as a literal one. Every value we put into such a string on the caller's

@@ -27,7 +27,7 @@ pub enum Monitor {
     /// A TCP address: we listen (port 0 picks a free port), QEMU connects. Loopback only
     /// unless [`MachineBuilder::allow_remote_monitor`].
     Tcp(SocketAddr),
-    /// No QMP monitor at all (the seed's `set_qmp_monitor(False)`): shutdown uses SIGTERM.
+    /// No QMP monitor at all (`set_qmp_monitor(False)` in QEMU's Python `qemu.machine`): shutdown uses SIGTERM.
     None,
 }
 
@@ -36,7 +36,7 @@ pub enum Monitor {
 pub struct ConsoleSettings {
     /// `-device TYPE,chardev=console` (e.g. `isa-serial`); None: `-serial chardev:console`.
     pub device_type: Option<String>,
-    /// Number of `-serial null` before the console (the seed's `console_index`).
+    /// Number of `-serial null` before the console (`console_index` in QEMU's Python `qemu.machine`).
     pub index: u32,
     /// Draining and logging settings (log file, buffer capacity, line ending...).
     pub config: console_socket::Config,
@@ -94,7 +94,7 @@ fn default_name() -> String {
     )
 }
 
-/// Configures a [`Machine`]. Every setting has the seed's default.
+/// Configures a [`Machine`]. Every setting has the default of QEMU's Python `qemu.machine`.
 ///
 /// ```no_run
 /// use machine_core::{MachineBuilder, Monitor};
@@ -127,7 +127,7 @@ impl MachineBuilder {
                 log_dir: None,
                 monitor: Monitor::SocketPair,
                 allow_remote_monitor: false,
-                // Like the seed's legacy client: no `oob` unless asked. QEMU reads the monitor
+                // Like the legacy client of QEMU's Python `qemu.machine`: no `oob` unless asked. QEMU reads the monitor
                 // one byte per system call, so the shorter negotiation saves ~0.25 ms a launch.
                 qmp: qmp_client::Config::default().with_oob(qmp_client::OobPolicy::Off),
                 console: None,
@@ -239,7 +239,7 @@ impl MachineBuilder {
         self
     }
 
-    /// The seed's `set_console(device_type, console_index)`.
+    /// Like `set_console(device_type, console_index)` in QEMU's Python `qemu.machine`.
     pub fn set_console(&mut self, device_type: Option<&str>, index: u32) -> &mut Self {
         let console = self
             .config
@@ -314,7 +314,7 @@ impl MachineBuilder {
     }
 
     /// Passes a duplicate of `fd` to QEMU and adds `-add-fd fd=N,set=FDSET,opaque=OPAQUE[,OPTS]`
-    /// (the seed's `add_fd`). `opaque` is escaped; `opts` is a raw option string. Returns N.
+    /// (`add_fd` in QEMU's Python `qemu.machine`). `opaque` is escaped; `opts` is a raw option string. Returns N.
     pub fn add_fd(
         &mut self,
         fd: impl AsFd,
@@ -325,7 +325,7 @@ impl MachineBuilder {
         self.config.add_fd(fd, fdset, opaque, opts)
     }
 
-    /// The shutdown ladder [`Machine::shutdown`] uses. Default: the seed's (quit, 30 s, kill).
+    /// The shutdown ladder [`Machine::shutdown`] uses. Default: as in QEMU's Python `qemu.machine` (quit, 30 s, kill).
     pub fn shutdown_ladder(&mut self, ladder: ShutdownLadder) -> &mut Self {
         self.config.ladder = ladder;
         self

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use crate::report::format_duration;
 
-/// The default graceful timeout, as the seed's `shutdown(timeout=30)`.
+/// The default graceful timeout, as `shutdown(timeout=30)` in QEMU's Python `qemu.machine`.
 pub const DEFAULT_GRACEFUL_TIMEOUT: Duration = Duration::from_secs(30);
-/// The default bound on reaping after SIGKILL, as the seed's `wait(timeout=60)`.
+/// The default bound on reaping after SIGKILL, as `wait(timeout=60)` in QEMU's Python `qemu.machine`.
 pub const DEFAULT_REAP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One rung of the ladder.
@@ -29,7 +29,7 @@ pub enum Step {
     },
     /// Send QMP `quit` (unless one was already sent) and wait up to `timeout` for the exit.
     /// End-of-file or a connection reset after `quit` is success. Without a QMP monitor this
-    /// step sends SIGTERM instead, as the seed does; so it does when the monitor has already
+    /// step sends SIGTERM instead, as QEMU's Python `qemu.machine` does; so it does when the monitor has already
     /// failed or closed (a `quit` could not arrive, and waiting for it would only burn the
     /// budget before a SIGKILL).
     Quit {
@@ -93,7 +93,7 @@ pub struct ShutdownLadder {
 }
 
 impl Default for ShutdownLadder {
-    /// The seed's behaviour: `quit` with 30 s for the exit, then SIGKILL with 60 s to reap.
+    /// As in QEMU's Python `qemu.machine`: `quit` with 30 s for the exit, then SIGKILL with 60 s to reap.
     fn default() -> Self {
         ShutdownLadder::graceful(DEFAULT_GRACEFUL_TIMEOUT)
     }
@@ -119,17 +119,17 @@ impl ShutdownLadder {
         ShutdownLadder { steps: out }
     }
 
-    /// `quit`, wait up to `timeout`, then SIGKILL (the seed's `shutdown(timeout=...)`).
+    /// `quit`, wait up to `timeout`, then SIGKILL (`shutdown(timeout=...)` in QEMU's Python `qemu.machine`).
     pub fn graceful(timeout: Duration) -> Self {
         ShutdownLadder::new([Step::Quit { timeout }])
     }
 
-    /// SIGKILL at once (the seed's `shutdown(hard=True)` / `kill()`).
+    /// SIGKILL at once (`shutdown(hard=True)` / `kill()` in QEMU's Python `qemu.machine`).
     pub fn hard() -> Self {
         ShutdownLadder::new([])
     }
 
-    /// Wait for a guest-initiated exit up to `timeout`, then SIGKILL (the seed's `wait()`).
+    /// Wait for a guest-initiated exit up to `timeout`, then SIGKILL (`wait()` in QEMU's Python `qemu.machine`).
     pub fn wait(timeout: Duration) -> Self {
         ShutdownLadder::new([Step::Wait { timeout }])
     }

@@ -45,10 +45,10 @@ const REPORT_LINES: usize = 20;
 const PIDFD: Token = Token(0);
 const QMP: Token = Token(1);
 
-/// QMP command arguments, with the seed's `_` to `-` key conversion on by default.
+/// QMP command arguments, with the `_` to `-` key conversion of QEMU's Python `qemu.machine` on by default.
 ///
 /// `Value`, `Map` and `()` convert into converted arguments; [`Args::exact`] skips the
-/// conversion for commands whose argument names really contain underscores (fixes W24).
+/// conversion for commands whose argument names really contain underscores.
 ///
 /// ```
 /// use machine_core::Args;
@@ -131,7 +131,7 @@ impl From<Option<Map<String, Value>>> for Args {
     }
 }
 
-/// The seed's `_qmp_args(conv_keys=True)`: `_` becomes `-` in top-level keys only.
+/// Like `_qmp_args(conv_keys=True)` in QEMU's Python `qemu.machine`: `_` becomes `-` in top-level keys only.
 fn conv_keys(map: Map<String, Value>) -> Map<String, Value> {
     map.into_iter()
         .map(|(k, v)| (k.replace('_', "-"), v))
@@ -304,7 +304,7 @@ impl Machine {
         &self.config.args
     }
 
-    /// The user arguments, mutable (the seed's live `args` list).
+    /// The user arguments, mutable (the live `args` list of QEMU's Python `qemu.machine`).
     pub fn args_mut(&mut self) -> &mut Vec<OsString> {
         &mut self.config.args
     }
@@ -323,7 +323,7 @@ impl Machine {
         self.config.machine_type = Some(machine.into());
     }
 
-    /// The seed's `set_console(device_type, console_index)`.
+    /// Like `set_console(device_type, console_index)` in QEMU's Python `qemu.machine`.
     pub fn set_console(&mut self, device_type: Option<&str>, index: u32) {
         let console = self
             .config
@@ -338,7 +338,7 @@ impl Machine {
         self.config.add_monitor_null();
     }
 
-    /// The seed's `set_qmp_monitor(enabled)`: false means [`Monitor::None`], true restores
+    /// Like `set_qmp_monitor(enabled)` in QEMU's Python `qemu.machine`: false means [`Monitor::None`], true restores
     /// the socketpair monitor if there was none.
     pub fn set_qmp_monitor(&mut self, enabled: bool) {
         match (enabled, &self.config.monitor) {
@@ -370,7 +370,7 @@ impl Machine {
         raw
     }
 
-    /// The seed's `add_fd`: passes a duplicate of `fd` with `-add-fd` at every launch.
+    /// Like `add_fd` in QEMU's Python `qemu.machine`: passes a duplicate of `fd` with `-add-fd` at every launch.
     pub fn add_fd(
         &mut self,
         fd: impl AsFd,
@@ -388,7 +388,7 @@ impl Machine {
 
     /// The private temp dir (created 0700 under the base temp dir on first use; removed,
     /// with everything in it, after QEMU's exit, after a failed launch and on drop, as the
-    /// seed's `_post_shutdown` does).
+    /// `_post_shutdown` in QEMU's Python `qemu.machine` does).
     pub fn temp_dir(&mut self) -> Result<&Path> {
         if self.temp_dir.is_none() {
             let base = &self.config.base_temp_dir;
@@ -409,7 +409,7 @@ impl Machine {
     }
 
     /// The log dir: the configured one (where `{name}.log` is written and kept), else the
-    /// temp dir (the seed's default). Without a configured log dir no log file is written:
+    /// temp dir (the default of QEMU's Python `qemu.machine`). Without a configured log dir no log file is written:
     /// QEMU's output is kept in memory ([`Machine::log`], [`Machine::log_tail`]).
     pub fn log_dir(&mut self) -> Result<PathBuf> {
         match &self.config.log_dir {
@@ -433,7 +433,7 @@ impl Machine {
     }
 
     /// QEMU's pid while it runs: None before the launch and as soon as QEMU has exited
-    /// (a non-blocking check of its pidfd, as the seed's `get_pid()`), even before it is
+    /// (a non-blocking check of its pidfd, as `get_pid()` in QEMU's Python `qemu.machine`), even before it is
     /// reaped. The exit report keeps it ([`ExitReport::pid`]).
     pub fn pid(&self) -> Option<u32> {
         self.run
@@ -689,7 +689,7 @@ impl Machine {
 
         // Log file and the output pipe.
         // A log file only where it outlives the run; otherwise the in-memory copy serves
-        // log() and log_tail() (the seed's file in the temp dir was deleted at shutdown).
+        // log() and log_tail() (the file QEMU's Python `qemu.machine` keeps in its temp dir is deleted at shutdown).
         let log_file = match &self.config.log_dir {
             Some(dir) => {
                 let path = dir.join(format!("{}.log", self.config.name));
@@ -977,23 +977,30 @@ impl Machine {
         self.qmp_handle()
     }
 
-    /// Runs `command` and returns QEMU's whole reply (`{"return": ...}` or `{"error": ...}`);
-    /// only transport failures are errors (the seed's `qmp()`). A successful `quit` is
-    /// remembered: the connection closing afterwards is then expected.
+    /// Runs `command` and returns QEMU's whole reply (`{"return": ...}` or `{"error": ...}`),
+    /// without the `id` we added to match it (as QEMU's Python `qemu.machine` does in
+    /// `qmp()`); only transport failures are errors. A successful `quit` is remembered: the
+    /// connection closing afterwards is then expected.
     pub fn qmp(&mut self, command: &str, args: impl Into<Args>) -> Result<Value> {
         let args = args.into().into_map(command)?;
-        let reply = self
+        let mut reply = self
             .connection()?
             .execute_raw(command, args)
             .map_err(|source| Error::qmp(command, source))?;
         if command == "quit" && matches!(reply, qmp_proto::ServerMessage::Return(_)) {
             self.quit_sent = true;
         }
+        // The id is ours, not the caller's: do not hand it out.
+        match &mut reply {
+            qmp_proto::ServerMessage::Return(r) => r.id = None,
+            qmp_proto::ServerMessage::Error(e) => e.id = None,
+            _ => {}
+        }
         Ok(reply.to_value())
     }
 
     /// Runs `command` and returns its `return` value; a QMP error reply is
-    /// [`Error::Command`] (the seed's `cmd()`).
+    /// [`Error::Command`] (`cmd()` in QEMU's Python `qemu.machine`).
     pub fn cmd(&mut self, command: &str, args: impl Into<Args>) -> Result<Value> {
         let timeout = self.config.qmp.command_timeout;
         self.cmd_with_timeout(command, args, timeout)
@@ -1011,7 +1018,7 @@ impl Machine {
             .connection()?
             .execute_with_timeout(command, args, timeout);
         if command == "quit" {
-            // Like the seed: a quit is considered sent even if its reply was lost to the exit.
+            // Like QEMU's Python `qemu.machine`: a quit is considered sent even if its reply was lost to the exit.
             self.quit_sent = true;
         }
         result.map_err(|source| Error::qmp(command, source))
@@ -1058,8 +1065,8 @@ impl Machine {
         out
     }
 
-    /// Waits for the first event called `name` whose data matches `pattern` (the seed's
-    /// `event_match`: recursive subset, `null` is a wildcard), within a total `timeout`.
+    /// Waits for the first event called `name` whose data matches `pattern` (as
+    /// `event_match` in QEMU's Python `qemu.machine`: recursive subset, `null` is a wildcard), within a total `timeout`.
     /// Other events stay queued, in order.
     pub fn event_wait(
         &mut self,
@@ -1094,7 +1101,7 @@ impl Machine {
     }
 
     /// Passes `fd` to QEMU over the QMP socket (SCM_RIGHTS) for a following `getfd`/`add-fd`
-    /// (the seed's `send_fd_scm(fd=...)`). Unix-socket monitors only; not on a shared
+    /// (`send_fd_scm(fd=...)` in QEMU's Python `qemu.machine`). Unix-socket monitors only; not on a shared
     /// connection (use [`Machine::getfd`], which sends the fd and names it atomically).
     pub fn send_fd_scm(&mut self, fd: BorrowedFd<'_>) -> Result<()> {
         self.qmp_connection()?
@@ -1102,8 +1109,8 @@ impl Machine {
             .map_err(|source| Error::qmp("send_fd_scm", source))
     }
 
-    /// Opens `path` read-only and passes it like [`Machine::send_fd_scm`] (the seed's
-    /// `send_fd_scm(file_path=...)`); our copy is closed afterwards.
+    /// Opens `path` read-only and passes it like [`Machine::send_fd_scm`] (as
+    /// `send_fd_scm(file_path=...)` in QEMU's Python `qemu.machine`); our copy is closed afterwards.
     pub fn send_fd_scm_path(&mut self, path: &Path) -> Result<()> {
         let file = File::open(path).map_err(|source| Error::OpenFile {
             path: path.to_owned(),
@@ -1140,14 +1147,14 @@ impl Machine {
         self.end_run(ladder)
     }
 
-    /// SIGKILL, reap, clean up (the seed's `kill()` / `shutdown(hard=True)`).
+    /// SIGKILL, reap, clean up (`kill()` / `shutdown(hard=True)` in QEMU's Python `qemu.machine`).
     pub fn kill(&mut self) -> Result<ExitReport> {
         self.shutdown_with(&ShutdownLadder::hard())
     }
 
     /// Waits up to `timeout` for QEMU to exit by itself (a guest power-off), then cleans up;
-    /// past the timeout it kills QEMU and returns [`Error::AbnormalShutdown`] (the seed's
-    /// `wait()`).
+    /// past the timeout it kills QEMU and returns [`Error::AbnormalShutdown`] (as
+    /// `wait()` in QEMU's Python `qemu.machine`).
     pub fn wait(&mut self, timeout: Duration) -> Result<ExitReport> {
         self.shutdown_with(&ShutdownLadder::wait(timeout))
     }

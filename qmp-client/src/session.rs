@@ -114,7 +114,7 @@ struct TimedOut {
 /// - An `error` without an id while no id-less command is pending ends the session
 ///   ([`Error::ServerParse`]), as the QMP spec prescribes. While a timed-out id-less command's
 ///   reply is still due, the next id-less `return` or `error` is taken as that late reply and
-///   dropped (W12), and [`Session::send_without_id`] refuses new id-less commands.
+///   dropped, and [`Session::send_without_id`] refuses new id-less commands.
 /// - The first failure is sticky: afterwards every pending and new request fails at once with
 ///   [`Error::Disconnected`] carrying it. EOF (or ECONNRESET) after a `quit` we sent is a clean
 ///   close: the `quit` request completes with `{"return": {}}` and the cause is [`Error::Closed`].
@@ -776,7 +776,7 @@ impl Session {
                 return;
             }
         }
-        // The late reply of a timed-out id-less command (W12): an `error` here is that
+        // The late reply of a timed-out id-less command: an `error` here is that
         // command's, not a server parse error, so it must not end the session.
         if matches!(message, ServerMessage::Return(_) | ServerMessage::Error(_)) {
             if let Some(t) = self.timed_out.remove(&RequestId::IDLESS) {

@@ -128,7 +128,7 @@ mod tests {
 
     /// The examples of `qemu.machine`'s `event_match` docstring.
     #[test]
-    fn seed_docstring_examples() {
+    fn python_docstring_examples() {
         assert!(event_match(&json!({"foo": {"bar": 1}}), &json!(null)));
         assert!(event_match(
             &json!({"foo": {"bar": 1}}),

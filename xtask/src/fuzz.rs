@@ -5,8 +5,8 @@
 //! `RUSTC_BOOTSTRAP=1`. The targets run without a sanitizer (the code they reach keeps its
 //! unsafe to a few `sys` modules; see `fuzz/README.md`), with libFuzzer's RSS limit and
 //! per-input timeout. cargo-fuzz itself is installed with `cargo install cargo-fuzz` when
-//! missing. The corpus grows in `fuzz/corpus/` (not in git), starting from the seeds in
-//! `fuzz/seeds/`.
+//! missing. The corpus grows in `fuzz/corpus/` (not in git), starting from the corpus
+//! files in `fuzz/seeds/`.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

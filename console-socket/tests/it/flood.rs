@@ -1,4 +1,4 @@
-//! The back-pressure test (W1): a peer floods 100 MB while the caller never reads. The peer
+//! The back-pressure test (the deadlock of QEMU's Python `qemu.machine`'s console): a peer floods 100 MB while the caller never reads. The peer
 //! must never block for long, memory must stay bounded, and the log must get every byte.
 
 use std::fs::File;

@@ -169,7 +169,7 @@ impl QtestMachine {
         self.qtest.as_mut().ok_or(QtestError::NotRunning)
     }
 
-    /// Sends a raw qtest command (the seed's `qtest(cmd)`); returns the words after `OK`.
+    /// Sends a raw qtest command (`qtest(cmd)` in QEMU's Python `qemu.machine`); returns the words after `OK`.
     pub fn qtest_command(&mut self, line: &str) -> super::Result<Vec<String>> {
         self.qtest()?.command(line)
     }

@@ -542,7 +542,7 @@ fn the_shutdown_ladder_works_on_a_shared_connection() {
     );
 }
 
-/// The seed's `get_pid()` is None once QEMU is not running: `pid()` says None as soon as
+/// Like `get_pid()` in QEMU's Python `qemu.machine` is None once QEMU is not running: `pid()` says None as soon as
 /// QEMU has exited, before anything reaps it, and the report keeps the pid.
 #[test]
 fn pid_is_none_once_qemu_exited_and_the_report_keeps_it() {
@@ -717,4 +717,19 @@ exit 11"#,
             report.summary()
         );
     }
+}
+
+/// `qmp()` hands back QEMU's reply without the id we added to match it.
+#[test]
+fn qmp_replies_carry_no_id_of_ours() {
+    let _g = shared();
+    let stub = Stub::serving();
+    let mut m = stub.machine();
+    m.launch().expect("launch");
+    let reply = m.qmp("query-status", ()).expect("query-status");
+    assert_eq!(
+        reply,
+        serde_json::json!({"return": {"status": "running", "running": true}})
+    );
+    m.shutdown().expect("shutdown");
 }

@@ -374,7 +374,7 @@ fn command_timeout_is_accurate() {
     assert_near(took, Duration::from_millis(250));
 }
 
-/// W12: the late error reply of a timed-out id-less command is that command's, not a server
+/// The late error reply of a timed-out id-less command is that command's, not a server
 /// parse error: it is dropped and counted, and the session lives on.
 #[test]
 fn late_idless_error_after_timeout_does_not_end_the_session() {

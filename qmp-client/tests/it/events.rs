@@ -1,5 +1,6 @@
 //! Events: queueing, ordering, total deadlines, execute_and_wait, the bounded queue and floods
-//! (catalogue #7, #24, #25 and the seed's event_wait weak points W9/W10/W13).
+//! (catalogue #7, #24, #25, and the event waits of QEMU's Python `qemu.machine`: a total deadline, no lost or
+//! reordered events).
 
 use std::time::{Duration, Instant};
 
@@ -40,7 +41,7 @@ fn pull_event_waits_up_to_its_timeout() {
     assert_eq!(event.data, Some(json!({"x": 1})));
 }
 
-/// W9/W10: the timeout is a total, non-matching events do not restart it and stay queued.
+/// The timeout is a total, non-matching events do not restart it and stay queued.
 #[test]
 fn wait_event_total_deadline_keeps_other_events() {
     let script = Script::new().on(
@@ -277,8 +278,8 @@ fn execute_and_wait_ignores_events_unread_before_the_send() {
     );
 }
 
-/// `Shared::drain_events` reads what has arrived, like `Connection::drain_events` (and the
-/// seed's `get_qmp_events(wait=False)`): an event already in the socket is not left behind
+/// `Shared::drain_events` reads what has arrived, like `Connection::drain_events` (and
+/// `get_qmp_events(wait=False)` in QEMU's Python `qemu.machine`): an event already in the socket is not left behind
 /// just because no call happened to be reading.
 #[test]
 fn shared_drain_events_reads_what_has_arrived() {

@@ -135,7 +135,7 @@ fn chunking_and_line_endings() {
         .all(|(i, e)| e.data.as_ref().unwrap()["i"] == i));
 }
 
-/// `-mon pretty=on` output (multi-line JSON) parses (W16).
+/// `-mon pretty=on` output (multi-line JSON) parses (QEMU's `-mon pretty=on`).
 #[test]
 fn pretty_printed_messages() {
     let script = Script::new()

@@ -54,6 +54,12 @@ pub fn scenarios() -> Vec<Scenario> {
         s("cli_run_missing_qemu", TCG, 60, run_missing_qemu),
         s("cli_run_linux_and_ga", TCG, 300, run_linux_and_ga),
         s(
+            "cli_readme_samples_match_a_real_run",
+            TCG,
+            60,
+            readme_samples,
+        ),
+        s(
             "cli_run_qmp_listen_never_replaces_a_file",
             TCG,
             60,
@@ -690,6 +696,144 @@ fn run_second_sigint(ctx: &Ctx) -> Result<(), String> {
     Ok(())
 }
 
+/// The `qemu-machine run` samples in README.md and machine-cli/README.md (```text blocks whose
+/// first line is `$ qemu-machine run ...`) are what that command really prints: each is run
+/// and compared line by line, stdout (the console) and stderr (lines starting with
+/// `[qemu-machine ` or two blanks: lifecycle, events, report) each in order, with times, pids,
+/// timestamps and command lines normalised.
+fn readme_samples(ctx: &Ctx) -> Result<(), String> {
+    let root = crate::workspace_root();
+    let mut checked = 0;
+    for file in ["README.md", "machine-cli/README.md"] {
+        let text =
+            std::fs::read_to_string(root.join(file)).map_err(|e| format!("reading {file}: {e}"))?;
+        for (command, sample) in readme_blocks(&text) {
+            let mut args = shell_words(&command);
+            if args.first().map(String::as_str) != Some("run") {
+                continue;
+            }
+            args.insert(1, "--accel".to_string());
+            args.insert(2, accel(ctx).to_string());
+            let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+            let done = one_shot(ctx, &argv, None)?;
+            let (want_err, want_out): (Vec<&str>, Vec<&str>) = sample
+                .iter()
+                .map(String::as_str)
+                .partition(|l| l.starts_with("[qemu-machine ") || l.starts_with("  "));
+            for (stream, want, got) in [
+                ("stdout", want_out, &done.stdout),
+                ("stderr", want_err, &done.stderr),
+            ] {
+                let want: Vec<String> = want.iter().map(|l| normalise(l)).collect();
+                let got: Vec<String> = got.iter().map(|l| normalise(l)).collect();
+                if want != got {
+                    return Err(format!(
+                        "{file}: `qemu-machine {command}` {stream} differs from the sample\n\
+                         sample: {want:#?}\nreal run: {got:#?}"
+                    ));
+                }
+            }
+            checked += 1;
+        }
+    }
+    if checked == 0 {
+        return Err("no `$ qemu-machine run` sample found in the READMEs".to_string());
+    }
+    ctx.note(format!("{checked} README samples match a real run"));
+    Ok(())
+}
+
+/// The ```text blocks that start with `$ qemu-machine `: the command after it, and the lines
+/// that follow.
+fn readme_blocks(text: &str) -> Vec<(String, Vec<String>)> {
+    let mut blocks = Vec::new();
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        if line.trim() != "```text" {
+            continue;
+        }
+        let body: Vec<String> = lines
+            .by_ref()
+            .take_while(|l| l.trim() != "```")
+            .map(str::to_string)
+            .collect();
+        if let Some(command) = body.first().and_then(|l| l.strip_prefix("$ qemu-machine ")) {
+            blocks.push((command.to_string(), body[1..].to_vec()));
+        }
+    }
+    blocks
+}
+
+/// Splits a command line into words: blanks separate, single quotes group.
+fn shell_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut quoted = false;
+    let mut any = false;
+    for c in line.chars() {
+        match c {
+            '\'' => {
+                quoted = !quoted;
+                any = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if any {
+                    words.push(std::mem::take(&mut word));
+                    any = false;
+                }
+            }
+            c => {
+                word.push(c);
+                any = true;
+            }
+        }
+    }
+    if any {
+        words.push(word);
+    }
+    words
+}
+
+/// A line with what changes from run to run replaced: durations (`+98ms`, `after 5.13s`),
+/// pids, RFC 3339 timestamps and the launched command line.
+fn normalise(line: &str) -> String {
+    const PUNCTUATION: [char; 5] = [']', ',', ')', ';', ':'];
+    let mut line = line.trim_end_matches('\r').to_string();
+    if line.contains("] launched qemu pid ") {
+        if let Some(at) = line.find(": ") {
+            line = format!("{}: COMMAND", &line[..at]);
+        }
+    }
+    if line.starts_with("  command: ") {
+        line = "  command: COMMAND".to_string();
+    }
+    let words: Vec<&str> = line.split(' ').collect();
+    let mut out = Vec::new();
+    for (i, word) in words.iter().enumerate() {
+        let previous = if i > 0 { words[i - 1] } else { "" };
+        let trimmed = word.trim_end_matches(PUNCTUATION);
+        let tail = &word[trimmed.len()..];
+        let bare = trimmed.trim_start_matches('+');
+        let number = bare.trim_end_matches('s').trim_end_matches('m');
+        let is_duration = bare.ends_with('s')
+            && !number.is_empty()
+            && number.chars().all(|c| c.is_ascii_digit() || c == '.');
+        let is_timestamp = word.len() == 27 && word.ends_with('Z') && word.as_bytes()[10] == b'T';
+        out.push(if is_duration && word.starts_with('+') {
+            format!("+T{tail}")
+        } else if is_duration && previous == "after" {
+            format!("T{tail}")
+        } else if is_timestamp {
+            "TIMESTAMP".to_string()
+        } else if previous == "pid" && trimmed.chars().all(|c| c.is_ascii_digit()) {
+            format!("N{tail}")
+        } else {
+            word.to_string()
+        });
+    }
+    out.join(" ")
+}
+
 fn run_missing_qemu(ctx: &Ctx) -> Result<(), String> {
     let missing = ctx.scratch.join("no-such-qemu");
     let missing = missing.to_str().ok_or("non-UTF-8 scratch path")?;
@@ -977,4 +1121,40 @@ fn wrap_live_events(ctx: &Ctx) -> Result<(), String> {
         return Err(format!("exit {status:?}: {seen:?}"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_are_normalised_and_split() {
+        assert_eq!(
+            normalise("[qemu-machine +98ms] launched qemu pid 28080: qemu-system-x86_64 -M q35"),
+            "[qemu-machine +T] launched qemu pid N: COMMAND"
+        );
+        assert_eq!(
+            normalise("[qemu-machine event] 2026-11-25T17:06:23.425956Z POWERDOWN\r"),
+            "[qemu-machine event] TIMESTAMP POWERDOWN"
+        );
+        assert_eq!(
+            normalise("[qemu-machine +5.14s] the guest powered off: exit code 0 after 5.13s"),
+            "[qemu-machine +T] the guest powered off: exit code 0 after T"
+        );
+        assert_eq!(normalise("flood 10 after 5s"), "flood 10 after T");
+        assert_eq!(normalise("  command: qemu -M q35"), "  command: COMMAND");
+        assert_eq!(normalise("(up to 5s; x)"), "(up to 5s; x)");
+        assert_eq!(
+            shell_words("run --send 'flood 10' --exit-after-banner"),
+            ["run", "--send", "flood 10", "--exit-after-banner"]
+        );
+        let text = "x\n```text\n$ qemu-machine run --json\na\nb\n```\n```text\nother\n```\n";
+        assert_eq!(
+            readme_blocks(text),
+            [(
+                "run --json".to_string(),
+                vec!["a".to_string(), "b".to_string()]
+            )]
+        );
+    }
 }

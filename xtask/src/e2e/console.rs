@@ -160,7 +160,7 @@ fn hmp_socketpair(ctx: &Ctx) -> Result<(), String> {
     check_log(&log, total, &[&banner_start, PROMPT, &answer, "quit"])
 }
 
-/// W1 against real QEMU: we ask for about 700 KB of output and do not read any of it; the
+/// The back-pressure deadlock of QEMU's Python `qemu.machine`'s console, against real QEMU: we ask for about 700 KB of output and do not read any of it; the
 /// drain keeps QEMU going (the monitor stays responsive), memory stays at the configured
 /// 64 KiB, and the log gets every byte.
 fn hmp_flood_unread(ctx: &Ctx) -> Result<(), String> {
