@@ -40,7 +40,7 @@ pub enum Error {
     #[error("the machine has no guest agent channel (see MachineBuilder::guest_agent)")]
     NoAgent,
     /// A guest agent call failed (timeout, error reply, closed channel...).
-    #[error("guest agent")]
+    #[error("guest agent: {source}")]
     Agent {
         /// The agent client's error.
         #[source]
@@ -55,7 +55,7 @@ pub enum Error {
         fix: String,
     },
     /// A file step of building the Linux test guest failed.
-    #[error("linux test guest: cannot {step} {path:?}")]
+    #[error("linux test guest: cannot {step} {path:?}: {source}")]
     GuestBuild {
         /// What we tried.
         step: &'static str,
@@ -313,10 +313,14 @@ mod tests {
             Error::AbnormalShutdown { .. } => "AbnormalShutdown",
             Error::StepFailed { .. } => "StepFailed",
             Error::Qtest(_) => "Qtest",
+            Error::NoAgent => "NoAgent",
+            Error::Agent { .. } => "Agent",
+            Error::GuestPackages { .. } => "GuestPackages",
+            Error::GuestBuild { .. } => "GuestBuild",
         }
     }
 
-    const ALL: usize = 25;
+    const ALL: usize = 29;
 
     fn handshake_eof() -> Box<Error> {
         Box::new(Error::Qmp {
@@ -511,6 +515,35 @@ mod tests {
             (
                 Error::Qtest(crate::qtest::Error::NotRunning),
                 "qtest socket not available: the machine is not running",
+            ),
+            (
+                Error::NoAgent,
+                "the machine has no guest agent channel (see MachineBuilder::guest_agent)",
+            ),
+            (
+                Error::Agent {
+                    source: qmp_client::Error::CommandTimeout {
+                        command: "guest-ping".into(),
+                        waited: Duration::from_secs(5),
+                    },
+                },
+                "guest agent: no reply to `guest-ping` within 5s",
+            ),
+            (
+                Error::GuestPackages {
+                    what: "busybox-static is not installed".into(),
+                    fix: "apt-get install busybox-static".into(),
+                },
+                "linux test guest: busybox-static is not installed; run: apt-get install \
+                 busybox-static",
+            ),
+            (
+                Error::GuestBuild {
+                    step: "write",
+                    path: "/ro/initrd".into(),
+                    source: io(io::ErrorKind::PermissionDenied),
+                },
+                "linux test guest: cannot write \"/ro/initrd\": permission denied",
             ),
         ];
         let mut names: Vec<&str> = table.iter().map(|(e, _)| name(e)).collect();
