@@ -4,7 +4,7 @@
 //! Target: at most 0.3 ms more per cycle (median of the paired differences).
 
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -85,16 +85,7 @@ fn machine_cycle(base: &Path) -> Result<(), String> {
 fn raw_cycle() -> io::Result<()> {
     let (mut ours, theirs) = UnixStream::pair()?;
     fcntl(&theirs, FcntlArg::F_SETFD(FdFlag::empty())).map_err(io::Error::from)?;
-    let fd = theirs.as_raw_fd();
-    let child = Command::new(crate::qemu::binary())
-        .args(["-display", "none", "-vga", "none", "-chardev"])
-        .arg(format!("socket,id=mon,fd={fd}"))
-        .args(["-mon", "chardev=mon,mode=control"])
-        .args(["-machine", "none", "-nodefaults", "-accel", "tcg"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
+    let child = raw_command(theirs.as_raw_fd()).spawn()?;
     let mut child = Reaped(child);
     drop(theirs);
     ours.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -120,6 +111,21 @@ fn raw_cycle() -> io::Result<()> {
     } else {
         Err(io::Error::other(format!("QEMU ended with {status}")))
     }
+}
+
+/// QEMU on `-M none` under TCG with its monitor on `monitor_fd` (which must be inheritable)
+/// and no output: the command of the no-library baselines (here and in the fleet figures).
+pub(super) fn raw_command(monitor_fd: RawFd) -> Command {
+    let mut command = Command::new(crate::qemu::binary());
+    command
+        .args(["-display", "none", "-vga", "none", "-chardev"])
+        .arg(format!("socket,id=mon,fd={monitor_fd}"))
+        .args(["-mon", "chardev=mon,mode=control"])
+        .args(["-machine", "none", "-nodefaults", "-accel", "tcg"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    command
 }
 
 /// Kills and reaps the raw cycle's QEMU if the cycle fails half-way (`wait` reaps it first on

@@ -800,8 +800,9 @@ fn reap_new_children(before: &Snapshot) {
     }
 }
 
-/// What the leak checks compare: our children and our open fds.
-struct Snapshot {
+/// What the leak checks compare: our children and our open fds (also used by the fleet
+/// benchmark's child process).
+pub(crate) struct Snapshot {
     /// Child pid -> "comm (state)".
     children: BTreeMap<i32, String>,
     /// fd -> what it points to.
@@ -809,7 +810,8 @@ struct Snapshot {
 }
 
 impl Snapshot {
-    fn take() -> Snapshot {
+    /// Our children and open fds now.
+    pub(crate) fn take() -> Snapshot {
         Snapshot {
             children: sys::children(),
             fds: sys::open_fds(),
@@ -818,7 +820,7 @@ impl Snapshot {
 
     /// Children and fds present now but not in `before` (and fds `before` had that are gone:
     /// someone closed an fd they did not own).
-    fn leaks_since(&self, before: &Snapshot) -> Vec<String> {
+    pub(crate) fn leaks_since(&self, before: &Snapshot) -> Vec<String> {
         let mut leaks = Vec::new();
         for (pid, what) in &self.children {
             if !before.children.contains_key(pid) {
