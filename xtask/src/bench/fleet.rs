@@ -81,6 +81,7 @@ impl Outcome {
             "queried_ms": self.queried_ms,
             "reaped_ms": self.reaped_ms,
             "threads": self.threads,
+            "cpu_total_ns": self.cpu.total.as_nanos() as u64,
             "cpu_user_us": self.cpu.user.as_micros() as u64,
             "cpu_system_us": self.cpu.system.as_micros() as u64,
             "peak_rss_kb": self.peak_rss_kb,
@@ -103,6 +104,7 @@ impl Outcome {
             reaped_ms: f("reaped_ms")?,
             threads: u("threads")?,
             cpu: Cpu {
+                total: Duration::from_nanos(u("cpu_total_ns")?),
                 user: Duration::from_micros(u("cpu_user_us")?),
                 system: Duration::from_micros(u("cpu_system_us")?),
             },
