@@ -55,9 +55,9 @@ pub enum Command {
     /// Talk to QEMU's guest agent (the commands of QEMU's `qemu-ga-client`, plus `exec`).
     ///
     /// Usage: `ga ADDRESS COMMAND [ARGS]`; ADDRESS (the agent chardev's unix path or
-    /// host:port) may be left out when $QGA_CLIENT_ADDRESS is set. Commands: cat FILE,
-    /// fsfreeze status|freeze|thaw, fstrim [MINIMUM], ifconfig, info, ping,
-    /// suspend disk|ram|hybrid, shutdown|powerdown|halt|reboot, exec PROGRAM [ARGS...]
+    /// host:port) may be left out when $QGA_CLIENT_ADDRESS is set. Commands: `cat FILE`,
+    /// `fsfreeze status|freeze|thaw`, `fstrim [MINIMUM]`, `ifconfig`, `info`, `ping`,
+    /// `suspend disk|ram|hybrid`, `shutdown|powerdown|halt|reboot`, `exec PROGRAM [ARGS...]`
     /// (exits with the guest command's status).
     Ga(GaArgs),
     /// Print a completion script for a shell.

@@ -16,6 +16,8 @@
 //! $ qemu-machine shell /tmp/qmp.sock
 //! $ qemu-machine events /tmp/qmp.sock --json
 //! $ qemu-machine qom -s /tmp/qmp.sock tree /machine
+//! $ qemu-machine run --linux --agent-listen /tmp/qga.sock &
+//! $ qemu-machine ga /tmp/qga.sock exec /bin/uname -a
 //! ```
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]

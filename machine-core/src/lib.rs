@@ -29,7 +29,8 @@
 //! 3. While it runs: [`Machine::cmd`] / [`Machine::qmp`], events ([`Machine::event`],
 //!    [`Machine::events`], [`Machine::event_wait`], [`Machine::events_wait`]), the console
 //!    ([`Machine::console`]), fd passing ([`Machine::send_fd_scm`]), output
-//!    ([`Machine::log_tail`]).
+//!    ([`Machine::log_tail`]), the guest agent ([`Machine::agent`], with
+//!    [`MachineBuilder::guest_agent`]; [`linux::LinuxGuest`] is a guest that runs one).
 //! 4. [`Machine::shutdown`] walks the ladder (default: `quit`, wait 30 s, SIGKILL and reap
 //!    within 60 s), [`Machine::wait`] waits for a guest-initiated exit, [`Machine::kill`]
 //!    kills. Each ends with the cleanup (temp dir, sockets, threads) and an
