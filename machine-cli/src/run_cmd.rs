@@ -311,9 +311,8 @@ pub fn run(args: RunArgs) -> Result<u8> {
             Address::Tcp(_) => {}
         }
     }
-    let mut machine = build(&args, &listen, linux.as_ref())?;
-    if tiny {
-        let guest_machine = match args.machine.as_deref() {
+    let tiny_guest = if tiny {
+        Some(match args.machine.as_deref() {
             None | Some("q35") => GuestMachine::Q35,
             Some("pc") => GuestMachine::Pc,
             Some(other) => {
@@ -321,19 +320,11 @@ pub fn run(args: RunArgs) -> Result<u8> {
                     machine: other.to_string(),
                 })
             }
-        };
-        let dir = machine.temp_dir().map_err(|source| Error::Machine {
-            what: "creating the temp dir",
-            source,
-        })?;
-        let kernel = guest::write_kernel(dir).map_err(|source| Error::File {
-            path: dir.join(guest::KERNEL_FILE_NAME),
-            source,
-        })?;
-        // Only what the guest uses: no NIC option ROM or default devices to slow the boot.
-        machine.add_args(["-nodefaults"]);
-        machine.add_args(guest::qemu_args(&kernel, guest_machine));
-    }
+        })
+    } else {
+        None
+    };
+    let mut machine = build(&args, &listen, linux.as_ref(), tiny_guest)?;
 
     // A signal during the handshake ends the launch at once (QEMU is killed).
     match machine.launch_with_abort(signals.wakeup()) {
@@ -431,8 +422,14 @@ fn build(
     args: &RunArgs,
     listen: &[Address],
     linux: Option<&machine_core::linux::LinuxGuest>,
+    tiny_guest: Option<GuestMachine>,
 ) -> Result<Machine> {
     let mut builder = MachineBuilder::new(&args.qemu);
+    if let Some(guest_machine) = tiny_guest {
+        // The kernel is written at launch; the guest's arguments (with `-nodefaults`: no NIC
+        // option ROM or default devices to slow the boot) come last.
+        builder.tiny_guest(guest_machine);
+    }
     // Ctrl-C goes to the terminal's whole foreground process group; QEMU must not get it (it
     // would quit at once), so on a terminal it runs in a session of its own and we run the
     // ladder.

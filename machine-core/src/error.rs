@@ -187,6 +187,15 @@ pub enum Error {
         #[source]
         source: console_socket::Error,
     },
+    /// Writing the built-in tiny guest's kernel ([`crate::MachineBuilder::tiny_guest`]) failed.
+    #[error("cannot write the tiny guest's kernel to {path:?}: {source}")]
+    GuestKernel {
+        /// The kernel file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// Opening a file to pass to QEMU failed.
     #[error("cannot open {path:?}: {source}")]
     OpenFile {
@@ -317,10 +326,11 @@ mod tests {
             Error::Agent { .. } => "Agent",
             Error::GuestPackages { .. } => "GuestPackages",
             Error::GuestBuild { .. } => "GuestBuild",
+            Error::GuestKernel { .. } => "GuestKernel",
         }
     }
 
-    const ALL: usize = 29;
+    const ALL: usize = 30;
 
     fn handshake_eof() -> Box<Error> {
         Box::new(Error::Qmp {
@@ -544,6 +554,14 @@ mod tests {
                     source: io(io::ErrorKind::PermissionDenied),
                 },
                 "linux test guest: cannot write \"/ro/initrd\": permission denied",
+            ),
+            (
+                Error::GuestKernel {
+                    path: "/ro/qemu-machine-tiny-guest.bin".into(),
+                    source: io(io::ErrorKind::PermissionDenied),
+                },
+                "cannot write the tiny guest's kernel to \"/ro/qemu-machine-tiny-guest.bin\": \
+                 permission denied",
             ),
         ];
         let mut names: Vec<&str> = table.iter().map(|(e, _)| name(e)).collect();

@@ -710,6 +710,18 @@ impl Machine {
             tcp_addr,
             console_pair.as_ref().map(|(_, t)| t.as_raw_fd()),
         );
+        if let Some(guest_machine) = self.config.tiny_guest {
+            // Written at every launch: the temp dir goes with each exit.
+            let dir = self.temp_dir()?.to_path_buf();
+            let kernel = crate::guest::write_kernel(&dir).map_err(|source| Error::GuestKernel {
+                path: dir.join(crate::guest::KERNEL_FILE_NAME),
+                source,
+            })?;
+            let mut argv = command.argv().to_vec();
+            argv.push("-nodefaults".into());
+            argv.extend(crate::guest::qemu_args(&kernel, guest_machine));
+            command = CommandLine::new(argv);
+        }
         if let (Some(settings), Some((_, theirs))) = (&self.config.agent, &agent_pair) {
             let mut argv = command.argv().to_vec();
             argv.extend(crate::agent::agent_args(

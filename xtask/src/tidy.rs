@@ -6,6 +6,10 @@
 //!   or the CLI; xtask, tests and benches are tools and may use it where they need it.
 //! - No `println!`/`print!`/`eprintln!`/`eprint!` in a library's `src/` (libraries log).
 //! - Every `.rs` file opens with a `//!` line saying why it exists.
+//! - Sources are written for a reader without our notes: no "the seed" and no weak-point
+//!   numbers such as `W24` (say "QEMU's Python `qemu.machine`" and what the point is).
+//! - Each published crate has what a registry page shows: a description, keywords,
+//!   categories and its own README, and no placeholder `repository`.
 //!
 //! Each rule is a pure function over text, so the unit tests below feed it bad input and see
 //! it fire.
@@ -59,6 +63,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let metadata: Value = serde_json::from_slice(&output.stdout)
         .map_err(|e| format!("cargo metadata printed no JSON: {e}"))?;
     let mut problems = check_arrows(&metadata);
+    problems.extend(check_package_metadata(&metadata, &root));
     let mut files = Vec::new();
     for krate in UNSAFE_CHECKED.iter().chain(["xtask"].iter()) {
         rust_files(&root.join(krate), &mut files)
@@ -100,6 +105,43 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Registry metadata missing from a published crate (xtask is not published).
+fn check_package_metadata(metadata: &Value, root: &Path) -> Vec<String> {
+    let mut problems = Vec::new();
+    let packages = metadata["packages"].as_array().cloned().unwrap_or_default();
+    for package in &packages {
+        let name = package["name"].as_str().unwrap_or("?");
+        if name == "xtask" || !ARROWS.iter().any(|(n, _)| *n == name) {
+            continue;
+        }
+        let empty = |key: &str| match &package[key] {
+            Value::String(text) => text.trim().is_empty(),
+            Value::Array(items) => items.is_empty(),
+            _ => true,
+        };
+        for key in ["description", "keywords", "categories", "readme"] {
+            if empty(key) {
+                problems.push(format!("{name}: no `{key}` in its Cargo.toml"));
+            }
+        }
+        if let (Some(readme), Some(manifest)) = (
+            package["readme"].as_str(),
+            package["manifest_path"].as_str(),
+        ) {
+            let dir = Path::new(manifest).parent().unwrap_or(root);
+            if !dir.join(readme).is_file() {
+                problems.push(format!("{name}: its readme `{readme}` does not exist"));
+            }
+        }
+        if !package["repository"].is_null() {
+            problems.push(format!(
+                "{name}: a `repository` is set; leave it out until there is a real one"
+            ));
+        }
+    }
+    problems
 }
 
 /// Arrows in `cargo metadata` output that ARCHITECTURE.md does not allow.
@@ -151,6 +193,18 @@ fn check_file(rel: &Path, text: &str) -> Vec<String> {
     let krate = parts.next().unwrap_or_default();
     let in_src = parts.next() == Some("src");
     let in_sys = rel.iter().any(|p| p == "sys" || p == "sys.rs");
+    // This file names the words it looks for.
+    if in_src && rel != Path::new("xtask/src/tidy.rs") {
+        for (number, line) in text.lines().enumerate() {
+            if let Some(word) = internal_reference(line) {
+                problems.push(format!(
+                    "{shown}:{}: `{word}` is a name from our notes; write for a reader without \
+                     them (\"QEMU's Python `qemu.machine`\")",
+                    number + 1
+                ));
+            }
+        }
+    }
     for (number, line) in code_lines(text) {
         if in_src && UNSAFE_CHECKED.contains(&krate) && !in_sys && has_unsafe(&line) {
             problems.push(format!("{shown}:{number}: `unsafe` outside a `sys` module"));
@@ -160,6 +214,28 @@ fn check_file(rel: &Path, text: &str) -> Vec<String> {
         }
     }
     problems
+}
+
+/// "the seed" or a weak-point number (`W` and one or two digits, standing alone) in `line`.
+fn internal_reference(line: &str) -> Option<String> {
+    if line.contains("the seed") {
+        return Some("the seed".to_string());
+    }
+    let bytes = line.as_bytes();
+    for (i, b) in bytes.iter().enumerate() {
+        if *b != b'W' || (i > 0 && bytes[i - 1].is_ascii_alphanumeric()) {
+            continue;
+        }
+        let digits = bytes[i + 1..]
+            .iter()
+            .take_while(|d| d.is_ascii_digit())
+            .count();
+        let after = bytes.get(i + 1 + digits);
+        if (1..=2).contains(&digits) && !after.is_some_and(|a| a.is_ascii_alphanumeric()) {
+            return Some(line[i..i + 1 + digits].to_string());
+        }
+    }
+    None
 }
 
 /// Lines (1-based) with comments and string contents removed well enough for token search:
@@ -291,6 +367,40 @@ mod tests {
         assert!(check_file(Path::new("xtask/src/e2e/mod.rs"), code).is_empty());
         let harmless = "//! x\n#![forbid(unsafe_code)]\n// unsafe { }\nlet s = \"unsafe {\";\n";
         assert!(check_file(Path::new("qmp-proto/src/lib.rs"), harmless).is_empty());
+    }
+
+    #[test]
+    fn names_from_our_notes_are_reported() {
+        let code = "//! x\n/// Like the seed's `cmd()` (fixes W24).\nfn f() {}\n";
+        let found = check_file(Path::new("machine-core/src/machine.rs"), code);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].starts_with("machine-core/src/machine.rs:2: `the seed`"));
+        assert_eq!(internal_reference("see W24."), Some("W24".to_string()));
+        assert_eq!(internal_reference("(W1-W5)"), Some("W1".to_string()));
+        assert_eq!(internal_reference("QEMU's Python `qemu.machine`"), None);
+        assert_eq!(internal_reference("SHUTDOWN W123 WX1 aW1 W1a"), None);
+        // Tests may keep their own words; only sources count.
+        assert!(check_file(Path::new("machine-core/tests/it/a.rs"), code).is_empty());
+    }
+
+    #[test]
+    fn registry_metadata_is_required() {
+        let root = crate::workspace_root();
+        let manifest = root.join("qmp-proto/Cargo.toml");
+        let good = json!({"packages": [{
+            "name": "qmp-proto", "description": "d", "keywords": ["qmp"],
+            "categories": ["encoding"], "readme": "README.md", "repository": null,
+            "manifest_path": manifest,
+        }]});
+        assert!(check_package_metadata(&good, &root).is_empty());
+        let bad = json!({"packages": [{
+            "name": "qmp-proto", "description": "", "keywords": [], "readme": "NOPE.md",
+            "repository": "https://example.invalid/x", "manifest_path": manifest,
+        }]});
+        let found = check_package_metadata(&bad, &root);
+        assert_eq!(found.len(), 5, "{found:?}");
+        let xtask = json!({"packages": [{"name": "xtask"}]});
+        assert!(check_package_metadata(&xtask, &root).is_empty());
     }
 
     #[test]

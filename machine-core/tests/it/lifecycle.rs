@@ -733,3 +733,43 @@ fn qmp_replies_carry_no_id_of_ours() {
     );
     m.shutdown().expect("shutdown");
 }
+
+/// `tiny_guest` writes the kernel into the machine's temp dir at every launch, so the same
+/// machine boots again after an exit removed the dir.
+#[test]
+fn the_tiny_guest_survives_a_relaunch() {
+    let _g = shared();
+    let stub = Stub::serving();
+    let mut m = stub
+        .builder()
+        .tiny_guest(machine_core::guest::GuestMachine::Q35)
+        .build();
+    for round in 0..2 {
+        m.launch().expect("launch");
+        let argv = m.command_line().expect("command line").argv().to_vec();
+        let at = argv
+            .iter()
+            .position(|a| a == "-kernel")
+            .expect("a -kernel argument");
+        let kernel = std::path::PathBuf::from(&argv[at + 1]);
+        assert_eq!(
+            kernel,
+            m.temp_dir()
+                .expect("temp dir")
+                .join(machine_core::guest::KERNEL_FILE_NAME),
+            "round {round}"
+        );
+        assert_eq!(
+            std::fs::read(&kernel).expect("kernel file"),
+            machine_core::guest::kernel_image(),
+            "round {round}"
+        );
+        assert!(argv.iter().any(|a| a == "-nodefaults"));
+        assert!(argv
+            .iter()
+            .any(|a| a == "isa-debug-exit,iobase=0xf4,iosize=0x04"));
+        assert!(m.console().is_ok(), "the guest's console is on");
+        m.shutdown().expect("shutdown");
+        assert!(!kernel.exists(), "the temp dir went with the exit");
+    }
+}

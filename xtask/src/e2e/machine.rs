@@ -40,6 +40,12 @@ pub fn scenarios() -> Vec<Scenario> {
         s("machine_kill", TCG, 30, kill),
         s("machine_shared_qmp_handle", TCG, 30, shared_qmp_handle),
         s("machine_relaunch", TCG, 30, relaunch),
+        s(
+            "machine_tiny_guest_builder_relaunch",
+            TCG,
+            30,
+            tiny_guest_relaunch,
+        ),
         s("machine_no_qmp_sigterm_and_log", TCG, 30, no_qmp_sigterm),
         s("machine_add_fd", TCG, 30, add_fd),
         s("machine_send_fd_scm", TCG, 30, send_fd_scm),
@@ -145,16 +151,29 @@ fn guest_machine_with(
 ) -> Result<Machine, String> {
     let mut b = MachineBuilder::new(&ctx.qemu);
     b.monitor(monitor);
-    b.args(["-nodefaults", "-accel", ctx.accel.as_str()])
+    b.tiny_guest(GuestMachine::Q35)
+        .args(["-accel", ctx.accel.as_str()])
         .args(extra.iter().copied())
         .base_temp_dir(base)
-        .console()
         .greeting_timeout(Duration::from_secs(10));
-    let mut m = b.build();
-    let dir = m.temp_dir().map_err(err("temp dir"))?.to_path_buf();
-    let kernel = guest::write_kernel(&dir).map_err(|e| format!("kernel: {e}"))?;
-    m.add_args(guest::qemu_args(&kernel, GuestMachine::Q35));
-    Ok(m)
+    Ok(b.build())
+}
+
+/// `MachineBuilder::tiny_guest` boots the guest again on the same machine after an exit (the
+/// kernel is written into each launch's temp dir).
+fn tiny_guest_relaunch(ctx: &Ctx) -> Result<(), String> {
+    let base = base_dir()?;
+    let mut m = guest_machine(ctx, base.path(), &[])?;
+    for round in 0..2 {
+        m.launch().map_err(err("launch"))?;
+        wait_banner(&mut m, ctx).map_err(|e| format!("round {round}: {e}"))?;
+        let report = m.shutdown().map_err(err("shutdown"))?;
+        check(
+            report.ended_by == EndedBy::Quit && report.clean(),
+            format!("round {round}: {}", report.summary()),
+        )?;
+    }
+    Ok(())
 }
 
 fn wait_banner(m: &mut Machine, ctx: &Ctx) -> Result<(), String> {
