@@ -11,8 +11,8 @@
 //! - `shell` on a terminal: a background thread waits for events on the shared connection
 //!   (`qmp_client::Shared`) and prints each at once through rustyline's external printer, above
 //!   the line being typed;
-//! - `wrap` on a terminal: the same, on the launched machine's shared QMP handle
-//!   (`Machine::qmp_shared`);
+//! - `wrap` on a terminal: the same, on a shared handle of the launched machine's QMP
+//!   connection (`Connection::share`);
 //! - otherwise (piped stdin, or `--no-live-events`): the shell reads the
 //!   events that have arrived before each prompt and right after each reply, and prints them
 //!   then, before the reply when they came with it (so piped output has a stable order).
@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use log::debug;
-use machine_core::qmp_client::{self, Connection, Shared};
+use machine_core::qmp_client::{self, Connection};
 use machine_core::qmp_proto::Event;
 use rustyline::completion::Completer;
 use rustyline::error::ReadlineError;
@@ -51,7 +51,7 @@ use crate::output::{self, Style};
 /// Most history entries kept (qmp-shell's figure).
 const HISTORY_SIZE: usize = 1024;
 
-/// Why a [`Monitor`] call gave no reply.
+/// Why a QMP call of the shell gave no reply.
 #[derive(Debug)]
 pub enum MonitorError {
     /// The connection closed the expected way (after `quit`).
@@ -72,80 +72,6 @@ impl MonitorError {
         } else {
             MonitorError::Failed(Error::from_qmp(command, error))
         }
-    }
-}
-
-/// What the shell talks to: a plain QMP connection (`shell`) or a launched machine (`wrap`).
-pub trait Monitor {
-    /// Sends `request` and returns the whole reply object (`{"return": ...}` or
-    /// `{"error": ...}`), QMP error replies included.
-    fn request(&mut self, request: &Request) -> std::result::Result<Value, MonitorError>;
-    /// The events received so far, oldest first, reading what has arrived without waiting.
-    fn poll_events(&mut self) -> std::result::Result<Vec<Event>, MonitorError>;
-    /// Tells the monitor that a background thread now takes the events, so
-    /// [`Monitor::poll_events`] must leave them alone.
-    fn events_taken_elsewhere(&mut self) {}
-}
-
-impl Monitor for Connection {
-    fn request(&mut self, request: &Request) -> std::result::Result<Value, MonitorError> {
-        self.execute_raw(&request.execute, request.arguments.clone())
-            .map(|reply| reply.to_value())
-            .map_err(|e| MonitorError::from_client(&request.execute, e))
-    }
-
-    fn poll_events(&mut self) -> std::result::Result<Vec<Event>, MonitorError> {
-        let mut events = Vec::new();
-        loop {
-            match self.pull_event(Duration::ZERO) {
-                Ok(Some(event)) => events.push(event),
-                Ok(None) => return Ok(events),
-                Err(qmp_client::Error::EventsLost { dropped, .. }) => {
-                    output::note(&format!("warning: {dropped} events were lost (queue full)"));
-                }
-                // Events that came before the end are still shown.
-                Err(_) if !events.is_empty() => return Ok(events),
-                Err(e) => return Err(MonitorError::from_client("events", e)),
-            }
-        }
-    }
-}
-
-/// A connection that may be shared with the background event printer: commands go through
-/// it; events are left to the printer once it runs.
-struct SharedMonitor {
-    shared: Shared,
-    printer: bool,
-}
-
-impl Monitor for SharedMonitor {
-    fn request(&mut self, request: &Request) -> std::result::Result<Value, MonitorError> {
-        self.shared
-            .execute_raw(&request.execute, request.arguments.clone())
-            .map(|reply| reply.to_value())
-            .map_err(|e| MonitorError::from_client(&request.execute, e))
-    }
-
-    fn poll_events(&mut self) -> std::result::Result<Vec<Event>, MonitorError> {
-        let mut events = Vec::new();
-        if self.printer {
-            return Ok(events);
-        }
-        loop {
-            match self.shared.pull_event(Duration::ZERO) {
-                Ok(Some(event)) => events.push(event),
-                Ok(None) => return Ok(events),
-                Err(qmp_client::Error::EventsLost { dropped, .. }) => {
-                    output::note(&format!("warning: {dropped} events were lost (queue full)"));
-                }
-                Err(_) if !events.is_empty() => return Ok(events),
-                Err(e) => return Err(MonitorError::from_client("events", e)),
-            }
-        }
-    }
-
-    fn events_taken_elsewhere(&mut self) {
-        self.printer = true;
     }
 }
 
@@ -180,7 +106,7 @@ pub fn run_connected(args: ShellArgs) -> Result<u8> {
         command_timeout: args.shell.timeout,
         skip_negotiation: args.skip_negotiation,
     };
-    let connection = connect::connect(&address, &options)?;
+    let mut connection = connect::connect(&address, &options)?;
     let banner = connection
         .greeting()
         .map(|g| {
@@ -189,43 +115,42 @@ pub fn run_connected(args: ShellArgs) -> Result<u8> {
         })
         .unwrap_or_else(|| format!("Connected to {address}"));
     let peer = address.to_string();
-    if !std::io::stdin().is_terminal() || args.no_live_events {
-        let mut connection = connection;
-        let code = run(&mut connection, &args.shell, &banner, &peer, None)?;
-        connect::close(connection);
-        return Ok(code);
-    }
-    let shared = Shared::new(connection).map_err(|source| Error::Connect {
-        address: peer.clone(),
-        source,
-    })?;
-    let events = shared.clone();
-    let pull: EventPull = Box::new(move |timeout| events.pull_event(timeout));
-    let mut monitor = SharedMonitor {
-        shared,
-        printer: false,
+    let background = if !std::io::stdin().is_terminal() || args.no_live_events {
+        None
+    } else {
+        Some(
+            event_pull(&mut connection).map_err(|source| Error::Connect {
+                address: peer.clone(),
+                source,
+            })?,
+        )
     };
-    let code = run(&mut monitor, &args.shell, &banner, &peer, Some(pull))?;
-    if let Err(error) = monitor.shared.close() {
-        debug!("closing the QMP connection: {error}");
-    }
+    let code = run(&mut connection, &args.shell, &banner, &peer, background)?;
+    connect::close(connection);
     Ok(code)
 }
 
-/// Runs the shell on `monitor` until EOF, `quit` or a disconnect. `banner` is shown on a
+/// Shares `connection` with a background event printer: the returned pull takes the events
+/// from a shared handle while the shell keeps sending commands on `connection`.
+pub fn event_pull(connection: &mut Connection) -> qmp_client::Result<EventPull> {
+    let mut events = connection.share()?;
+    Ok(Box::new(move |timeout| events.pull_event(timeout)))
+}
+
+/// Runs the shell on `connection` until EOF, `quit` or a disconnect. `banner` is shown on a
 /// terminal; `peer` names the other end in messages.
 ///
 /// With `background` (and stdin a terminal), a thread prints events as they arrive, pulling
-/// them with it; `monitor.poll_events()` then has nothing to report.
-pub fn run<M: Monitor>(
-    monitor: &mut M,
+/// them with it; the shell itself then leaves the events alone.
+pub fn run(
+    connection: &mut Connection,
     options: &ShellOptions,
     banner: &str,
     peer: &str,
     background: Option<EventPull>,
 ) -> Result<u8> {
     let interactive = std::io::stdin().is_terminal();
-    let mut shell = Shell::new(monitor, options, peer)?;
+    let mut shell = Shell::new(connection, options, peer)?;
     let mut input = if interactive {
         output::emit(banner)?;
         output::emit("Press Ctrl-D to leave; Tab completes command names.")?;
@@ -237,7 +162,7 @@ pub fn run<M: Monitor>(
             match editor.create_external_printer() {
                 Ok(printer) => {
                     spawn_event_printer(pull, printer, options.json, peer.to_string())?;
-                    shell.monitor.events_taken_elsewhere();
+                    shell.events_elsewhere = true;
                 }
                 Err(error) => debug!("no background event printer: {error}"),
             }
@@ -304,8 +229,10 @@ enum Flow {
     Exit,
 }
 
-struct Shell<'m, M: Monitor> {
-    monitor: &'m mut M,
+struct Shell<'m> {
+    qmp: &'m mut Connection,
+    /// A background thread takes the events: the shell leaves them alone.
+    events_elsewhere: bool,
     peer: String,
     hmp: bool,
     verbose: bool,
@@ -318,14 +245,15 @@ struct Shell<'m, M: Monitor> {
     failures: u64,
 }
 
-impl<'m, M: Monitor> Shell<'m, M> {
-    fn new(monitor: &'m mut M, options: &ShellOptions, peer: &str) -> Result<Self> {
+impl<'m> Shell<'m> {
+    fn new(qmp: &'m mut Connection, options: &ShellOptions, peer: &str) -> Result<Self> {
         let log = match &options.logfile {
             Some(path) => Some((path.clone(), open_log(path)?)),
             None => None,
         };
         Ok(Shell {
-            monitor,
+            qmp,
+            events_elsewhere: false,
             peer: peer.to_string(),
             hmp: options.hmp,
             verbose: options.verbose,
@@ -395,7 +323,7 @@ impl<'m, M: Monitor> Shell<'m, M> {
         if self.verbose {
             output::emit(&output::json(&request.to_value(), self.style))?;
         }
-        let reply = self.monitor.request(&request);
+        let reply = self.request(&request);
         match reply {
             Ok(reply) => {
                 // Events that came with the reply were received before it: show them first.
@@ -443,7 +371,7 @@ impl<'m, M: Monitor> Shell<'m, M> {
     /// `cpu N` in HMP mode: check the index with a harmless command on that CPU, then keep it.
     fn select_cpu(&mut self, cpu: u64) -> Result<Flow> {
         let probe = lang::hmp_request("info version", Some(cpu));
-        match self.monitor.request(&probe) {
+        match self.request(&probe) {
             Ok(reply) => match reply_error(&reply) {
                 None => {
                     self.cpu = Some(cpu);
@@ -504,10 +432,40 @@ impl<'m, M: Monitor> Shell<'m, M> {
             })
     }
 
+    /// Sends `request` and returns the whole reply object (`{"return": ...}` or
+    /// `{"error": ...}`), QMP error replies included.
+    fn request(&mut self, request: &Request) -> std::result::Result<Value, MonitorError> {
+        self.qmp
+            .execute_raw(&request.execute, request.arguments.clone())
+            .map(|reply| reply.to_value())
+            .map_err(|e| MonitorError::from_client(&request.execute, e))
+    }
+
+    /// The events received so far, oldest first, reading what has arrived without waiting
+    /// (none when a background thread takes them).
+    fn poll_events(&mut self) -> std::result::Result<Vec<Event>, MonitorError> {
+        let mut events = Vec::new();
+        if self.events_elsewhere {
+            return Ok(events);
+        }
+        loop {
+            match self.qmp.pull_event(Duration::ZERO) {
+                Ok(Some(event)) => events.push(event),
+                Ok(None) => return Ok(events),
+                Err(qmp_client::Error::EventsLost { dropped, .. }) => {
+                    output::note(&format!("warning: {dropped} events were lost (queue full)"));
+                }
+                // Events that came before the end are still shown.
+                Err(_) if !events.is_empty() => return Ok(events),
+                Err(e) => return Err(MonitorError::from_client("events", e)),
+            }
+        }
+    }
+
     /// Prints the events that have arrived; `Flow::Exit` when the connection has closed
     /// after `quit`.
     fn print_events(&mut self) -> Result<Flow> {
-        match self.monitor.poll_events() {
+        match self.poll_events() {
             Ok(events) => {
                 for event in &events {
                     output::emit(&events_cmd::view(event).render(self.json_events))?;
@@ -530,7 +488,7 @@ impl<'m, M: Monitor> Shell<'m, M> {
                 arguments: None,
             }
         };
-        let mut names: Vec<String> = match self.monitor.request(&request) {
+        let mut names: Vec<String> = match self.request(&request) {
             Ok(reply) => match reply.get("return") {
                 Some(Value::Array(items)) => items
                     .iter()

@@ -138,87 +138,12 @@ fn conv_keys(map: Map<String, Value>) -> Map<String, Value> {
         .collect()
 }
 
-/// The QMP connection of a run: owned by the machine (the default), or shared with other
-/// threads after [`Machine::qmp_shared`].
-// One per run, never moved in a hot path: the size difference does not matter.
-#[allow(clippy::large_enum_variant)]
-enum Qmp {
-    Owned(Connection),
-    Shared(Shared),
-}
-
-impl Qmp {
-    fn execute_raw(
-        &mut self,
-        command: &str,
-        args: Option<Map<String, Value>>,
-    ) -> qmp_client::Result<qmp_proto::ServerMessage> {
-        match self {
-            Qmp::Owned(conn) => conn.execute_raw(command, args),
-            Qmp::Shared(shared) => shared.execute_raw(command, args),
-        }
-    }
-
-    fn execute_with_timeout(
-        &mut self,
-        command: &str,
-        args: Option<Map<String, Value>>,
-        timeout: Duration,
-    ) -> qmp_client::Result<Value> {
-        match self {
-            Qmp::Owned(conn) => conn.execute_with_timeout(command, args, timeout),
-            Qmp::Shared(shared) => shared.execute_with_timeout(command, args, timeout),
-        }
-    }
-
-    fn pull_event(&mut self, timeout: Duration) -> qmp_client::Result<Option<Event>> {
-        match self {
-            Qmp::Owned(conn) => conn.pull_event(timeout),
-            Qmp::Shared(shared) => shared.pull_event(timeout),
-        }
-    }
-
-    fn wait_event(
-        &mut self,
-        filters: &[EventFilter],
-        timeout: Duration,
-    ) -> qmp_client::Result<Event> {
-        match self {
-            Qmp::Owned(conn) => conn.wait_event(filters, timeout),
-            Qmp::Shared(shared) => shared.wait_event(filters, timeout),
-        }
-    }
-
-    fn drain_events(&mut self) -> Vec<Event> {
-        match self {
-            Qmp::Owned(conn) => conn.drain_events(),
-            Qmp::Shared(shared) => shared.drain_events(),
-        }
-    }
-
-    fn getfd(&mut self, name: &str, fd: BorrowedFd<'_>) -> qmp_client::Result<()> {
-        match self {
-            Qmp::Owned(conn) => conn.getfd(name, fd),
-            Qmp::Shared(shared) => shared.getfd(name, fd),
-        }
-    }
-
-    /// Reads what has arrived (owned) and tells whether the connection still works.
-    fn usable(&mut self) -> bool {
-        match self {
-            Qmp::Owned(conn) => conn.process_io().is_ok(),
-            // What the sharing threads have read so far (reading here could take their events).
-            Qmp::Shared(shared) => shared.is_connected(),
-        }
-    }
-}
-
 /// One running QEMU and everything that lives exactly as long as it.
 struct Run {
     child: ChildGuard,
     poll: Poll,
     events: Events,
-    qmp: Option<Qmp>,
+    qmp: Option<Connection>,
     output: Option<OutputDrain>,
     command: CommandLine,
     started: Instant,
@@ -497,10 +422,11 @@ impl Machine {
     /// The QMP connection itself, for what this type does not wrap. Not available once the
     /// connection is shared ([`Machine::qmp_shared`]): then [`Error::QmpShared`].
     pub fn qmp_connection(&mut self) -> Result<&mut Connection> {
-        match self.qmp_handle()? {
-            Qmp::Owned(conn) => Ok(conn),
-            Qmp::Shared(_) => Err(Error::QmpShared),
+        let conn = self.qmp_handle()?;
+        if conn.is_shared() {
+            return Err(Error::QmpShared);
         }
+        Ok(conn)
     }
 
     /// A thread-safe handle on this run's QMP connection ([`qmp_client::Shared`]): clone it,
@@ -522,7 +448,7 @@ impl Machine {
     ///     .machine_type("none")
     ///     .build();
     /// vm.launch()?;
-    /// let qmp = vm.qmp_shared()?;
+    /// let mut qmp = vm.qmp_shared()?;
     /// let watcher = std::thread::spawn(move || qmp.pull_event(Duration::from_secs(5)));
     /// vm.cmd("stop", ())?;
     /// let _stop = watcher.join();
@@ -535,27 +461,21 @@ impl Machine {
         let Some(run) = self.run.as_mut() else {
             return Err(Error::NotRunning);
         };
-        match run.qmp.take() {
-            Some(Qmp::Owned(conn)) => {
-                // From now on the handle's users read the socket; the exit watch keeps only
-                // the pidfd.
-                let raw = conn.as_raw_fd();
-                if let Err(err) = run.poll.registry().deregister(&mut SourceFd(&raw)) {
-                    log::debug!("deregistering the monitor: {err}");
-                }
-                let shared = Shared::new(conn).map_err(|source| Error::qmp("share", source))?;
-                run.qmp = Some(Qmp::Shared(shared.clone()));
-                Ok(shared)
+        let Some(conn) = run.qmp.as_mut() else {
+            return Err(Error::NotRunning);
+        };
+        if !conn.is_shared() {
+            // From now on the handle's users read the socket too; the exit watch keeps only
+            // the pidfd.
+            let raw = conn.as_raw_fd();
+            if let Err(err) = run.poll.registry().deregister(&mut SourceFd(&raw)) {
+                log::debug!("deregistering the monitor: {err}");
             }
-            Some(Qmp::Shared(shared)) => {
-                run.qmp = Some(Qmp::Shared(shared.clone()));
-                Ok(shared)
-            }
-            None => Err(Error::NotRunning),
         }
+        conn.share().map_err(|source| Error::qmp("share", source))
     }
 
-    fn qmp_handle(&mut self) -> Result<&mut Qmp> {
+    fn qmp_handle(&mut self) -> Result<&mut Connection> {
         if self.config.monitor == Monitor::None {
             return Err(Error::NoMonitor);
         }
@@ -856,7 +776,7 @@ impl Machine {
                 .register(&mut SourceFd(&raw), QMP, Interest::READABLE)
                 .map_err(Error::os("epoll_ctl"))?;
         }
-        run.qmp = connection.map(Qmp::Owned);
+        run.qmp = connection;
         Ok(())
     }
 
@@ -985,10 +905,6 @@ impl Machine {
 
     // ----- QMP -----
 
-    fn connection(&mut self) -> Result<&mut Qmp> {
-        self.qmp_handle()
-    }
-
     /// Runs `command` and returns QEMU's whole reply (`{"return": ...}` or `{"error": ...}`),
     /// without the `id` we added to match it (as QEMU's Python `qemu.machine` does in
     /// `qmp()`); only transport failures are errors. A successful `quit` is remembered: the
@@ -996,7 +912,7 @@ impl Machine {
     pub fn qmp(&mut self, command: &str, args: impl Into<Args>) -> Result<Value> {
         let args = args.into().into_map(command)?;
         let mut reply = self
-            .connection()?
+            .qmp_handle()?
             .execute_raw(command, args)
             .map_err(|source| Error::qmp(command, source))?;
         if command == "quit" && matches!(reply, qmp_proto::ServerMessage::Return(_)) {
@@ -1027,7 +943,7 @@ impl Machine {
     ) -> Result<Value> {
         let args = args.into().into_map(command)?;
         let result = self
-            .connection()?
+            .qmp_handle()?
             .execute_with_timeout(command, args, timeout);
         if command == "quit" {
             // Like QEMU's Python `qemu.machine`: a quit is considered sent even if its reply was lost to the exit.
@@ -1056,7 +972,7 @@ impl Machine {
             return Ok(None);
         }
         let event = self
-            .connection()?
+            .qmp_handle()?
             .pull_event(timeout)
             .map_err(|source| Error::qmp("events", source))?;
         if let Some(event) = &event {
@@ -1105,7 +1021,7 @@ impl Machine {
             }
         }
         let event = self
-            .connection()?
+            .qmp_handle()?
             .wait_event(filters, timeout)
             .map_err(|source| Error::qmp("event wait", source))?;
         self.note_event(&event);
@@ -1133,7 +1049,7 @@ impl Machine {
 
     /// Passes `fd` and names it `name` in QEMU (`getfd`).
     pub fn getfd(&mut self, name: &str, fd: BorrowedFd<'_>) -> Result<()> {
-        self.connection()?
+        self.qmp_handle()?
             .getfd(name, fd)
             .map_err(|source| Error::qmp("getfd", source))
     }
@@ -1236,10 +1152,13 @@ impl Machine {
         // Events QEMU sent before it died (SHUTDOWN comes before quit's reply) are still in
         // the socket; keep them for events() and the report.
         if let Some(mut qmp) = run.qmp.take() {
-            if let Qmp::Owned(conn) = &qmp {
-                let raw = conn.as_raw_fd();
+            if !qmp.is_shared() {
+                let raw = qmp.as_raw_fd();
                 let _ = run.poll.registry().deregister(&mut SourceFd(&raw));
             }
+            // A `quit` sent straight on the connection (qmp_connection, a shared handle) is
+            // as much our request as one through `cmd`.
+            self.quit_sent |= qmp.session().quit_sent();
             let leftovers = qmp.drain_events();
             for event in &leftovers {
                 self.note_event(event);
@@ -1348,7 +1267,10 @@ impl LadderOps for Ops<'_> {
 
     fn has_qmp(&mut self) -> bool {
         // Read what has arrived first: an end-of-file may be waiting in the socket.
-        self.run.qmp.as_mut().is_some_and(Qmp::usable)
+        self.run
+            .qmp
+            .as_mut()
+            .is_some_and(|c| c.process_io().is_ok())
     }
 
     fn quit_sent(&self) -> bool {
@@ -1397,7 +1319,10 @@ impl LadderOps for Ops<'_> {
             // process_io stops after a budget under a flood; what it left may never be
             // announced by another readiness event, so only look at the pidfd (no sleep)
             // before reading on.
-            let more = matches!(&run.qmp, Some(Qmp::Owned(conn)) if conn.wants_read());
+            let more = run
+                .qmp
+                .as_mut()
+                .is_some_and(|c| !c.is_shared() && c.wants_read());
             let timeout = if more { Duration::ZERO } else { deadline - now };
             match run.poll.poll(&mut run.events, Some(timeout)) {
                 Ok(()) => {}
@@ -1406,7 +1331,7 @@ impl LadderOps for Ops<'_> {
             }
             let qmp_ready = more || run.events.iter().any(|e| e.token() == QMP);
             if qmp_ready {
-                if let Some(Qmp::Owned(conn)) = run.qmp.as_mut() {
+                if let Some(conn) = run.qmp.as_mut().filter(|c| !c.is_shared()) {
                     // Keep the event queue current while we wait (SHUTDOWN, reasons); a
                     // failure here is the connection ending, which the exit explains.
                     let _ = conn.process_io();

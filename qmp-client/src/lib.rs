@@ -9,19 +9,51 @@
 //!
 //! # Main types
 //!
-//! - [`Connection`]: a blocking connection with its own `mio::Poll`. Get one from
-//!   [`Connection::connect_unix`], [`Connection::connect_tcp`], [`Connection::from_unix_stream`]
-//!   (a socketpair end, the default in `machine-core`) or a [`Listener`] (server mode: QEMU
-//!   connects to us).
+//! - [`Connection`]: the QMP handle. Get one from [`Connection::connect_unix`],
+//!   [`Connection::connect_tcp`], [`Connection::from_unix_stream`] (a socketpair end, the
+//!   default in `machine-core`) or a [`Listener`] (server mode: QEMU connects to us); each
+//!   returns after the handshake. [`Connection::adopt_unix_stream`] returns at once, for a
+//!   caller that steps the handshake itself.
+//! - [`Shared`] (`Connection<Sharing>`): the same connection held for many threads: clone it,
+//!   one clone per thread. [`Connection::share`] hands out such handles while the owner keeps
+//!   using its connection; [`Connection::into_shared`] gives the owner's up.
 //! - [`Session`]: the sans-IO protocol state (handshake phase, ids, pending replies, event
-//!   queue, output buffer). A caller with its own event loop registers the connection's fd
-//!   ([`std::os::fd::AsRawFd`]) and drives it through [`Connection::process_io`] and
-//!   [`Connection::session_mut`].
-//! - [`Shared`]: a clonable, thread-safe handle; many threads may issue commands at once.
+//!   queue, output buffer) under every connection.
 //! - [`Agent`]: a client for QEMU's guest agent (`qemu-ga`): no greeting or negotiation,
 //!   `guest-sync-delimited` with the `0xFF` resync, stale replies skipped by id.
 //! - [`Config`], [`Error`]; with the `testing` feature, `testing::FakeServer`, a scripted fake
 //!   QMP server for tests.
+//!
+//! # One driver, three ways to drive it
+//!
+//! Under every [`Connection`] there is one transport driver: the socket, a private
+//! `mio::Poll`, the read and write state, and one pump that every blocking call runs (with a
+//! deadline). How it is held is the type parameter: [`Owned`] (one thread, no lock) or
+//! [`Sharing`] (behind a mutex; whichever waiting thread finds the socket unattended pumps it
+//! for all, the others sleep until their reply is routed). The command methods
+//! (`execute`, `execute_raw`, `execute_oob`, `send`/`wait_reply`, `execute_and_wait`, the
+//! event calls, `send_fds`/`getfd`/`add_fd`) are written once for both.
+//!
+//! 1. **Blocking, one thread**: call the command methods; each waits with its deadline.
+//! 2. **Blocking, many threads**: [`Connection::share`], then the same methods on the clones.
+//! 3. **Stepped from your own event loop**, with no thread and no blocking call:
+//!    [`Connection::register`] the socket in your `mio::Registry` under a token of your choice,
+//!    call [`Connection::process_io`] on its readiness (again while
+//!    [`Connection::wants_read`]), send with [`Connection::submit`], pick up replies with
+//!    [`Connection::take_reply`] and events with [`Connection::pop_event`]. The handshake too
+//!    can be stepped ([`Connection::adopt_unix_stream`] + [`Connection::handshake_step`]). See
+//!    [`Connection`]'s docs for a complete loop.
+//!
+//! ## Another runtime
+//!
+//! The protocol itself is [`Session`], which does no I/O: write [`Session::pending_output`]
+//! to the socket when it is writable ([`Session::consume_output`] what was written), feed
+//! what you read to [`Session::feed`] (and [`Session::feed_eof`] / [`Session::feed_io_error`]),
+//! then take replies and events. That is all an async runtime needs: the example
+//! `qmp-client/examples/tokio_session.rs` drives a `Session` on a tokio `UnixStream` against
+//! real QEMU (`cargo run -p qmp-client --example tokio_session -- /path/to/qemu`). Any other
+//! runtime (async-std, smol, glommio, a hand-written epoll loop) does the same with its own
+//! socket type: the session never asks how the bytes travel.
 //!
 //! # Protocol contracts
 //!
@@ -41,7 +73,8 @@
 //!   id while no id-less command is pending ends the session with [`Error::ServerParse`], as the
 //!   QMP specification describes; the late reply of a timed-out id-less command is dropped like
 //!   any late reply, and no new id-less command is sent until it has come.
-//! - **Pipelining.** Several commands may be in flight ([`Connection::send`] +
+//! - **Pipelining.** Several commands may be in flight ([`Connection::send`] or
+//!   [`Connection::submit`] +
 //!   [`Connection::wait_reply`]); at most 8 in-band ones, the limit of the spec: a further send
 //!   waits for a slot within its deadline. `exec-oob` commands ([`Connection::execute_oob`]) are
 //!   not counted there; they have a cap of their own, [`Config::max_oob_in_flight`] (default
@@ -93,6 +126,7 @@
 mod agent;
 mod config;
 mod connection;
+mod driver;
 mod error;
 mod io;
 mod listener;
@@ -108,6 +142,7 @@ pub mod testing;
 pub use agent::{Agent, AgentConfig, ExecStatus, FileChunk, SuspendMode};
 pub use config::{Config, OobPolicy, OverflowPolicy};
 pub use connection::{Connection, PROCESS_BUDGET};
+pub use driver::{Owned, OwnedGuard, SessionGuard, Sharing};
 pub use error::{Error, Result};
 pub use listener::Listener;
 pub use mux::{

@@ -150,6 +150,10 @@ pub struct Session {
     relay: Option<VecDeque<Relayed>>,
     /// Called when the relay queue gains a message (see [`Session::set_relay_waker`]).
     relay_waker: Option<RelayWaker>,
+    /// When the session was made (the greeting deadline counts from here).
+    created: Instant,
+    /// When the current phase began (the negotiation deadline counts from here).
+    phase_since: Instant,
 }
 
 /// What [`Session::set_relay_waker`] takes: called from whichever thread feeds the session.
@@ -204,6 +208,8 @@ impl Session {
             failure: None,
             relay: None,
             relay_waker: None,
+            created: Instant::now(),
+            phase_since: Instant::now(),
         };
         if !config.await_greeting {
             if config.negotiate {
@@ -219,6 +225,22 @@ impl Session {
     /// The current phase.
     pub fn phase(&self) -> Phase {
         self.phase
+    }
+
+    /// When this session was made: the greeting deadline counts from here.
+    pub fn created(&self) -> Instant {
+        self.created
+    }
+
+    /// When the current phase began (for [`Phase::Negotiation`]: when `qmp_capabilities` was
+    /// queued, the start of its deadline).
+    pub fn phase_since(&self) -> Instant {
+        self.phase_since
+    }
+
+    /// Whether a `quit` was sent on this session (its reply may never come: QEMU exits).
+    pub fn quit_sent(&self) -> bool {
+        self.quit.is_some()
     }
 
     /// True once in command mode and not failed.
@@ -452,6 +474,7 @@ impl Session {
         self.next_id += 1;
         self.enqueue(id, command.with_id(Value::from(id.0)));
         self.phase = Phase::Negotiation;
+        self.phase_since = Instant::now();
         self.negotiation = Some(id);
         self.oob_enabled = enable_oob;
     }

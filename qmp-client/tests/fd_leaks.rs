@@ -147,7 +147,7 @@ fn no_path_leaks_an_fd() {
         let script = Script::new().on("getfd", vec![Action::reply(json!({}))]);
         let (server, ours) = script.start_pair().unwrap();
         let shared = Shared::new(Connection::from_unix_stream(ours, &short()).unwrap()).unwrap();
-        let other = shared.clone();
+        let mut other = shared.clone();
         let (a, _b) = UnixStream::pair().unwrap();
         other.getfd("y", a.as_fd()).unwrap();
         std::thread::spawn(move || drop(other)).join().unwrap();

@@ -479,12 +479,12 @@ fn a_shared_qmp_handle_works_from_another_thread_beside_the_machine() {
     let stub = Stub::serving();
     let mut m = stub.machine();
     m.launch().expect("launch");
-    let qmp = m.qmp_shared().expect("shared handle");
+    let mut qmp = m.qmp_shared().expect("shared handle");
     assert!(matches!(m.qmp_connection(), Err(Error::QmpShared)));
     // Another thread waits for the SHUTDOWN event while this one keeps using the machine.
     let (queried_tx, queried) = std::sync::mpsc::channel();
     let waiter = {
-        let qmp = qmp.clone();
+        let mut qmp = qmp.clone();
         std::thread::spawn(move || {
             let status = qmp
                 .execute("query-status", None)
@@ -504,7 +504,7 @@ fn a_shared_qmp_handle_works_from_another_thread_beside_the_machine() {
         "running"
     );
     // A second call hands out the same connection.
-    let again = m.qmp_shared().expect("again");
+    let mut again = m.qmp_shared().expect("again");
     assert!(again.is_connected());
     queried
         .recv_timeout(Duration::from_secs(10))

@@ -421,7 +421,8 @@ fn late_idless_reply_never_reaches_the_next_idless_command() {
         .unwrap();
     let res = conn.wait_reply(slow, Instant::now() + Duration::from_millis(50));
     assert!(matches!(res, Err(Error::CommandTimeout { .. })), "{res:?}");
-    match conn.session_mut().send_without_id(Command::new("fast")) {
+    let sent = conn.session_mut().send_without_id(Command::new("fast"));
+    match sent {
         Err(Error::IdlessBusy) => {}
         Ok(fast) => {
             let got = conn.wait_reply(fast, Instant::now() + Duration::from_secs(5));

@@ -34,11 +34,11 @@ fn sixteen_threads_each_get_their_own_replies() {
         actions
     });
     let (server, conn) = connect(script);
-    let shared = Shared::new(conn).unwrap();
+    let mut shared = Shared::new(conn).unwrap();
     let barrier = Arc::new(Barrier::new(THREADS));
     let threads: Vec<_> = (0..THREADS)
         .map(|t| {
-            let shared = shared.clone();
+            let mut shared = shared.clone();
             let barrier = Arc::clone(&barrier);
             std::thread::spawn(move || {
                 barrier.wait();
@@ -78,7 +78,7 @@ fn threads_respect_the_in_flight_limit() {
     let shared = Shared::new(conn).unwrap();
     let threads: Vec<_> = (0..12)
         .map(|_| {
-            let shared = shared.clone();
+            let mut shared = shared.clone();
             std::thread::spawn(move || {
                 shared.execute_with_timeout("hold", None, Duration::from_millis(300))
             })
@@ -102,10 +102,10 @@ fn shared_failure_reaches_all_waiters() {
         .on("hold", vec![])
         .on("die", vec![Action::Close]);
     let (server, conn) = connect(script);
-    let shared = Shared::new(conn).unwrap();
+    let mut shared = Shared::new(conn).unwrap();
     let waiters: Vec<_> = (0..4)
         .map(|_| {
-            let shared = shared.clone();
+            let mut shared = shared.clone();
             std::thread::spawn(move || timed(|| shared.execute("hold", None)))
         })
         .collect();

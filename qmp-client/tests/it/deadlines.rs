@@ -137,7 +137,7 @@ fn shared_wait_event_keeps_its_deadline_under_an_endless_flood() {
     let shared = Shared::new(conn).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let flooder = flood(peer, Arc::clone(&stop));
-    let waiter = shared.clone();
+    let mut waiter = shared.clone();
     let (res, took) = within_hung(move || {
         waiter.wait_event(&[EventFilter::new("NEVER")], Duration::from_millis(300))
     });
@@ -156,7 +156,7 @@ fn shared_getfd_keeps_its_deadline_when_the_peer_stops_reading() {
         .with_await_greeting(false)
         .with_negotiate(false)
         .with_command_timeout(Duration::from_millis(300));
-    let shared = Shared::new(Connection::from_unix_stream(ours, &config).unwrap()).unwrap();
+    let mut shared = Shared::new(Connection::from_unix_stream(ours, &config).unwrap()).unwrap();
     fill(&filler);
     let (_a, b) = UnixStream::pair().unwrap();
     let (res, took) = within_hung(move || shared.getfd("net0", b.as_fd()));

@@ -289,7 +289,7 @@ fn shared_drain_events_reads_what_has_arrived() {
         .with_await_greeting(false)
         .with_negotiate(false);
     let conn = qmp_client::Connection::from_unix_stream(ours, &config).unwrap();
-    let shared = qmp_client::Shared::new(conn).unwrap();
+    let mut shared = qmp_client::Shared::new(conn).unwrap();
     peer.write_all(
         b"{\"event\": \"STOP\", \"timestamp\": {\"seconds\": 1, \"microseconds\": 0}}\r\n",
     )
@@ -308,7 +308,7 @@ fn shared_pull_event_with_zero_timeout_reads_what_has_arrived() {
         .with_await_greeting(false)
         .with_negotiate(false);
     let conn = qmp_client::Connection::from_unix_stream(ours, &config).unwrap();
-    let shared = qmp_client::Shared::new(conn).unwrap();
+    let mut shared = qmp_client::Shared::new(conn).unwrap();
     let server = std::thread::spawn(move || {
         let mut buf = [0u8; 256];
         let n = peer.read(&mut buf).unwrap();

@@ -78,7 +78,7 @@ fn shared_getfd_is_atomic_across_threads() {
     let shared = Shared::new(conn).unwrap();
     let workers: Vec<_> = (0..8)
         .map(|t| {
-            let shared = shared.clone();
+            let mut shared = shared.clone();
             std::thread::spawn(move || {
                 let mut ours = Vec::new();
                 for i in 0..10 {

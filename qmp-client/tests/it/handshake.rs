@@ -13,7 +13,7 @@ use crate::util::{assert_near, config, connect, connect_with, short_tempdir, tim
 
 #[test]
 fn greeting_and_negotiation_enable_oob_when_offered() {
-    let (server, conn) = connect(Script::new());
+    let (server, mut conn) = connect(Script::new());
     let greeting = conn.greeting().expect("greeting kept");
     assert_eq!(greeting.version.qemu.major, 7);
     assert!(conn.oob_enabled());
@@ -28,7 +28,7 @@ fn greeting_and_negotiation_enable_oob_when_offered() {
 #[test]
 fn oob_not_enabled_when_off_or_not_offered() {
     let (server, conn) = connect_with(Script::new(), &config().with_oob(OobPolicy::Off));
-    let conn = conn.unwrap();
+    let mut conn = conn.unwrap();
     assert!(!conn.oob_enabled());
     assert_eq!(
         server.wait_commands(1, Duration::from_secs(5))[0].arguments,
@@ -36,7 +36,7 @@ fn oob_not_enabled_when_off_or_not_offered() {
     );
 
     let greeting = json!({"QMP": {"version": {"qemu": {"major": 9, "minor": 0, "micro": 0}, "package": ""}, "capabilities": []}});
-    let (server, conn) = connect(Script::new().greeting(greeting));
+    let (server, mut conn) = connect(Script::new().greeting(greeting));
     assert!(!conn.oob_enabled());
     assert_eq!(
         server.wait_commands(1, Duration::from_secs(5))[0].arguments,
@@ -48,7 +48,7 @@ fn oob_not_enabled_when_off_or_not_offered() {
 fn unknown_greeting_keys_are_accepted() {
     let greeting = json!({"QMP": {"version": {"qemu": {"major": 8, "minor": 1, "micro": 0}, "package": "x", "new": 1},
         "capabilities": ["oob", "future-cap"], "extra": {"a": [1]}}, "also": true});
-    let (_server, conn) = connect(Script::new().greeting(greeting));
+    let (_server, mut conn) = connect(Script::new().greeting(greeting));
     assert_eq!(
         conn.greeting().unwrap().capabilities,
         vec!["oob", "future-cap"]
@@ -73,7 +73,7 @@ fn guest_agent_mode_skips_greeting_and_negotiation() {
 fn negotiation_without_greeting_wait() {
     let cfg = config().with_await_greeting(false);
     let (server, conn) = connect_with(Script::new().no_greeting(), &cfg);
-    let conn = conn.unwrap();
+    let mut conn = conn.unwrap();
     assert!(conn.session().is_ready());
     assert_eq!(server.commands()[0].execute, "qmp_capabilities");
 }
@@ -395,7 +395,7 @@ fn tcp_listener_and_connect() {
         let _ = s.read(&mut rest);
         sent
     });
-    let conn = listener
+    let mut conn = listener
         .accept(Duration::from_secs(5), None, &config())
         .unwrap();
     assert!(conn.session().is_ready());
@@ -446,7 +446,7 @@ fn reconnect_after_failed_handshake() {
     drop(listener);
     std::fs::remove_file(&path).unwrap();
     let server = Script::new().start_unix(&path).unwrap();
-    let conn = Connection::connect_unix(&path, &config()).unwrap();
+    let mut conn = Connection::connect_unix(&path, &config()).unwrap();
     assert!(conn.is_connected());
     drop(server);
 }

@@ -45,7 +45,7 @@ impl Owner {
         let (fake, stream) = script.start_pair().expect("test setup");
         let mut conn =
             Connection::from_unix_stream(stream, &Config::default()).expect("test setup");
-        let mux = Mux::for_session(conn.session_mut(), config).expect("test setup");
+        let mux = Mux::for_session(&mut conn.session_mut(), config).expect("test setup");
         let server = MuxServer::bind(mux, &address).expect("test setup");
         let path = server.path().to_owned();
         let tcp = server.tcp_addr();
@@ -105,7 +105,7 @@ fn run_owner(
     let mut mine = None;
     let mut owner_errors = Vec::new();
     while !stop.load(Ordering::SeqCst) {
-        let timeout = if server.wants_pump(conn.session()) || conn.wants_read() {
+        let timeout = if server.wants_pump(&conn.session()) || conn.wants_read() {
             Duration::ZERO
         } else {
             Duration::from_millis(5)
@@ -117,9 +117,9 @@ fn run_owner(
             }
         }
         let open = conn.process_io().is_ok();
-        server.pump(poll.registry(), conn.session_mut());
+        server.pump(poll.registry(), &mut conn.session_mut());
         // The owner's own command keeps going through the same session.
-        let session = conn.session_mut();
+        let mut session = conn.session_mut();
         if let Some(id) = mine {
             if let Some(reply) = session.take_reply(id) {
                 match reply {
@@ -137,6 +137,7 @@ fn run_owner(
                 Err(e) => owner_errors.push(e.to_string()),
             }
         }
+        drop(session);
         let _ = conn.process_io();
         if !open && server.mux().client_count() == 0 {
             break;
@@ -393,7 +394,7 @@ fn a_user_path_replaces_only_a_stale_socket() {
     std::fs::write(&file, b"user data").unwrap();
     let (fake, stream) = echo_script().start_pair().unwrap();
     let mut conn = Connection::from_unix_stream(stream, &Config::default()).unwrap();
-    let mux1 = Mux::for_session(conn.session_mut(), MuxConfig::default()).unwrap();
+    let mux1 = Mux::for_session(&mut conn.session_mut(), MuxConfig::default()).unwrap();
     match MuxServer::bind(mux1, &ShareAddress::unix(&file)) {
         Err(Error::NotASocket { path }) => assert_eq!(path, file),
         other => panic!("{other:?}"),
@@ -402,7 +403,7 @@ fn a_user_path_replaces_only_a_stale_socket() {
     // A live socket is refused.
     let live = dir.path().join("live.sock");
     let _listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
-    let mux2 = Mux::for_session(conn.session_mut(), MuxConfig::default()).unwrap();
+    let mux2 = Mux::for_session(&mut conn.session_mut(), MuxConfig::default()).unwrap();
     assert!(matches!(
         MuxServer::bind(mux2, &ShareAddress::unix(&live)),
         Err(Error::SocketInUse { .. })
@@ -411,14 +412,14 @@ fn a_user_path_replaces_only_a_stale_socket() {
     let stale = dir.path().join("stale.sock");
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
     assert!(stale.exists());
-    let mux3 = Mux::for_session(conn.session_mut(), MuxConfig::default()).unwrap();
+    let mux3 = Mux::for_session(&mut conn.session_mut(), MuxConfig::default()).unwrap();
     let server = MuxServer::bind(mux3, &ShareAddress::unix(&stale)).unwrap();
     let mode = std::fs::metadata(&stale).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     drop(server);
     assert!(!stale.exists(), "removed with the server");
     // TCP only on loopback.
-    let mux4 = Mux::for_session(conn.session_mut(), MuxConfig::default()).unwrap();
+    let mux4 = Mux::for_session(&mut conn.session_mut(), MuxConfig::default()).unwrap();
     let any: std::net::SocketAddr = "0.0.0.0:0".parse().unwrap();
     assert!(matches!(
         MuxServer::bind(mux4, &ShareAddress::default().with_tcp(any)),

@@ -86,7 +86,7 @@ fn replay_through_connection(transcript: &Transcript, oob: OobPolicy, shared: bo
     let config = Config::default()
         .with_oob(oob)
         .with_command_timeout(Duration::from_secs(10));
-    let qmp = Connection::from_unix_stream(stream, &config)
+    let mut qmp = Connection::from_unix_stream(stream, &config)
         .unwrap_or_else(|e| panic!("{name}: handshake: {e}"));
 
     let greeting = qmp.greeting().expect("a greeting").clone();

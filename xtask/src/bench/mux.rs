@@ -177,7 +177,7 @@ impl SharedQemu {
         let mut owner = handshake(owner)?;
         let direct = handshake(direct)?;
         let mux = Mux::for_session(
-            owner.session_mut(),
+            &mut owner.session_mut(),
             MuxConfig::default().with_max_queued_bytes(QUEUE_LIMIT),
         )
         .ok_or("the owner's session has no handshake")?;
@@ -411,7 +411,7 @@ fn owner_loop(
 ) -> Result<qmp_client::MuxStats, String> {
     let mut events = Events::with_capacity(256);
     loop {
-        let timeout = if server.wants_pump(conn.session()) || conn.wants_read() {
+        let timeout = if server.wants_pump(&conn.session()) || conn.wants_read() {
             Some(Duration::ZERO)
         } else {
             None
@@ -428,7 +428,7 @@ fn owner_loop(
         }
         conn.process_io()
             .map_err(|e| format!("the owner's monitor failed: {e}"))?;
-        server.pump(poll.registry(), conn.session_mut());
+        server.pump(poll.registry(), &mut conn.session_mut());
         conn.process_io()
             .map_err(|e| format!("the owner's monitor failed: {e}"))?;
         loop {

@@ -284,7 +284,7 @@ impl Qemu {
             return Err("three socketpairs expected".to_string());
         };
         let config = Config::default().with_greeting_timeout(Duration::from_secs(10));
-        let client = Connection::from_unix_stream(client, &config)
+        let mut client = Connection::from_unix_stream(client, &config)
             .map_err(|e| format!("client handshake: {e}; qemu log: {}", child.log_tail()))?;
         if !client.oob_enabled() {
             return Err("QEMU offered no oob: the raw loop's negotiation would differ".into());

@@ -168,7 +168,7 @@ fn check(cond: bool, what: impl FnOnce() -> String) -> Result<(), String> {
 }
 
 fn handshake(ctx: &Ctx) -> Result<(), String> {
-    let (_qemu, conn) = connect(ctx)?;
+    let (_qemu, mut conn) = connect(ctx)?;
     let greeting = conn.greeting().ok_or("no greeting kept")?;
     check(greeting.version.qemu.major >= 7, || {
         format!("version {:?}", greeting.version)
@@ -389,10 +389,10 @@ fn connect_unix(ctx: &Ctx) -> Result<(), String> {
 
 fn threads(ctx: &Ctx) -> Result<(), String> {
     let (_qemu, conn) = connect(ctx)?;
-    let shared = Shared::new(conn).map_err(err)?;
+    let mut shared = Shared::new(conn).map_err(err)?;
     let workers: Vec<_> = (0..16)
         .map(|_| {
-            let shared = shared.clone();
+            let mut shared = shared.clone();
             std::thread::spawn(move || -> Result<(), String> {
                 for _ in 0..50 {
                     let status = shared.execute("query-status", None).map_err(err)?;

@@ -253,9 +253,9 @@ fn shared_qmp_handle(ctx: &Ctx) -> Result<(), String> {
     let base = base_dir()?;
     let mut m = none_builder(ctx, base.path()).build();
     m.launch().map_err(err("launch"))?;
-    let qmp = m.qmp_shared().map_err(err("qmp_shared"))?;
+    let mut qmp = m.qmp_shared().map_err(err("qmp_shared"))?;
     let watcher = {
-        let qmp = qmp.clone();
+        let mut qmp = qmp.clone();
         std::thread::spawn(move || {
             qmp.wait_event(&[EventFilter::new("STOP")], Duration::from_secs(5))
                 .map_err(|e| format!("STOP on the other thread: {e}"))?;
