@@ -75,7 +75,7 @@ pub enum Error {
         addr: std::net::SocketAddr,
     },
     /// Creating the private directory for a shared monitor's socket failed.
-    #[error("cannot create a private directory in {parent:?}")]
+    #[error("cannot create a private directory in {parent:?}: {source}")]
     PrivateDir {
         /// Where it was to be created.
         parent: PathBuf,
@@ -278,5 +278,267 @@ impl Error {
     /// True for a clean close: [`Error::Closed`], directly or as a disconnection cause.
     pub fn is_closed(&self) -> bool {
         matches!(self.root(), Error::Closed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io(kind: io::ErrorKind) -> io::Error {
+        io::Error::from(kind)
+    }
+
+    /// The variant's name; no wildcard, so a new variant must be added to the table below.
+    fn name(error: &Error) -> &'static str {
+        match error {
+            Error::PathTooLong { .. } => "PathTooLong",
+            Error::Connect { .. } => "Connect",
+            Error::ConnectTimeout { .. } => "ConnectTimeout",
+            Error::Bind { .. } => "Bind",
+            Error::NotASocket { .. } => "NotASocket",
+            Error::SocketInUse { .. } => "SocketInUse",
+            Error::NotLoopback { .. } => "NotLoopback",
+            Error::PrivateDir { .. } => "PrivateDir",
+            Error::Accept { .. } => "Accept",
+            Error::AcceptTimeout { .. } => "AcceptTimeout",
+            Error::Aborted => "Aborted",
+            Error::GreetingTimeout { .. } => "GreetingTimeout",
+            Error::Greeting { .. } => "Greeting",
+            Error::Negotiation { .. } => "Negotiation",
+            Error::Command { .. } => "Command",
+            Error::CommandTimeout { .. } => "CommandTimeout",
+            Error::BadReply { .. } => "BadReply",
+            Error::EventTimeout { .. } => "EventTimeout",
+            Error::EventsLost { .. } => "EventsLost",
+            Error::ServerParse { .. } => "ServerParse",
+            Error::Decode { .. } => "Decode",
+            Error::Eof { .. } => "Eof",
+            Error::Io { .. } => "Io",
+            Error::Closed => "Closed",
+            Error::Disconnected { .. } => "Disconnected",
+            Error::NotReady { .. } => "NotReady",
+            Error::TooManyInFlight { .. } => "TooManyInFlight",
+            Error::IdlessBusy => "IdlessBusy",
+            Error::UnknownRequest { .. } => "UnknownRequest",
+            Error::GuestExecTimeout { .. } => "GuestExecTimeout",
+            Error::FdPassingUnsupported => "FdPassingUnsupported",
+        }
+    }
+
+    const ALL: usize = 31;
+
+    /// `Display` alone says what failed and why: the table of every variant.
+    #[test]
+    fn every_variant_reads_well_alone() {
+        let sock = "/run/qmp.sock".to_string();
+        let table: Vec<(Error, &str)> = vec![
+            (
+                Error::PathTooLong {
+                    path: "/long".into(),
+                    len: 120,
+                    limit: 107,
+                },
+                "unix socket path \"/long\" is 120 bytes long, the limit is 107 bytes",
+            ),
+            (
+                Error::Connect {
+                    address: sock.clone(),
+                    source: io(io::ErrorKind::ConnectionRefused),
+                },
+                "cannot connect to /run/qmp.sock: connection refused",
+            ),
+            (
+                Error::ConnectTimeout {
+                    address: "10.0.0.1:4444".into(),
+                    timeout: Duration::from_secs(10),
+                },
+                "connecting to 10.0.0.1:4444 timed out after 10s",
+            ),
+            (
+                Error::Bind {
+                    address: sock.clone(),
+                    source: io(io::ErrorKind::AddrInUse),
+                },
+                "cannot listen on /run/qmp.sock: address in use",
+            ),
+            (
+                Error::NotASocket {
+                    path: "/etc/passwd".into(),
+                },
+                "refusing to replace \"/etc/passwd\": it exists and is not a socket",
+            ),
+            (
+                Error::SocketInUse {
+                    path: "/run/qmp.sock".into(),
+                },
+                "\"/run/qmp.sock\" is in use: something listens on it",
+            ),
+            (
+                Error::NotLoopback {
+                    addr: "10.0.0.1:4444".parse().expect("addr"),
+                },
+                "refusing to share QMP on 10.0.0.1:4444: only loopback addresses are allowed",
+            ),
+            (
+                Error::PrivateDir {
+                    parent: "/ro".into(),
+                    source: io(io::ErrorKind::PermissionDenied),
+                },
+                "cannot create a private directory in \"/ro\": permission denied",
+            ),
+            (
+                Error::Accept {
+                    address: sock.clone(),
+                    source: io(io::ErrorKind::OutOfMemory),
+                },
+                "cannot accept a connection on /run/qmp.sock: out of memory",
+            ),
+            (
+                Error::AcceptTimeout {
+                    address: sock.clone(),
+                    timeout: Duration::from_millis(500),
+                },
+                "no peer connected to /run/qmp.sock within 500ms",
+            ),
+            (Error::Aborted, "wait aborted: the abort fd became readable"),
+            (
+                Error::GreetingTimeout {
+                    timeout: Duration::from_secs(10),
+                },
+                "no QMP greeting within 10s",
+            ),
+            (
+                Error::Greeting {
+                    raw: "{\"hello\": 1}".into(),
+                    source: None,
+                },
+                "malformed greeting: {\"hello\": 1}",
+            ),
+            (
+                Error::Negotiation {
+                    cause: Box::new(Error::Closed),
+                },
+                "capability negotiation failed: connection closed",
+            ),
+            (
+                Error::Command {
+                    command: "device_del".into(),
+                    class: ErrorClass::DeviceNotFound,
+                    desc: "Device 'x' not found".into(),
+                },
+                "`device_del` failed: DeviceNotFound: Device 'x' not found",
+            ),
+            (
+                Error::CommandTimeout {
+                    command: "query-status".into(),
+                    waited: Duration::from_secs(30),
+                },
+                "no reply to `query-status` within 30s",
+            ),
+            (
+                Error::BadReply {
+                    command: "query-status".into(),
+                    raw: "{\"id\": 1}".into(),
+                },
+                "malformed reply to `query-status`: {\"id\": 1}",
+            ),
+            (
+                Error::EventTimeout {
+                    names: "STOP, RESUME".into(),
+                    timeout: Duration::from_secs(5),
+                },
+                "no event matching STOP, RESUME within 5s",
+            ),
+            (
+                Error::EventsLost {
+                    dropped: 3,
+                    capacity: 1024,
+                },
+                "3 events lost: the event queue (capacity 1024) was full",
+            ),
+            (
+                Error::ServerParse {
+                    class: ErrorClass::GenericError,
+                    desc: "JSON parse error".into(),
+                },
+                "server reported an error outside any command: GenericError: JSON parse error",
+            ),
+            (
+                Error::Decode {
+                    source: qmp_proto::Error::TooDeep { limit: 64 },
+                },
+                "undecodable message from the server: message nests deeper than 64 levels",
+            ),
+            (
+                Error::Eof {
+                    phase: Phase::Greeting,
+                    partial_len: 0,
+                },
+                "the server closed the connection before its greeting",
+            ),
+            (
+                Error::Io {
+                    op: "read",
+                    source: io(io::ErrorKind::ConnectionReset),
+                },
+                "socket read failed: connection reset",
+            ),
+            (Error::Closed, "connection closed"),
+            (
+                Error::Disconnected {
+                    cause: Arc::new(Error::Eof {
+                        phase: Phase::Ready,
+                        partial_len: 12,
+                    }),
+                },
+                "disconnected: the server closed the connection, 12 bytes into an unfinished \
+                 message",
+            ),
+            (
+                Error::NotReady {
+                    phase: Phase::Negotiation,
+                },
+                "the session cannot send commands during negotiation",
+            ),
+            (
+                Error::TooManyInFlight { limit: 8 },
+                "8 commands of the same kind (in-band or out-of-band) already in flight",
+            ),
+            (Error::IdlessBusy, "an id-less command is already in flight"),
+            (Error::UnknownRequest { id: 7 }, "request 7 is not pending"),
+            (
+                Error::GuestExecTimeout {
+                    path: "/bin/sleep".into(),
+                    pid: 42,
+                    waited: Duration::from_secs(10),
+                },
+                "guest command \"/bin/sleep\" (guest pid 42) still running after 10s",
+            ),
+            (
+                Error::FdPassingUnsupported,
+                "file descriptors can only be passed over a unix socket",
+            ),
+        ];
+        let mut names: Vec<&str> = table.iter().map(|(e, _)| name(e)).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), ALL, "every variant is in the table");
+        for (error, text) in &table {
+            assert_eq!(error.to_string(), *text, "{}", name(error));
+        }
+        // The two other phases an end of file can come in.
+        let eof = |phase| Error::Eof {
+            phase,
+            partial_len: 0,
+        };
+        assert_eq!(
+            eof(Phase::Negotiation).to_string(),
+            "the server closed the connection during capability negotiation"
+        );
+        assert_eq!(
+            eof(Phase::Closed).to_string(),
+            "the server closed the connection"
+        );
     }
 }

@@ -80,3 +80,70 @@ impl Error {
 pub(crate) fn raw_copy(bytes: &[u8]) -> Vec<u8> {
     bytes[..bytes.len().min(MAX_RAW_LEN)].to_vec()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The variant's name; no wildcard, so a new variant must be added to the table below.
+    fn name(error: &Error) -> &'static str {
+        match error {
+            Error::MessageTooLarge { .. } => "MessageTooLarge",
+            Error::TooDeep { .. } => "TooDeep",
+            Error::InvalidUtf8 { .. } => "InvalidUtf8",
+            Error::NotAnObject { .. } => "NotAnObject",
+            Error::Malformed { .. } => "Malformed",
+            Error::InvalidCommand { .. } => "InvalidCommand",
+        }
+    }
+
+    /// `Display` alone says what failed and why: the table of every variant.
+    #[test]
+    fn every_variant_reads_well_alone() {
+        let json_error =
+            serde_json::from_str::<serde_json::Value>("{\"a\": tru}").expect_err("not json");
+        let table: Vec<(Error, &str)> = vec![
+            (
+                Error::MessageTooLarge {
+                    limit: 1024,
+                    raw: Vec::new(),
+                },
+                "message exceeds the limit of 1024 bytes",
+            ),
+            (
+                Error::TooDeep { limit: 64 },
+                "message nests deeper than 64 levels",
+            ),
+            (
+                Error::InvalidUtf8 { raw: vec![0xff] },
+                "message is not valid utf-8",
+            ),
+            (
+                Error::NotAnObject {
+                    raw: b"[]".to_vec(),
+                },
+                "message is json but not an object",
+            ),
+            (
+                Error::Malformed {
+                    raw: b"{\"a\": tru}".to_vec(),
+                    source: json_error,
+                },
+                "malformed json message: expected ident at line 1 column 10",
+            ),
+            (
+                Error::InvalidCommand {
+                    reason: "no `execute`".into(),
+                },
+                "invalid qmp command: no `execute`",
+            ),
+        ];
+        let mut names: Vec<&str> = table.iter().map(|(e, _)| name(e)).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), 6, "every variant is in the table");
+        for (error, text) in &table {
+            assert_eq!(error.to_string(), *text, "{}", name(error));
+        }
+    }
+}
