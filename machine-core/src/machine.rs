@@ -85,7 +85,7 @@ impl Args {
         }
     }
 
-    fn into_map(self, command: &str) -> Result<Option<Map<String, Value>>> {
+    pub(crate) fn into_map(self, command: &str) -> Result<Option<Map<String, Value>>> {
         let map = match self.value {
             None | Some(Value::Null) => return Ok(None),
             Some(Value::Object(map)) => map,
@@ -138,6 +138,15 @@ fn conv_keys(map: Map<String, Value>) -> Map<String, Value> {
         .collect()
 }
 
+/// How a launch does its QMP handshake.
+enum Handshake<'a> {
+    /// Waited for here, also ending when the caller's abort fd (if any) turns readable.
+    Blocking(Option<BorrowedFd<'a>>),
+    /// Left to [`Machine::launch_step`], driven by the owner's poll; the output pipe is then
+    /// read by the owner too ([`Machine::pump_output`]), not by a thread.
+    Stepped,
+}
+
 /// One running QEMU and everything that lives exactly as long as it.
 struct Run {
     child: ChildGuard,
@@ -164,6 +173,8 @@ pub struct Machine {
     leftover_events: VecDeque<Event>,
     recent_events: VecDeque<Event>,
     quit_sent: bool,
+    /// A stepped launch ([`Machine::launch_begin`]) whose handshake has not completed.
+    launching: bool,
     command: Option<CommandLine>,
     log_text: Option<String>,
     last_status: Option<ExitStatus>,
@@ -192,6 +203,7 @@ impl Machine {
             leftover_events: VecDeque::new(),
             recent_events: VecDeque::new(),
             quit_sent: false,
+            launching: false,
             command: None,
             log_text: None,
             last_status: None,
@@ -506,6 +518,13 @@ impl Machine {
     }
 
     fn launch_inner(&mut self, abort: Option<BorrowedFd<'_>>) -> Result<()> {
+        let once = self.prepare_launch()?;
+        let started = self.start(once, abort, false);
+        self.launch_ended(started)
+    }
+
+    /// Resets what a previous run left and takes the one-launch fds; fails while running.
+    fn prepare_launch(&mut self) -> Result<Vec<OwnedFd>> {
         if let Some(run) = &mut self.run {
             let pid = run.child.pid();
             match run.child.try_reap() {
@@ -529,8 +548,12 @@ impl Machine {
         self.last_status = None;
         self.report = None;
         self.command = None;
-        let once = std::mem::take(&mut self.once_fds);
-        match self.start(once, abort) {
+        Ok(std::mem::take(&mut self.once_fds))
+    }
+
+    /// Keeps the run of a completed launch, or cleans up after a failed one.
+    fn launch_ended(&mut self, started: Result<Run>) -> Result<()> {
+        match started {
             Ok(run) => {
                 log::info!(
                     "launched qemu pid {} ({})",
@@ -551,7 +574,103 @@ impl Machine {
         }
     }
 
-    fn start(&mut self, once: Vec<OwnedFd>, abort: Option<BorrowedFd<'_>>) -> Result<Run> {
+    /// The stepped launch ([`crate::Fleet`]): spawns QEMU like [`Machine::launch`] but leaves
+    /// the QMP handshake to [`Machine::launch_step`], driven by the owner's poll (its sources:
+    /// [`Machine::qmp_connection`] and [`Machine::launch_pidfd`]). A monitor on a unix or TCP
+    /// listener does its handshake here, blocking, as in [`Machine::launch`].
+    pub(crate) fn launch_begin(&mut self) -> Result<()> {
+        let once = self.prepare_launch()?;
+        let started = self.start(once, None, true);
+        self.launching = started.is_ok();
+        self.launch_ended(started)
+    }
+
+    /// One step of a launch begun with [`Machine::launch_begin`], after reading what arrived
+    /// (`Connection::process_io`): `Ok(Some(deadline))` while the handshake runs,
+    /// `Ok(None)` once QEMU is ready. When QEMU exits first or the handshake fails, the
+    /// launch is rolled back as in [`Machine::launch`] and the error is
+    /// [`Error::LaunchFailed`].
+    pub(crate) fn launch_step(&mut self) -> Result<Option<Instant>> {
+        if !self.launching {
+            return Ok(None);
+        }
+        let Some(run) = self.run.as_mut() else {
+            self.launching = false;
+            return Err(Error::NotRunning);
+        };
+        let exited =
+            crate::process::poll_readable(run.child.pidfd(), Duration::ZERO).unwrap_or(false);
+        let step = match run.qmp.as_mut() {
+            // The owner has read what arrived (`process_io`) on readiness.
+            Some(conn) => conn.handshake_step(),
+            None => Ok(None),
+        };
+        let cause = match step {
+            Ok(None) => {
+                self.launching = false;
+                return Ok(None);
+            }
+            Ok(Some(_)) if exited => Error::qmp("handshake", qmp_client::Error::Aborted),
+            Ok(Some(deadline)) => return Ok(Some(deadline)),
+            Err(source) => Error::qmp("handshake", source),
+        };
+        self.launching = false;
+        let Some(run) = self.run.take() else {
+            return Err(cause);
+        };
+        let err = self.fail_launch(run, cause, None);
+        self.launch_ended(Err(err)).map(|()| None)
+    }
+
+    /// QEMU's pidfd while it runs (readable once it has exited), for an owner's poll.
+    pub(crate) fn launch_pidfd(&self) -> Option<BorrowedFd<'_>> {
+        self.run.as_ref().map(|run| run.child.pidfd())
+    }
+
+    /// The read end of QEMU's output pipe after [`Machine::launch_begin`], for an owner's
+    /// poll (readable, edge-triggered); read it with [`Machine::pump_output`].
+    pub(crate) fn output_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.run
+            .as_ref()
+            .and_then(|run| run.output.as_ref())
+            .and_then(OutputDrain::stepped_fd)
+    }
+
+    /// Reads QEMU's output after [`Machine::launch_begin`], up to a budget; true if input
+    /// may be left (call again without waiting for readiness).
+    pub(crate) fn pump_output(&mut self) -> bool {
+        self.run
+            .as_mut()
+            .and_then(|run| run.output.as_mut())
+            .is_some_and(OutputDrain::pump)
+    }
+
+    /// Whether a run exists (running, or exited and not yet collected by a shutdown).
+    pub(crate) fn has_run(&self) -> bool {
+        self.run.is_some()
+    }
+
+    /// Whether QEMU has exited (reaping it if so); false when not running.
+    pub(crate) fn has_exited(&mut self) -> bool {
+        self.run
+            .as_mut()
+            .is_some_and(|run| matches!(run.child.try_reap(), Ok(Some(_))))
+    }
+
+    /// Sends `signal` to QEMU now (no wait), for an owner stopping many machines at once.
+    pub(crate) fn send_signal(&mut self, signal: i32) -> io::Result<()> {
+        match self.run.as_mut() {
+            Some(run) => run.child.signal(signal),
+            None => Ok(()),
+        }
+    }
+
+    fn start(
+        &mut self,
+        once: Vec<OwnedFd>,
+        abort: Option<BorrowedFd<'_>>,
+        stepped: bool,
+    ) -> Result<Run> {
         let program = self
             .config
             .wrapper
@@ -704,7 +823,11 @@ impl Machine {
             log_file,
             (monitor_ours, listener),
             console_ours,
-            abort,
+            if stepped {
+                Handshake::Stepped
+            } else {
+                Handshake::Blocking(abort)
+            },
         );
         match result {
             Ok(()) => Ok(run),
@@ -721,22 +844,29 @@ impl Machine {
         // Our socketpair end, or the listener QEMU connects to.
         (monitor_ours, listener): (Option<UnixStream>, Option<Listener>),
         console_ours: Option<UnixStream>,
-        abort: Option<BorrowedFd<'_>>,
+        handshake: Handshake<'_>,
     ) -> Result<()> {
+        let (abort, stepped) = match handshake {
+            Handshake::Blocking(abort) => (abort, false),
+            Handshake::Stepped => (None, true),
+        };
         let pidfd_raw = run.child.pidfd().as_raw_fd();
         run.poll
             .registry()
             .register(&mut SourceFd(&pidfd_raw), PIDFD, Interest::READABLE)
             .map_err(Error::os("epoll_ctl"))?;
-        run.output = Some(
+        run.output = Some(if stepped {
+            OutputDrain::stepped(out_read, log_file, self.config.output_capacity)
+                .map_err(Error::os("output pipe"))?
+        } else {
             OutputDrain::start(
                 out_read,
                 log_file,
                 self.config.output_capacity,
                 &self.config.name,
             )
-            .map_err(Error::os("output drain thread"))?,
-        );
+            .map_err(Error::os("output drain thread"))?
+        });
         if let (Some(stream), Some(settings)) = (console_ours, &self.config.console) {
             let console =
                 console_socket::Console::from_unix_stream(stream, settings.config.clone())
@@ -758,6 +888,10 @@ impl Machine {
             None => run.child.pidfd(),
         };
         let connection = match (monitor_ours, listener) {
+            (Some(stream), _) if stepped => Some(
+                Connection::adopt_unix_stream(stream, qmp_config)
+                    .map_err(|source| Error::qmp("handshake", source))?,
+            ),
             (Some(stream), _) => Some(
                 Connection::from_unix_stream_with_abort(stream, qmp_config, Some(pidfd))
                     .map_err(|source| Error::qmp("handshake", source))?,
@@ -911,20 +1045,14 @@ impl Machine {
     /// connection closing afterwards is then expected.
     pub fn qmp(&mut self, command: &str, args: impl Into<Args>) -> Result<Value> {
         let args = args.into().into_map(command)?;
-        let mut reply = self
+        let reply = self
             .qmp_handle()?
             .execute_raw(command, args)
             .map_err(|source| Error::qmp(command, source))?;
         if command == "quit" && matches!(reply, qmp_proto::ServerMessage::Return(_)) {
             self.quit_sent = true;
         }
-        // The id is ours, not the caller's: do not hand it out.
-        match &mut reply {
-            qmp_proto::ServerMessage::Return(r) => r.id = None,
-            qmp_proto::ServerMessage::Error(e) => e.id = None,
-            _ => {}
-        }
-        Ok(reply.to_value())
+        Ok(reply_value(reply))
     }
 
     /// Runs `command` and returns its `return` value; a QMP error reply is
@@ -952,7 +1080,13 @@ impl Machine {
         result.map_err(|source| Error::qmp(command, source))
     }
 
-    fn note_event(&mut self, event: &Event) {
+    /// Remembers that a `quit` went to QEMU by another way than [`Machine::cmd`] (a
+    /// [`crate::Fleet`] sends it without waiting for the reply).
+    pub(crate) fn note_quit_sent(&mut self) {
+        self.quit_sent = true;
+    }
+
+    pub(crate) fn note_event(&mut self, event: &Event) {
         if let (Some(run), Some(shutdown)) = (&mut self.run, ShutdownEvent::from_event(event)) {
             run.shutdown_event = Some(shutdown);
         }
@@ -1339,6 +1473,17 @@ impl LadderOps for Ops<'_> {
             }
         }
     }
+}
+
+/// QEMU's whole reply as JSON (`{"return": ...}` or `{"error": ...}`), without the `id` we
+/// added to match it: the id is ours, not the caller's.
+pub(crate) fn reply_value(mut reply: qmp_proto::ServerMessage) -> Value {
+    match &mut reply {
+        qmp_proto::ServerMessage::Return(r) => r.id = None,
+        qmp_proto::ServerMessage::Error(e) => e.id = None,
+        _ => {}
+    }
+    reply.to_value()
 }
 
 /// Whether a handshake error means the monitor's peer went away (QEMU is exiting), as

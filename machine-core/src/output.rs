@@ -77,12 +77,67 @@ pub(crate) fn last_lines(text: &str, n: usize) -> Vec<String> {
     lines[skip..].iter().map(|l| (*l).to_owned()).collect()
 }
 
-/// The running drain: a thread that owns the read end of QEMU's stdout/stderr pipe.
+/// The running drain of QEMU's stdout/stderr pipe: a thread that owns the read end, or
+/// (stepped) the read end itself, read by an owner's poll through [`OutputDrain::pump`].
 pub(crate) struct OutputDrain {
     tail: Arc<Mutex<Tail>>,
-    waker: Waker,
-    done: mpsc::Receiver<()>,
-    handle: Option<thread::JoinHandle<()>>,
+    mode: Mode,
+}
+
+enum Mode {
+    Thread {
+        waker: Waker,
+        done: mpsc::Receiver<()>,
+        handle: Option<thread::JoinHandle<()>>,
+    },
+    Stepped(Pipe),
+}
+
+/// The read end and where its bytes go (besides the tail).
+struct Pipe {
+    file: File,
+    log: Option<File>,
+    eof: bool,
+}
+
+/// Bytes [`Pipe::read`] takes per call at most, so a flooding QEMU cannot hold a thread that
+/// drives many machines.
+const READ_BUDGET: usize = 256 * 1024;
+
+impl Pipe {
+    /// Reads until `WouldBlock`, end-of-file or `budget` bytes; true if it stopped at the
+    /// budget (call again: no readiness event may announce the rest).
+    fn read(&mut self, buf: &mut [u8], tail: &Mutex<Tail>, budget: usize) -> bool {
+        let mut taken = 0;
+        while !self.eof {
+            if taken >= budget {
+                return true;
+            }
+            match self.file.read(buf) {
+                Ok(0) => self.eof = true,
+                Ok(n) => {
+                    taken += n;
+                    let chunk = &buf[..n];
+                    log::trace!("qemu output: {} bytes", n);
+                    if let Some(file) = self.log.as_mut() {
+                        if let Err(err) = file.write_all(chunk) {
+                            // Keep draining: a full disk must not block QEMU.
+                            log::warn!("cannot write qemu log file: {err}; logging to it stops");
+                            self.log = None;
+                        }
+                    }
+                    lock(tail).push(chunk);
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(err) => {
+                    log::warn!("qemu output drain: read failed: {err}");
+                    self.eof = true;
+                }
+            }
+        }
+        false
+    }
 }
 
 fn lock(tail: &Mutex<Tail>) -> MutexGuard<'_, Tail> {
@@ -99,7 +154,7 @@ impl OutputDrain {
         capacity: usize,
         name: &str,
     ) -> io::Result<OutputDrain> {
-        let mut pipe = File::from(pipe);
+        let pipe = File::from(pipe);
         set_nonblocking(&pipe)?;
         let poll = Poll::new()?;
         poll.registry().register(
@@ -111,18 +166,64 @@ impl OutputDrain {
         let tail = Arc::new(Mutex::new(Tail::new(capacity)));
         let (done_tx, done) = mpsc::channel();
         let thread_tail = Arc::clone(&tail);
+        let mut pipe = Pipe {
+            file: pipe,
+            log,
+            eof: false,
+        };
         let handle = thread::Builder::new()
             .name(format!("{name}-output"))
             .spawn(move || {
-                drain_loop(poll, &mut pipe, log, &thread_tail);
+                drain_loop(poll, &mut pipe, &thread_tail);
                 let _ = done_tx.send(());
             })?;
         Ok(OutputDrain {
             tail,
-            waker,
-            done,
-            handle: Some(handle),
+            mode: Mode::Thread {
+                waker,
+                done,
+                handle: Some(handle),
+            },
         })
+    }
+
+    /// A drain without a thread: the owner registers [`OutputDrain::stepped_fd`] in its poll
+    /// (readable, edge-triggered) and calls [`OutputDrain::pump`] on readiness.
+    pub(crate) fn stepped(
+        pipe: OwnedFd,
+        log: Option<File>,
+        capacity: usize,
+    ) -> io::Result<OutputDrain> {
+        let file = File::from(pipe);
+        set_nonblocking(&file)?;
+        Ok(OutputDrain {
+            tail: Arc::new(Mutex::new(Tail::new(capacity))),
+            mode: Mode::Stepped(Pipe {
+                file,
+                log,
+                eof: false,
+            }),
+        })
+    }
+
+    /// The pipe of a stepped drain, for the owner's poll.
+    pub(crate) fn stepped_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        match &self.mode {
+            Mode::Stepped(pipe) => Some(std::os::fd::AsFd::as_fd(&pipe.file)),
+            Mode::Thread { .. } => None,
+        }
+    }
+
+    /// Reads what a stepped drain's pipe holds, up to a budget; true if input may be left
+    /// (call again without waiting for readiness). Nothing to do for a thread drain.
+    pub(crate) fn pump(&mut self) -> bool {
+        match &mut self.mode {
+            Mode::Stepped(pipe) => {
+                let mut buf = [0u8; 16 * 1024];
+                pipe.read(&mut buf, &self.tail, READ_BUDGET)
+            }
+            Mode::Thread { .. } => false,
+        }
     }
 
     /// Runs `f` on the tail as it is right now.
@@ -133,12 +234,37 @@ impl OutputDrain {
     /// Waits up to `grace` for end-of-file (all writers gone), then stops the thread after a
     /// last non-blocking read, and returns the tail.
     pub(crate) fn finish(mut self, grace: Duration) -> Tail {
-        if self.done.recv_timeout(grace).is_err() {
-            // Something still holds the write end (e.g. a grandchild of QEMU): stop anyway.
-            let _ = self.waker.wake();
-        }
-        if let Some(handle) = self.handle.take() {
-            let _ = handle.join();
+        match &mut self.mode {
+            Mode::Thread {
+                waker,
+                done,
+                handle,
+            } => {
+                if done.recv_timeout(grace).is_err() {
+                    // Something still holds the write end (e.g. a grandchild of QEMU): stop
+                    // anyway.
+                    let _ = waker.wake();
+                }
+                if let Some(handle) = handle.take() {
+                    let _ = handle.join();
+                }
+            }
+            Mode::Stepped(pipe) => {
+                let deadline = std::time::Instant::now() + grace;
+                let mut buf = vec![0u8; 64 * 1024];
+                while !pipe.eof {
+                    if pipe.read(&mut buf, &self.tail, usize::MAX) {
+                        continue;
+                    }
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    let readable =
+                        crate::process::poll_readable(std::os::fd::AsFd::as_fd(&pipe.file), left)
+                            .unwrap_or(false);
+                    if !readable {
+                        break;
+                    }
+                }
+            }
         }
         std::mem::take(&mut *lock(&self.tail))
     }
@@ -146,9 +272,11 @@ impl OutputDrain {
 
 impl Drop for OutputDrain {
     fn drop(&mut self) {
-        if let Some(handle) = self.handle.take() {
-            let _ = self.waker.wake();
-            let _ = handle.join();
+        if let Mode::Thread { waker, handle, .. } = &mut self.mode {
+            if let Some(handle) = handle.take() {
+                let _ = waker.wake();
+                let _ = handle.join();
+            }
         }
     }
 }
@@ -161,7 +289,7 @@ fn set_nonblocking(file: &File) -> io::Result<()> {
     Ok(())
 }
 
-fn drain_loop(mut poll: Poll, pipe: &mut File, mut log: Option<File>, tail: &Mutex<Tail>) {
+fn drain_loop(mut poll: Poll, pipe: &mut Pipe, tail: &Mutex<Tail>) {
     let mut events = Events::with_capacity(4);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -174,30 +302,8 @@ fn drain_loop(mut poll: Poll, pipe: &mut File, mut log: Option<File>, tail: &Mut
         }
         let stop = events.iter().any(|e| e.token() == WAKE);
         // Read until WouldBlock (edge-triggered readiness) or EOF.
-        loop {
-            match pipe.read(&mut buf) {
-                Ok(0) => return,
-                Ok(n) => {
-                    let chunk = &buf[..n];
-                    log::trace!("qemu output: {} bytes", n);
-                    if let Some(file) = log.as_mut() {
-                        if let Err(err) = file.write_all(chunk) {
-                            // Keep draining: a full disk must not block QEMU.
-                            log::warn!("cannot write qemu log file: {err}; logging to it stops");
-                            log = None;
-                        }
-                    }
-                    lock(tail).push(chunk);
-                }
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                Err(err) => {
-                    log::warn!("qemu output drain: read failed: {err}");
-                    return;
-                }
-            }
-        }
-        if stop {
+        pipe.read(&mut buf, tail, usize::MAX);
+        if stop || pipe.eof {
             return;
         }
     }
