@@ -52,6 +52,12 @@ pub enum Command {
     Qom(QomArgs),
     /// Launch QEMU with the given arguments and open the shell on it.
     Wrap(WrapArgs),
+    /// Launch N copies of a VM from one thread, show each one's banner, run a QMP command on
+    /// all, and shut all down on Ctrl-C (or at once with --exit-after-ready).
+    ///
+    /// With no QEMU arguments each copy boots the built-in tiny guest. One summary line per
+    /// member at the end; the exit status is the worst member's.
+    Fleet(FleetArgs),
     /// Talk to QEMU's guest agent (the commands of QEMU's `qemu-ga-client`, plus `exec`).
     ///
     /// Usage: `ga ADDRESS COMMAND [ARGS]`; ADDRESS (the agent chardev's unix path or
@@ -157,6 +163,39 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = ReportMode::Auto, value_name = "HOW")]
     pub report: ReportMode,
     /// Arguments for QEMU after `--`; none boots the built-in tiny guest.
+    #[arg(last = true, value_name = "QEMU ARGS")]
+    pub qemu_args: Vec<OsString>,
+}
+
+/// Options of `fleet`.
+#[derive(Debug, Args)]
+pub struct FleetArgs {
+    /// How many machines.
+    #[arg(long, short = 'n', value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub count: u32,
+    /// The QEMU binary.
+    #[arg(long, env = "QEMU", default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    /// Run this QMP command on every ready member: `NAME` or `NAME {JSON ARGUMENTS}`.
+    #[arg(long, value_name = "CMD")]
+    pub exec: Option<String>,
+    /// Shut all down once every member is ready (and --exec has run), instead of waiting for
+    /// Ctrl-C.
+    #[arg(long)]
+    pub exit_after_ready: bool,
+    /// At most this many handshakes in progress at once (default: all).
+    #[arg(long, value_name = "N")]
+    pub spawn_cap: Option<usize>,
+    /// Deadline for each QEMU to start and greet us, and for the banners.
+    #[arg(long, value_parser = parse_duration, default_value = "30s", value_name = "DURATION")]
+    pub launch_timeout: Duration,
+    /// Deadline for the shutdown (`quit`, then SIGKILL) and for --exec's replies.
+    #[arg(long, value_parser = parse_duration, default_value = "10s", value_name = "DURATION")]
+    pub shutdown_timeout: Duration,
+    /// Print one JSON object per line instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Arguments for every QEMU after `--`; none boots the built-in tiny guest.
     #[arg(last = true, value_name = "QEMU ARGS")]
     pub qemu_args: Vec<OsString>,
 }

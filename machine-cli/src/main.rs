@@ -26,6 +26,7 @@ mod address;
 mod args;
 mod connect;
 mod events_cmd;
+mod fleet_cmd;
 mod ga_cmd;
 mod output;
 mod qmp_cmd;
@@ -68,6 +69,7 @@ fn dispatch(command: Command) -> Result<u8> {
         Command::Events(args) => events_cmd::run(args),
         Command::Qom(args) => qom_cmd::run(args),
         Command::Wrap(args) => wrap_cmd::run(args),
+        Command::Fleet(args) => fleet_cmd::run(args),
         Command::Ga(args) => ga_cmd::run(args),
         Command::Completions(args) => {
             let mut command = Cli::command();

@@ -4,6 +4,7 @@
 
 mod errors;
 mod events;
+mod fleet;
 mod misc;
 mod qmp;
 mod qom;
