@@ -1,8 +1,12 @@
 //! `fleet/...`: N QEMUs (`-M none -accel tcg`) launched, queried (`query-status`) and shut
-//! down, for N = 10, 50, 100, 200, beside the raw one-thread floor measured in the same rounds:
+//! down by `machine_core::Fleet` from one thread, for N = 10, 50, 100, 200, beside the raw
+//! one-thread floor measured in the same rounds:
 //! socketpairs, every QEMU spawned at once, one `poll(2)` over all monitors, the fewest bytes
 //! (greeting, `qmp_capabilities`, `query-status`, `quit`), no library. The same N driven one
-//! machine at a time through `machine_core::Machine` stands beside them.
+//! machine at a time through `machine_core::Machine` is a row of its own (no target).
+//! Targets: N = 100 all reaped within 1.05x the floor, one client thread, at most 1 ms of
+//! client CPU per machine; N = 200 peak client RSS at most 20 MB; everywhere 0 foreign fds,
+//! 0 failed shutdowns, 0 leaks.
 //!
 //! Each side of each round runs in a fresh child process (this binary, `bench --fleet-child`),
 //! so its thread count, CPU time and peak RSS are its own and nothing of an earlier round
@@ -20,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use machine_core::{Machine, MachineBuilder};
+use machine_core::{Fleet, Machine, MachineBuilder, MemberId};
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use serde_json::{json, Value};
@@ -43,6 +47,8 @@ enum Side {
     Raw,
     /// `machine_core::Machine`, one machine at a time.
     Sequential,
+    /// `machine_core::Fleet`: all machines from one thread.
+    Fleet,
 }
 
 impl Side {
@@ -50,11 +56,12 @@ impl Side {
         match self {
             Side::Raw => "raw",
             Side::Sequential => "sequential",
+            Side::Fleet => "fleet",
         }
     }
 
     fn parse(text: &str) -> Option<Side> {
-        [Side::Raw, Side::Sequential]
+        [Side::Raw, Side::Sequential, Side::Fleet]
             .into_iter()
             .find(|s| s.name() == text)
     }
@@ -133,6 +140,18 @@ pub fn run(settings: &Settings) -> Result<Vec<Figure>, String> {
     let rounds = settings.pick(3, 1);
     let mut figures = Vec::new();
     for &n in counts {
+        let mut ours = Figure::new(
+            format!("fleet/{n}/reaped"),
+            format!("{n} x launch -> query -> quit, all reaped, one thread"),
+            "ms",
+            "machine_core::Fleet",
+            "raw one-thread floor",
+            if n == 100 {
+                Target::RatioAtMost(1.05)
+            } else {
+                Target::Report
+            },
+        );
         let mut seq = Figure::new(
             format!("fleet/{n}/sequential"),
             format!("{n} x launch -> query -> quit, all reaped, one at a time"),
@@ -141,36 +160,76 @@ pub fn run(settings: &Settings) -> Result<Vec<Figure>, String> {
             "raw one-thread floor",
             Target::Report,
         );
-        if !settings.wants(&seq.id, &seq.name) {
+        let want_ours = settings.wants(&ours.id, &ours.name);
+        let want_seq = settings.wants(&seq.id, &seq.name);
+        if !want_ours && !want_seq {
             continue;
         }
-        let mut raw_all = Vec::new();
-        let mut seq_all = Vec::new();
+        let mut sides = vec![Side::Raw];
+        if want_ours {
+            sides.push(Side::Fleet);
+        }
+        if want_seq {
+            sides.push(Side::Sequential);
+        }
+        let mut all: BTreeMap<&'static str, Vec<Outcome>> = BTreeMap::new();
         for round in 0..rounds {
-            // Alternate which side goes first, so a trend in the machine's load hits both.
-            let order = if round % 2 == 0 {
-                [Side::Raw, Side::Sequential]
-            } else {
-                [Side::Sequential, Side::Raw]
-            };
+            // Rotate which side goes first, so a trend in the machine's load hits all alike.
+            let mut order = sides.clone();
+            order.rotate_left(round % sides.len());
             for side in order {
                 let outcome = spawn_child(side, n, &settings.scratch)?;
                 match side {
                     Side::Raw => {
+                        ours.baseline.push(outcome.reaped_ms, outcome.cpu, n);
                         seq.baseline.push(outcome.reaped_ms, outcome.cpu, n);
-                        raw_all.push(outcome);
                     }
-                    Side::Sequential => {
-                        seq.ours.push(outcome.reaped_ms, outcome.cpu, n);
-                        seq_all.push(outcome);
-                    }
+                    Side::Fleet => ours.ours.push(outcome.reaped_ms, outcome.cpu, n),
+                    Side::Sequential => seq.ours.push(outcome.reaped_ms, outcome.cpu, n),
                 }
+                all.entry(side.name()).or_default().push(outcome);
             }
         }
-        for (side, all) in [("raw floor", &raw_all), ("sequential", &seq_all)] {
-            describe(&mut seq, side, all);
+        let raw = all.remove("raw").unwrap_or_default();
+        if want_ours {
+            let fleet = all.remove("fleet").unwrap_or_default();
+            describe(&mut ours, "raw floor", &raw);
+            describe(&mut ours, "fleet", &fleet);
+            let threads = fleet.iter().map(|o| o.threads).max().unwrap_or(0);
+            ours.check(
+                format!("fleet: {threads} client thread(s) at most (target 1)"),
+                threads == 1,
+            );
+            if n == 100 {
+                let cpu_ms = super::Spread::of(
+                    &fleet
+                        .iter()
+                        .map(|o| o.cpu.total.as_secs_f64() * 1e3 / n as f64)
+                        .collect::<Vec<_>>(),
+                )
+                .median;
+                ours.check(
+                    format!("fleet: client CPU {cpu_ms:.3} ms per machine (target <= 1 ms)"),
+                    cpu_ms <= 1.0,
+                );
+            }
+            if n == 200 {
+                let rss = fleet.iter().map(|o| o.peak_rss_kb).max().unwrap_or(0) as f64 / 1024.0;
+                ours.check(
+                    format!("fleet: peak client RSS {rss:.1} MB (target <= 20 MB)"),
+                    rss <= 20.0,
+                );
+            }
+            figures.push(ours);
         }
-        figures.push(seq);
+        if want_seq {
+            let sequential = all.remove("sequential").unwrap_or_default();
+            if !want_ours {
+                describe(&mut seq, "raw floor", &raw);
+            }
+            describe(&mut seq, "sequential", &sequential);
+            figures.push(seq);
+        }
     }
     Ok(figures)
 }
@@ -248,6 +307,7 @@ pub fn child(args: &[String]) -> Result<(), String> {
     let mut outcome = match side {
         Side::Raw => raw(n, &environment)?,
         Side::Sequential => sequential(n, &dir, &environment)?,
+        Side::Fleet => fleet(n, &dir, &environment)?,
     };
     outcome.peak_rss_kb = status_field("VmHWM:");
     outcome.leaks = crate::e2e::Snapshot::take().leaks_since(&before);
@@ -517,11 +577,9 @@ fn memchr_event(line: &[u8]) -> bool {
     line.windows(8).any(|w| w == b"\"event\":")
 }
 
-/// The same N through the single-machine API: launch each in turn, then query each, then
-/// shut each down.
-fn sequential(n: usize, dir: &Path, environment: &BTreeSet<String>) -> Result<Outcome, String> {
-    let mut clock = Clock::start();
-    let mut machines: Vec<Machine> = (0..n)
+/// The machines of the library sides: `-M none` under TCG, temp dirs under `dir`.
+fn machines(n: usize, dir: &Path) -> Vec<Machine> {
+    (0..n)
         .map(|i| {
             MachineBuilder::new(crate::qemu::binary())
                 .name(format!("m{i}"))
@@ -529,7 +587,48 @@ fn sequential(n: usize, dir: &Path, environment: &BTreeSet<String>) -> Result<Ou
                 .base_temp_dir(dir)
                 .build()
         })
+        .collect()
+}
+
+/// The same N through `machine_core::Fleet`: launch all, query all, shut all down.
+fn fleet(n: usize, dir: &Path, environment: &BTreeSet<String>) -> Result<Outcome, String> {
+    let mut clock = Clock::start();
+    let mut fleet = Fleet::new().map_err(|e| format!("fleet: {e}"))?;
+    for m in machines(n, dir) {
+        fleet.add(m);
+    }
+    for (id, result) in fleet.launch_all() {
+        result.map_err(|e| format!("launch {id}: {e}"))?;
+    }
+    clock.negotiated();
+    let ids: Vec<MemberId> = fleet.ids().collect();
+    let pids: Vec<u32> = ids
+        .iter()
+        .filter_map(|&id| fleet.machine(id).pid())
         .collect();
+    let foreign = foreign_fds(&pids, environment);
+    for (id, reply) in fleet.qmp_all(&ids, "query-status", (), Duration::from_secs(30)) {
+        let reply = reply.map_err(|e| format!("query-status on {id}: {e}"))?;
+        if reply["return"]["status"] != "running" {
+            return Err(format!("query-status on {id} returned {reply}"));
+        }
+    }
+    clock.queried();
+    let failed = fleet
+        .shutdown_all(Duration::from_secs(30))
+        .into_iter()
+        .filter(|(_, r)| !r.as_ref().is_ok_and(|report| report.status.success()))
+        .count() as u64;
+    let outcome = clock.reaped(foreign, failed);
+    drop(fleet);
+    Ok(outcome)
+}
+
+/// The same N through the single-machine API: launch each in turn, then query each, then
+/// shut each down.
+fn sequential(n: usize, dir: &Path, environment: &BTreeSet<String>) -> Result<Outcome, String> {
+    let mut clock = Clock::start();
+    let mut machines = machines(n, dir);
     for m in &mut machines {
         m.launch().map_err(|e| format!("launch: {e}"))?;
     }

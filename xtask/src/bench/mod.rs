@@ -110,16 +110,10 @@ const GROUPS: &[Group] = &[
 ];
 
 /// Figures that other work is adding (id prefix, what it will measure, its baseline).
-const PLANNED: &[(&str, &str)] = &[
-    (
-        "fleet/N/reaped",
-        "N machines launched, queried and shut down by machine_core's Fleet from one thread; baseline: the raw one-thread fleet floor (measured already, beside the sequential rows)",
-    ),
-    (
-        "agent",
-        "guest agent round trip (`guest-ping`); baseline: a raw socket to the agent",
-    ),
-];
+const PLANNED: &[(&str, &str)] = &[(
+    "agent",
+    "guest agent round trip (`guest-ping`); baseline: a raw socket to the agent",
+)];
 
 /// Runs the task.
 pub fn run(args: &[String]) -> Result<(), String> {

@@ -10,8 +10,8 @@ use machine_core::console_socket::Pattern;
 use machine_core::guest::{self, GuestMachine};
 use machine_core::qmp_proto::EventFilter;
 use machine_core::{
-    Args, EndedBy, Error, ExitStatus, Machine, MachineBuilder, Monitor, ShutdownLadder, Step,
-    StepOutcome,
+    Args, EndedBy, Error, ExitStatus, Fleet, Machine, MachineBuilder, MemberId, Monitor,
+    ShutdownLadder, Step, StepOutcome,
 };
 use serde_json::json;
 
@@ -40,6 +40,7 @@ pub fn scenarios() -> Vec<Scenario> {
         s("machine_kill", TCG, 30, kill),
         s("machine_shared_qmp_handle", TCG, 30, shared_qmp_handle),
         s("machine_relaunch", TCG, 30, relaunch),
+        s("machine_fleet_kill_and_stop", TCG, 60, fleet_kill_and_stop),
         s(
             "machine_tiny_guest_builder_relaunch",
             TCG,
@@ -962,4 +963,117 @@ fn console_flood_unread(ctx: &Ctx) -> Result<(), String> {
     let total = m.console().map_err(err("console"))?.bytes_total();
     check(total >= 200_000, format!("console bytes {total}"))?;
     Ok(())
+}
+
+/// A fleet of 8 tiny guests from one thread: each shows its banner; one is SIGKILLed from
+/// outside and another SIGSTOPped (its monitor hangs) mid-run; the other six answer
+/// `query-status` and shut down gracefully; each member's slot says what happened to it.
+fn fleet_kill_and_stop(ctx: &Ctx) -> Result<(), String> {
+    const N: usize = 8;
+    let (killed, stopped) = (2, 5);
+    let base = base_dir()?;
+    let mut fleet = Fleet::new().map_err(err("fleet"))?;
+    for _ in 0..N {
+        fleet.add(guest_machine(ctx, base.path(), &[])?);
+    }
+    let started = Instant::now();
+    for (id, result) in fleet.launch_all() {
+        result.map_err(|e| format!("launch {id}: {}", chain(&e)))?;
+    }
+    let launched = started.elapsed();
+    let ids: Vec<MemberId> = fleet.ids().collect();
+    for &id in &ids {
+        wait_banner(fleet.machine(id), ctx).map_err(|e| format!("{id}: {e}"))?;
+    }
+    ctx.note(format!(
+        "{N} launched in {launched:?}, all banners after {:?}",
+        started.elapsed()
+    ));
+    let pid = |fleet: &mut Fleet, i: usize| -> Result<nix::unistd::Pid, String> {
+        let pid = fleet
+            .machine(ids[i])
+            .pid()
+            .ok_or(format!("{} has no pid", ids[i]))?;
+        Ok(nix::unistd::Pid::from_raw(pid as i32))
+    };
+    use nix::sys::signal::{kill, Signal};
+    kill(pid(&mut fleet, killed)?, Signal::SIGKILL).map_err(|e| format!("SIGKILL: {e}"))?;
+    kill(pid(&mut fleet, stopped)?, Signal::SIGSTOP).map_err(|e| format!("SIGSTOP: {e}"))?;
+
+    let timeout = Duration::from_secs(2);
+    let asked = Instant::now();
+    let replies = fleet.qmp_all(&ids, "query-status", (), timeout);
+    let took = asked.elapsed();
+    check(
+        took < timeout + Duration::from_secs(2),
+        format!("query-status took {took:?}"),
+    )?;
+    for (id, reply) in &replies {
+        match (id.index(), reply) {
+            (i, Err(Error::Qmp { source, .. })) if i == stopped => check(
+                matches!(
+                    source,
+                    machine_core::qmp_client::Error::CommandTimeout { .. }
+                ),
+                format!("{id} (stopped): {source}"),
+            )?,
+            (i, Err(Error::Qmp { .. } | Error::NotRunning)) if i == killed => {}
+            (i, Ok(reply)) if i != killed && i != stopped => check(
+                reply["return"]["status"] == "running",
+                format!("{id}: {reply}"),
+            )?,
+            (_, other) => return Err(format!("{id}: unexpected {other:?}")),
+        }
+    }
+    let asked = Instant::now();
+    let reports = fleet.shutdown_all(timeout);
+    let took = asked.elapsed();
+    // The stopped member holds the shutdown to its deadline; then SIGKILL ends it.
+    check(
+        took < timeout + Duration::from_secs(3),
+        format!("shutdown took {took:?}"),
+    )?;
+    let mut summary = Vec::new();
+    for (id, report) in &reports {
+        let i = id.index();
+        let what = match report {
+            Ok(r) if i == killed => {
+                check(
+                    r.ended_by
+                        == EndedBy::ExternalSignal {
+                            signal: libc::SIGKILL,
+                        },
+                    format!("{id} (killed): {}", r.summary()),
+                )?;
+                r.ended_by.to_string()
+            }
+            Err(Error::AbnormalShutdown { report, .. }) if i == stopped => {
+                check(
+                    report.ended_by == EndedBy::Kill,
+                    format!("{id} (stopped): {}", report.summary()),
+                )?;
+                format!("{} after the graceful deadline", report.ended_by)
+            }
+            Ok(r) if i != killed && i != stopped => {
+                check(
+                    r.ended_by == EndedBy::Quit && r.clean(),
+                    format!("{id}: {}", r.summary()),
+                )?;
+                // The guest ran from its launch to its quit: no member waited on another.
+                r.ended_by.to_string()
+            }
+            other => return Err(format!("{id}: unexpected {other:?}")),
+        };
+        summary.push(format!("{id}: {what}"));
+    }
+    check(reports.len() == N, format!("{} reports", reports.len()))?;
+    ctx.note(format!(
+        "shutdown of all in {took:?}; {}",
+        summary.join("; ")
+    ));
+    drop(fleet);
+    check(
+        entries(base.path()) == 0,
+        "temp dirs left behind".to_string(),
+    )
 }
