@@ -3,7 +3,8 @@
 //! Two halves, picked by the first byte:
 //! - arbitrary text, line by line, through one `QmpParser` (transactions carry over between
 //!   lines) and the HMP-mode parser: no panic; every error prints; every request is an object
-//!   with a non-empty `execute` whose JSON encoding reads back equal; a raw JSON command line
+//!   with a non-empty `execute` whose JSON encoding reads back equal through our decoder, whose
+//!   depth limit is QEMU's (so the shell never sends what QEMU refuses); a raw JSON command line
 //!   printed back as a line parses to the same request; a cancelled transaction leaves the
 //!   parser outside any transaction;
 //! - arbitrary strings written as `command key="json-quoted" key='single-quoted'` come back
@@ -13,6 +14,7 @@
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use machine_cli::lang::{parse_hmp_line, HmpLine, QmpParser};
+use qmp_proto::Decoder;
 use serde_json::{Map, Value};
 
 #[derive(Arbitrary, Debug)]
@@ -32,8 +34,15 @@ fn arbitrary_lines(text: &str) {
                 assert!(!request.execute.is_empty() || line.trim_start().starts_with('{'));
                 let value = request.to_value();
                 let encoded = serde_json::to_string(&value).expect("encode");
-                let back: Value = serde_json::from_str(&encoded).expect("decode");
-                assert_eq!(back, value);
+                // Read back with our decoder, whose depth limit is QEMU's (1024): every
+                // request the shell accepts must be one QEMU accepts too.
+                let mut decoder = Decoder::new();
+                decoder.feed(encoded.as_bytes());
+                decoder.feed(b"\n");
+                match decoder.next_object() {
+                    Some(Ok(object)) => assert_eq!(Value::Object(object), value),
+                    other => panic!("the shell accepted {line:?}, the decoder gives {other:?}"),
+                }
                 if !was_open && line.trim_start().starts_with('{') {
                     // A raw command line: printed back compact on one line, it is the same.
                     let mut again = QmpParser::new();

@@ -93,6 +93,14 @@ pub enum Error {
     /// Text after the `)` that closes a transaction.
     #[error("unexpected input after the `)` closing the transaction")]
     TextAfterClose,
+    /// Arguments nest deeper than QEMU's JSON parser accepts.
+    #[error("arguments nest {depth} levels deep, at most {limit} fit in QEMU's limit of 1024")]
+    TooDeep {
+        /// Levels of the arguments object (itself included).
+        depth: usize,
+        /// The most allowed.
+        limit: usize,
+    },
     /// `cpu` without a valid index.
     #[error("usage: cpu INDEX (a CPU number), got `{text}`")]
     BadCpuIndex {

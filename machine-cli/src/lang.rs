@@ -204,8 +204,48 @@ fn parse_raw_command(line: &str) -> Result<Request> {
     Ok(Request { execute, arguments })
 }
 
-/// Builds an arguments object from `key=value` tokens (dotted keys nest).
+/// QEMU's JSON parser refuses input nested deeper than this (`MAX_NESTING` in QEMU's
+/// `json-streamer.c`) with an error that carries no id, after which its parser is out of step
+/// and our session ends: measured on QEMU 7.2, 1024 levels pass and 1100 do not.
+const QEMU_MAX_NESTING: usize = 1024;
+
+/// Deepest an arguments object may nest (the object itself counts as one level): QEMU's limit
+/// less the levels around it in the deepest command we build, a transaction (command object,
+/// its `arguments`, the `actions` array, one action object, then this as its `data`).
+pub const MAX_ARGUMENT_NESTING: usize = QEMU_MAX_NESTING - 4;
+
+/// Builds an arguments object from `key=value` tokens (dotted keys nest). Arguments nested
+/// deeper than [`MAX_ARGUMENT_NESTING`] (a dotted key of a thousand parts) are refused here:
+/// QEMU would answer with an id-less error that ends the session.
 pub fn build_arguments(tokens: &[String]) -> Result<Map<String, Value>> {
+    let root = build_nested(tokens)?;
+    let depth = nesting(&root);
+    if depth > MAX_ARGUMENT_NESTING {
+        return Err(Error::TooDeep {
+            depth,
+            limit: MAX_ARGUMENT_NESTING,
+        });
+    }
+    Ok(root)
+}
+
+/// Levels of objects and arrays in `map`, itself included, counted without recursion.
+fn nesting(map: &Map<String, Value>) -> usize {
+    let mut deepest = 1;
+    let mut stack: Vec<(&Value, usize)> = map.values().map(|v| (v, 2)).collect();
+    while let Some((value, level)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &Value>> = match value {
+            Value::Object(m) => Box::new(m.values()),
+            Value::Array(a) => Box::new(a.iter()),
+            _ => continue,
+        };
+        deepest = deepest.max(level);
+        stack.extend(children.map(|c| (c, level + 1)));
+    }
+    deepest
+}
+
+fn build_nested(tokens: &[String]) -> Result<Map<String, Value>> {
     let mut root = Map::new();
     let mut leaves: HashSet<String> = HashSet::new();
     let mut nodes: HashSet<String> = HashSet::new();
@@ -520,6 +560,40 @@ mod tests {
         for bad in ["cmd =1", "cmd a..b=1", "cmd .a=1", "cmd a.=1"] {
             assert!(matches!(one(bad), Err(Error::BadKey { .. })), "{bad}");
         }
+    }
+
+    /// Found by the `shell_line` fuzz target: dotted keys nest without bound, and QEMU answers
+    /// a command nested deeper than 1024 levels with an id-less error that ends the session.
+    #[test]
+    fn arguments_deeper_than_qemu_accepts_are_refused() {
+        let key = |parts: usize| vec!["k"; parts].join(".");
+        let mut p = QmpParser::new();
+        let ok = p
+            .parse_line(&format!("cmd {}=1", key(MAX_ARGUMENT_NESTING)))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            nesting(ok.arguments.as_ref().unwrap()),
+            MAX_ARGUMENT_NESTING
+        );
+        match p.parse_line(&format!("cmd {}=1", key(MAX_ARGUMENT_NESTING + 1))) {
+            Err(Error::TooDeep { depth, limit }) => {
+                assert_eq!(
+                    (depth, limit),
+                    (MAX_ARGUMENT_NESTING + 1, MAX_ARGUMENT_NESTING)
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        // A JSON value counts too, and a transaction keeps room for its own levels.
+        let deep_value = format!("{}1{}", "[".repeat(100), "]".repeat(100));
+        let line = format!("cmd {}={deep_value}", key(MAX_ARGUMENT_NESTING - 99));
+        assert!(matches!(p.parse_line(&line), Err(Error::TooDeep { .. })));
+        let line = format!("transaction( t {}=1 )", key(MAX_ARGUMENT_NESTING));
+        let request = p.parse_line(&line).unwrap().unwrap();
+        let text = serde_json::to_string(&request.to_value()).unwrap();
+        assert_eq!(text.matches('{').count() + text.matches('[').count(), 1024);
+        assert!(!p.in_transaction());
     }
 
     #[test]
