@@ -16,6 +16,7 @@
 mod bad_launch;
 mod chaos;
 mod console;
+mod fleet;
 mod flood;
 mod greeting;
 mod security;
@@ -32,13 +33,14 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 /// The figures, in the order they run, with the name `--only` takes.
-pub const FIGURES: [&str; 9] = [
+pub const FIGURES: [&str; 10] = [
     "soak",
     "bad-launch",
     "greeting-timeout",
     "event-flood",
     "max-message",
     "chaos-kill",
+    "fleet-chaos",
     "console-flood",
     "security",
     "self-check",
@@ -46,7 +48,7 @@ pub const FIGURES: [&str; 9] = [
 
 const USAGE: &str = "usage: cargo xtask reliability [--quick] [--only NAME,...] [--cycles N] \
 [--chaos N] [--console-runs R] [--seed N] [--json FILE]\n  figures: soak, bad-launch, \
-greeting-timeout, event-flood, max-message, chaos-kill, console-flood, security";
+greeting-timeout, event-flood, max-message, chaos-kill, fleet-chaos, console-flood, security";
 
 /// What a run measures: sizes and repetitions of each figure.
 #[derive(Debug, Clone)]
@@ -474,6 +476,7 @@ fn run_figure(name: &'static str, settings: &Settings) -> Figure {
         "event-flood" => flood::run_event_flood(settings),
         "max-message" => flood::run_max_message(settings),
         "chaos-kill" => chaos::run(settings),
+        "fleet-chaos" => fleet::run(settings),
         "console-flood" => console::run(settings),
         "security" => security::run(settings),
         _ => Figure::new("unknown"),
@@ -509,6 +512,7 @@ fn figure_deadline(name: &str, s: &Settings) -> Duration {
         "event-flood" => 60 + 20 * s.event_flood_runs as u64,
         "max-message" => 60,
         "chaos-kill" => 60 + s.chaos as u64 / 2,
+        "fleet-chaos" => 120,
         "console-flood" => 60 + (s.flood_time.as_secs() + 25) * s.console_runs as u64,
         "security" => 120,
         _ => 60,
