@@ -62,7 +62,7 @@ pub enum Error {
         text: String,
     },
     /// A value (or a whole line) starting with `{` or `[` is not valid JSON.
-    #[error("invalid JSON{}: {text}", key.as_ref().map(|k| format!(" for `{k}`")).unwrap_or_default())]
+    #[error("invalid JSON{}: {text} ({source})", key.as_ref().map(|k| format!(" for `{k}`")).unwrap_or_default())]
     BadJson {
         /// The key, when the JSON was a value.
         key: Option<String>,
@@ -120,7 +120,7 @@ pub enum Error {
     #[error("no QMP server address: give ADDRESS (unix path or host:port) or set $QMP_SOCKET")]
     MissingAddress,
     /// Connecting (and greeting, negotiating) failed.
-    #[error("cannot connect to QMP server at {address}")]
+    #[error("cannot connect to QMP server at {address}: {}", connect_cause(source))]
     Connect {
         /// The address.
         address: String,
@@ -137,7 +137,7 @@ pub enum Error {
         why: &'static str,
     },
     /// The Linux test guest for `run --linux` could not be built.
-    #[error("cannot build the Linux test guest")]
+    #[error("cannot build the Linux test guest: {source}")]
     LinuxGuest {
         /// Why (the message names the apt command to run when a package is missing).
         #[source]
@@ -154,7 +154,7 @@ pub enum Error {
         desc: String,
     },
     /// The transport failed while running a command (timeout, disconnect, garbage).
-    #[error("`{command}` failed")]
+    #[error("`{command}` failed: {source}")]
     Transport {
         /// The command.
         command: String,
@@ -163,7 +163,7 @@ pub enum Error {
         source: qmp_client::Error,
     },
     /// Waiting for events failed.
-    #[error("event stream from {address} failed")]
+    #[error("event stream from {address} failed: {source}")]
     Events {
         /// The address.
         address: String,
@@ -172,7 +172,7 @@ pub enum Error {
         source: qmp_client::Error,
     },
     /// The QMP connection ended while the shell was running.
-    #[error("disconnected from {address}")]
+    #[error("disconnected from {address}: {source}")]
     Disconnected {
         /// The address.
         address: String,
@@ -189,7 +189,7 @@ pub enum Error {
         total: u64,
     },
     /// QEMU could not be launched (missing binary, bad arguments, no greeting).
-    #[error("cannot launch {}", binary.display())]
+    #[error("cannot launch {}: {source}", binary.display())]
     Launch {
         /// The QEMU binary.
         binary: PathBuf,
@@ -210,7 +210,7 @@ pub enum Error {
         path: PathBuf,
     },
     /// An operation on the running machine failed.
-    #[error("{what} failed")]
+    #[error("{what} failed: {source}")]
     Machine {
         /// What was being done.
         what: &'static str,
@@ -219,7 +219,7 @@ pub enum Error {
         source: machine_core::Error,
     },
     /// The console failed.
-    #[error("{what} failed")]
+    #[error("{what} failed: {source}")]
     Console {
         /// What was being done.
         what: &'static str,
@@ -244,7 +244,7 @@ pub enum Error {
         limit: usize,
     },
     /// A `--qmp-listen` path that exists and is not a stale socket (QEMU would unlink it).
-    #[error("cannot listen on {}", path.display())]
+    #[error("cannot listen on {}: {source}", path.display())]
     ListenPath {
         /// The path.
         path: PathBuf,
@@ -259,7 +259,7 @@ pub enum Error {
         address: String,
     },
     /// Opening or writing a file failed.
-    #[error("cannot write {}", path.display())]
+    #[error("cannot write {}: {source}", path.display())]
     File {
         /// The file.
         path: PathBuf,
@@ -293,7 +293,7 @@ pub enum Error {
         port: String,
     },
     /// Reading input or writing output failed.
-    #[error("{what} failed")]
+    #[error("{what} failed: {source}")]
     Io {
         /// What was being done.
         what: &'static str,
@@ -302,12 +302,21 @@ pub enum Error {
         source: io::Error,
     },
     /// The line editor failed.
-    #[error("line editor failed")]
+    #[error("line editor failed: {source}")]
     Readline {
         /// Why.
         #[source]
         source: rustyline::error::ReadlineError,
     },
+}
+
+/// Why connecting failed, without repeating the address: the OS error of a failed connect,
+/// else the client's error.
+fn connect_cause(source: &qmp_client::Error) -> String {
+    match source {
+        qmp_client::Error::Connect { source, .. } => source.to_string(),
+        other => other.to_string(),
+    }
 }
 
 impl Error {
@@ -379,6 +388,352 @@ impl Error {
                 command: command.to_string(),
                 source,
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The variant's name; no wildcard, so a new variant must be added to the table below.
+    fn name(error: &Error) -> &'static str {
+        match error {
+            Error::ExpectedKeyValue { .. } => "ExpectedKeyValue",
+            Error::BadKey { .. } => "BadKey",
+            Error::LeafAndNode { .. } => "LeafAndNode",
+            Error::SetTwice { .. } => "SetTwice",
+            Error::UnterminatedQuote { .. } => "UnterminatedQuote",
+            Error::BadString { .. } => "BadString",
+            Error::BadJson { .. } => "BadJson",
+            Error::BadRawCommand { .. } => "BadRawCommand",
+            Error::ArgsNotObject { .. } => "ArgsNotObject",
+            Error::NestedTransaction => "NestedTransaction",
+            Error::CloseOutsideTransaction => "CloseOutsideTransaction",
+            Error::TextAfterClose => "TextAfterClose",
+            Error::BadCpuIndex { .. } => "BadCpuIndex",
+            Error::BadQomProperty { .. } => "BadQomProperty",
+            Error::MissingCommand => "MissingCommand",
+            Error::MissingAddress => "MissingAddress",
+            Error::Connect { .. } => "Connect",
+            Error::BadGaCommand { .. } => "BadGaCommand",
+            Error::LinuxGuest { .. } => "LinuxGuest",
+            Error::Command { .. } => "Command",
+            Error::Transport { .. } => "Transport",
+            Error::Events { .. } => "Events",
+            Error::Disconnected { .. } => "Disconnected",
+            Error::ShellFailures { .. } => "ShellFailures",
+            Error::Launch { .. } => "Launch",
+            Error::Interrupted { .. } => "Interrupted",
+            Error::QemuNotFound { .. } => "QemuNotFound",
+            Error::Machine { .. } => "Machine",
+            Error::Console { .. } => "Console",
+            Error::TinyGuestMachine { .. } => "TinyGuestMachine",
+            Error::ListenPathTooLong { .. } => "ListenPathTooLong",
+            Error::ListenPath { .. } => "ListenPath",
+            Error::RemoteQmp { .. } => "RemoteQmp",
+            Error::File { .. } => "File",
+            Error::LogFile { .. } => "LogFile",
+            Error::NotASocket { .. } => "NotASocket",
+            Error::BadPort { .. } => "BadPort",
+            Error::Io { .. } => "Io",
+            Error::Readline { .. } => "Readline",
+        }
+    }
+
+    /// `Display` alone says what failed and why: the table of every variant, with its exit
+    /// status.
+    #[test]
+    fn every_variant_reads_well_alone() {
+        let io = |kind| io::Error::from(kind);
+        let closed = || qmp_client::Error::Closed;
+        let json_error = serde_json::from_str::<serde_json::Value>("[1,").expect_err("json");
+        let s = |text: &str| text.to_string();
+        let table: Vec<(Error, &str, u8)> = vec![
+            (
+                Error::ExpectedKeyValue { token: s("x") },
+                "expected key=value, got `x`",
+                2,
+            ),
+            (
+                Error::BadKey { key: s("a..b") },
+                "bad key `a..b`: keys and their dotted parts cannot be empty",
+                2,
+            ),
+            (
+                Error::LeafAndNode { key: s("a") },
+                "cannot use `a` as both leaf and non-leaf key",
+                2,
+            ),
+            (
+                Error::SetTwice { key: s("a") },
+                "cannot set `a` multiple times",
+                2,
+            ),
+            (
+                Error::UnterminatedQuote { line: s("x a='b") },
+                "unterminated quote in `x a='b`",
+                2,
+            ),
+            (
+                Error::BadString {
+                    key: s("a"),
+                    text: s("'b'c"),
+                },
+                "bad quoted string for `a`: 'b'c",
+                2,
+            ),
+            (
+                Error::BadJson {
+                    key: Some(s("a")),
+                    text: s("[1,"),
+                    source: json_error,
+                },
+                "invalid JSON for `a`: [1, (EOF while parsing a value at line 1 column 3)",
+                2,
+            ),
+            (
+                Error::BadRawCommand {
+                    reason: s("no execute"),
+                },
+                "bad JSON command: no execute",
+                2,
+            ),
+            (
+                Error::ArgsNotObject { text: s("[]") },
+                "--args must be a JSON object, got: []",
+                2,
+            ),
+            (
+                Error::NestedTransaction,
+                "a transaction is already open; close it with `)`",
+                2,
+            ),
+            (
+                Error::CloseOutsideTransaction,
+                "`)` outside a transaction",
+                2,
+            ),
+            (
+                Error::TextAfterClose,
+                "unexpected input after the `)` closing the transaction",
+                2,
+            ),
+            (
+                Error::BadCpuIndex { text: s("cpu x") },
+                "usage: cpu INDEX (a CPU number), got `cpu x`",
+                2,
+            ),
+            (
+                Error::BadQomProperty {
+                    text: s("/machine"),
+                },
+                "expected PATH.PROPERTY (e.g. /machine.type), got `/machine`",
+                2,
+            ),
+            (Error::MissingCommand, "no QMP command given", 2),
+            (
+                Error::MissingAddress,
+                "no QMP server address: give ADDRESS (unix path or host:port) or set \
+                 $QMP_SOCKET",
+                2,
+            ),
+            (
+                Error::Connect {
+                    address: s("/run/qmp.sock"),
+                    source: qmp_client::Error::Connect {
+                        address: s("/run/qmp.sock"),
+                        source: io(io::ErrorKind::ConnectionRefused),
+                    },
+                },
+                "cannot connect to QMP server at /run/qmp.sock: connection refused",
+                3,
+            ),
+            (
+                Error::BadGaCommand {
+                    text: s("fsfreeze melt"),
+                    why: "expected status, freeze or thaw",
+                },
+                "bad ga command `fsfreeze melt`: expected status, freeze or thaw",
+                2,
+            ),
+            (
+                Error::LinuxGuest {
+                    source: machine_core::Error::NoAgent,
+                },
+                "cannot build the Linux test guest: the machine has no guest agent channel \
+                 (see MachineBuilder::guest_agent)",
+                4,
+            ),
+            (
+                Error::Command {
+                    command: s("stop"),
+                    class: s("GenericError"),
+                    desc: s("nope"),
+                },
+                "stop: GenericError: nope",
+                1,
+            ),
+            (
+                Error::Transport {
+                    command: s("stop"),
+                    source: closed(),
+                },
+                "`stop` failed: connection closed",
+                3,
+            ),
+            (
+                Error::Events {
+                    address: s("/run/qmp.sock"),
+                    source: closed(),
+                },
+                "event stream from /run/qmp.sock failed: connection closed",
+                3,
+            ),
+            (
+                Error::Disconnected {
+                    address: s("/run/qmp.sock"),
+                    source: closed(),
+                },
+                "disconnected from /run/qmp.sock: connection closed",
+                3,
+            ),
+            (
+                Error::ShellFailures {
+                    failed: 2,
+                    total: 5,
+                },
+                "2 of 5 shell lines failed",
+                1,
+            ),
+            (
+                Error::Launch {
+                    binary: "qemu".into(),
+                    source: machine_core::Error::LaunchAborted,
+                },
+                "cannot launch qemu: the launch was aborted",
+                4,
+            ),
+            (
+                Error::Interrupted { signal: "SIGTERM" },
+                "interrupted by SIGTERM while qemu was starting; qemu was killed",
+                130,
+            ),
+            (
+                Error::QemuNotFound {
+                    path: "/no/qemu".into(),
+                },
+                "QEMU binary /no/qemu not found (install qemu-system-x86, or give --qemu PATH \
+                 or $QEMU)",
+                4,
+            ),
+            (
+                Error::Machine {
+                    what: "ending qemu",
+                    source: machine_core::Error::NotRunning,
+                },
+                "ending qemu failed: the machine is not running",
+                1,
+            ),
+            (
+                Error::Console {
+                    what: "sending a --send line",
+                    source: machine_core::console_socket::Error::DrainThreadPanicked,
+                },
+                "sending a --send line failed: console drain thread panicked",
+                1,
+            ),
+            (
+                Error::TinyGuestMachine {
+                    machine: s("microvm"),
+                },
+                "the built-in guest boots on q35 or pc, not `microvm` (give QEMU arguments \
+                 after -- for other guests)",
+                2,
+            ),
+            (
+                Error::ListenPathTooLong {
+                    path: "/long".into(),
+                    len: 120,
+                    limit: 107,
+                },
+                "--qmp-listen path /long is 120 bytes long, the limit is 107",
+                2,
+            ),
+            (
+                Error::ListenPath {
+                    path: "/etc/passwd".into(),
+                    source: Box::new(machine_core::Error::SocketPathInUse {
+                        path: "/etc/passwd".into(),
+                    }),
+                },
+                "cannot listen on /etc/passwd: socket path \"/etc/passwd\" already exists",
+                2,
+            ),
+            (
+                Error::RemoteQmp {
+                    address: s("0.0.0.0:4444"),
+                },
+                "refusing --qmp-listen 0.0.0.0:4444: not a loopback address, and QMP has no \
+                 authentication (--allow-remote-qmp overrides)",
+                2,
+            ),
+            (
+                Error::File {
+                    path: "/ro/x".into(),
+                    source: io(io::ErrorKind::PermissionDenied),
+                },
+                "cannot write /ro/x: permission denied",
+                1,
+            ),
+            (
+                Error::LogFile {
+                    path: "/no/dir/log".into(),
+                    source: io(io::ErrorKind::NotFound),
+                },
+                "cannot open log file /no/dir/log: entity not found",
+                2,
+            ),
+            (
+                Error::NotASocket {
+                    path: "/etc/passwd".into(),
+                },
+                "/etc/passwd is not a socket (a QMP server address is a unix socket path or \
+                 host:port)",
+                3,
+            ),
+            (
+                Error::BadPort {
+                    address: s("localhost:x"),
+                    port: s("x"),
+                },
+                "invalid port `x` in `localhost:x` (expected host:PORT with PORT from 1 to \
+                 65535, or a unix socket path)",
+                2,
+            ),
+            (
+                Error::Io {
+                    what: "writing to stdout",
+                    source: io(io::ErrorKind::BrokenPipe),
+                },
+                "writing to stdout failed: broken pipe",
+                1,
+            ),
+            (
+                Error::Readline {
+                    source: rustyline::error::ReadlineError::Eof,
+                },
+                "line editor failed: EOF",
+                1,
+            ),
+        ];
+        let mut names: Vec<&str> = table.iter().map(|(e, _, _)| name(e)).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), 39, "every variant is in the table");
+        for (error, text, code) in &table {
+            assert_eq!(error.to_string(), *text, "{}", name(error));
+            assert_eq!(error.exit_code(), *code, "{}", name(error));
         }
     }
 }

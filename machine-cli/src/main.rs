@@ -94,16 +94,12 @@ fn report(error: &Error) -> ExitCode {
         }
     }
     let mut message = format!("qemu-machine: {error}");
+    // The causes worth showing: when QEMU exited by itself during the launch, its exit
+    // status and its own words are the reason, and what that did to our handshake is not.
+    let mut causes: Vec<String> = Vec::new();
     let mut cause = error.source();
     while let Some(inner) = cause {
-        // Messages carry their cause's text already (so each reads well alone): show a cause
-        // only when it adds something.
-        let text = inner.to_string();
-        if !message.contains(&text) {
-            message.push_str(&format!("\n  caused by: {text}"));
-        }
-        // When QEMU exited by itself during the launch, its exit status and its own words
-        // are the reason; what that did to our handshake is not worth showing.
+        causes.push(inner.to_string());
         if matches!(
             inner.downcast_ref::<machine_core::Error>(),
             Some(machine_core::Error::LaunchFailed {
@@ -115,6 +111,18 @@ fn report(error: &Error) -> ExitCode {
             break;
         }
         cause = inner.source();
+    }
+    // Messages carry their cause's text (so each reads well alone): when the deepest cause
+    // is already said, the chain adds nothing; else show each cause not said yet.
+    if !causes
+        .last()
+        .is_some_and(|root| message.contains(root.as_str()))
+    {
+        for text in causes {
+            if !message.contains(&text) {
+                message.push_str(&format!("\n  caused by: {text}"));
+            }
+        }
     }
     if let Some(details) = error.details() {
         message.push('\n');
