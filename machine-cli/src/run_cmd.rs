@@ -152,6 +152,8 @@ impl Reporter {
         if self.mid_line.get() && self.console_at.get().elapsed() < QUIET {
             self.held.borrow_mut().push(text);
         } else {
+            // Lines held before this one go first.
+            self.release(true);
             self.new_line();
             output::note(&text);
         }

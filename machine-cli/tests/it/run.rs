@@ -205,3 +205,53 @@ exit 0"#,
     );
     assert!(!stderr.contains("Ctrl-C again"), "{stderr}");
 }
+
+/// Lifecycle and event lines never cut the console's text: an event that arrives while the
+/// guest is half-way through a line is printed after the line ends (stdout and stderr here
+/// go to one file, as on a terminal).
+#[test]
+fn event_lines_wait_for_the_end_of_a_console_line() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let stub = Stub::new(
+        r#"read -r -n 2 -u $CON line
+printf 'POW' >&$CON
+sleep 0.05
+event POWERDOWN null
+sleep 0.05
+printf 'ER-BUTTON\r\n' >&$CON
+sleep 0.05
+event SHUTDOWN '{"guest": true, "reason": "guest-shutdown"}'
+exit 0"#,
+    );
+    let dir = tempfile::tempdir().expect("dir");
+    let out_path = dir.path().join("out");
+    let out = std::fs::File::create(&out_path).expect("out file");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qemu-machine"))
+        .args(["run", "--qemu"])
+        .arg(&stub.path)
+        .args(["--banner", "ready", "--send", "go", "--", "-M", "none"])
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("clone"))
+        .stderr(out)
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "run did not end");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let text = std::fs::read_to_string(&out_path).expect("output");
+    assert_eq!(status.code(), Some(0), "{text}");
+    let button = text
+        .find("POWER-BUTTON\r\n")
+        .unwrap_or_else(|| panic!("the console line was cut:\n{text}"));
+    let event = text.find(" POWERDOWN").expect("the event line");
+    assert!(
+        event > button,
+        "the event came before the line's end:\n{text}"
+    );
+}
