@@ -45,10 +45,11 @@ pub fn run(args: &[String]) -> Result<(), String> {
     if problems.is_empty() {
         let cited: usize = rows.iter().map(|r| r.citations.len()).sum();
         let na = rows.iter().filter(|r| r.not_applicable).count();
+        let cases = rows.iter().filter(|r| r.case.is_some()).count();
         eprintln!(
-            "RELIABILITY.md: {} cases, {} citations all found, {na} not applicable",
-            rows.len(),
-            cited
+            "RELIABILITY.md: {cases} cases and {} other rows, {cited} citations all found, \
+             {na} not applicable",
+            rows.len() - cases
         );
         Ok(())
     } else {
@@ -163,8 +164,11 @@ fn fn_name(line: &str) -> Option<&str> {
 /// One row of the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Row {
-    /// The case number.
-    pub case: u32,
+    /// The case number; `None` for a row beyond the catalogue (`F1`, `M1`: the fleet, the
+    /// multiplexer), whose citations are checked the same way.
+    pub case: Option<u32>,
+    /// How problems name the row: `case 17` or `F1`.
+    pub label: String,
     /// The "proved by" citations (backticked tokens).
     pub citations: Vec<String>,
     /// The row says `n/a: reason`.
@@ -175,7 +179,8 @@ pub struct Row {
     pub has_result: bool,
 }
 
-/// The rows of every table line whose first cell is a case number.
+/// The rows of every table line whose first cell is a case number, or a label of capital
+/// letters and digits (`F1`) for rows beyond the catalogue.
 pub fn parse_table(text: &str) -> Vec<Row> {
     let mut rows = Vec::new();
     for line in text.lines() {
@@ -188,14 +193,26 @@ pub fn parse_table(text: &str) -> Vec<Row> {
             .split('|')
             .map(str::trim)
             .collect();
-        let Some(case) = cells.first().and_then(|c| c.parse::<u32>().ok()) else {
-            continue;
+        let first = cells.first().copied().unwrap_or("");
+        let (case, label) = match first.parse::<u32>() {
+            Ok(n) => (Some(n), format!("case {n}")),
+            Err(_) => {
+                let letters = first.trim_end_matches(|c: char| c.is_ascii_digit());
+                let is_label = !letters.is_empty()
+                    && letters.len() < first.len()
+                    && letters.chars().all(|c| c.is_ascii_uppercase());
+                if !is_label {
+                    continue;
+                }
+                (None, first.to_string())
+            }
         };
         let cell = |i: usize| cells.get(i).copied().unwrap_or("");
         let proof = cell(3);
         let not_applicable = proof.starts_with("n/a:") && proof.len() > "n/a:".len() + 3;
         rows.push(Row {
             case,
+            label,
             citations: backticked(proof),
             not_applicable,
             has_promise: !cell(2).is_empty(),
@@ -219,28 +236,27 @@ pub fn check(rows: &[Row], known: &Known) -> Vec<String> {
     let mut problems = Vec::new();
     let mut seen = BTreeMap::new();
     for row in rows {
-        *seen.entry(row.case).or_insert(0) += 1;
-        if row.case == 0 || row.case > CASES {
-            problems.push(format!(
-                "case {} is not in the catalogue (1-{CASES})",
-                row.case
-            ));
+        let label = &row.label;
+        if let Some(case) = row.case {
+            *seen.entry(case).or_insert(0) += 1;
+            if case == 0 || case > CASES {
+                problems.push(format!("{label} is not in the catalogue (1-{CASES})"));
+            }
         }
         if !row.has_promise {
-            problems.push(format!("case {}: no promise", row.case));
+            problems.push(format!("{label}: no promise"));
         }
         if !row.has_result {
-            problems.push(format!("case {}: no last result", row.case));
+            problems.push(format!("{label}: no last result"));
         }
         if row.citations.is_empty() && !row.not_applicable {
             problems.push(format!(
-                "case {}: proved by nothing (cite a test, or say `n/a: reason`)",
-                row.case
+                "{label}: proved by nothing (cite a test, or say `n/a: reason`)"
             ));
         }
         for citation in &row.citations {
             if let Err(why) = resolve(citation, known) {
-                problems.push(format!("case {}: `{citation}`: {why}", row.case));
+                problems.push(format!("{label}: `{citation}`: {why}"));
             }
         }
     }
@@ -403,6 +419,20 @@ mod tests {
                 "{expected}: {problems:?}"
             );
         }
+        // Rows beyond the catalogue are checked too, and counted as no case.
+        let mut text = full("| 17 | EOF | Disconnected | `e2e:machine_kill` | pass |");
+        text.push_str("| F1 | fleet | promise | `qmp-client::no_such_test` | pass |\n");
+        text.push_str("| M2 | mux | | `e2e:machine_kill` | pass |\n");
+        text.push_str("| Note | not a row | x | `nothing` | x |\n");
+        let problems = check(&parse_table(&text), &known());
+        assert_eq!(
+            problems,
+            [
+                "F1: `qmp-client::no_such_test`: no #[test] fn `no_such_test` in qmp-client",
+                "M2: no promise",
+            ],
+            "{problems:?}"
+        );
         let text = full("| 17 | x | y | n/a: | - |");
         let problems = check(&parse_table(&text), &known());
         assert!(
