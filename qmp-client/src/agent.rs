@@ -749,53 +749,19 @@ fn is_channel_end(err: &Error) -> bool {
         ))
 }
 
-/// Base64 (RFC 4648, with padding) for the agent's `buf-b64`, `out-data` and `err-data`.
+/// Base64 (RFC 4648, standard alphabet, padded) for the agent's `buf-b64`, `out-data` and
+/// `err-data`: GLib's `g_base64_encode`, which qemu-ga uses, always pads.
 mod base64 {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    use ::base64::engine::general_purpose::STANDARD;
+    use ::base64::Engine;
 
     pub(super) fn encode(data: &[u8]) -> String {
-        let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-        for chunk in data.chunks(3) {
-            let b = [
-                chunk[0],
-                chunk.get(1).copied().unwrap_or(0),
-                chunk.get(2).copied().unwrap_or(0),
-            ];
-            let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
-            for i in 0..4 {
-                if i <= chunk.len() {
-                    out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
-                } else {
-                    out.push('=');
-                }
-            }
-        }
-        out
+        STANDARD.encode(data)
     }
 
     /// None for input that is not padded base64.
     pub(super) fn decode(text: &str) -> Option<Vec<u8>> {
-        let bytes = text.as_bytes();
-        if bytes.len() % 4 != 0 {
-            return None;
-        }
-        let value = |c: u8| ALPHABET.iter().position(|&a| a == c).map(|v| v as u32);
-        let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
-        for (index, quad) in bytes.chunks(4).enumerate() {
-            let last = index + 1 == bytes.len() / 4;
-            let pad = quad.iter().rev().take_while(|&&c| c == b'=').count();
-            if pad > 2 || (pad > 0 && !last) {
-                return None;
-            }
-            let mut n = 0u32;
-            for &c in &quad[..4 - pad] {
-                n = n << 6 | value(c)?;
-            }
-            n <<= 6 * pad as u32;
-            let decoded = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-            out.extend_from_slice(&decoded[..3 - pad]);
-        }
-        Some(out)
+        STANDARD.decode(text).ok()
     }
 
     #[cfg(test)]
