@@ -204,7 +204,7 @@ impl fmt::Display for StepRecord {
     }
 }
 
-/// Why a request step could not be sent.
+/// Why a request step could not be sent, or what its reply said.
 #[derive(Debug)]
 pub(crate) enum RequestError {
     /// The monitor is gone (EOF, reset): QEMU may be exiting, so wait anyway.
@@ -213,7 +213,8 @@ pub(crate) enum RequestError {
     Refused(String),
 }
 
-/// The operations the ladder needs; [`crate::Machine`] implements them on a real process.
+/// The operations the ladder needs, none of which blocks; [`crate::Machine`] implements them
+/// on a real process.
 pub(crate) trait LadderOps {
     /// Whether QEMU has exited (reaping it if so).
     fn exited(&mut self) -> bool;
@@ -222,12 +223,12 @@ pub(crate) trait LadderOps {
     fn has_qmp(&mut self) -> bool;
     /// Whether a `quit` was already sent.
     fn quit_sent(&self) -> bool;
-    /// Sends a QMP command (no arguments) and waits for its reply until `deadline`.
-    fn request(&mut self, command: &str, deadline: Instant) -> Result<(), RequestError>;
+    /// Sends a QMP command (no arguments) without waiting for its reply.
+    fn submit(&mut self, command: &str) -> Result<(), RequestError>;
+    /// The reply to the command submitted last, once it has come (`None` while pending).
+    fn reply(&mut self) -> Option<Result<(), RequestError>>;
     /// Sends a signal.
     fn signal(&mut self, signal: i32) -> Result<(), String>;
-    /// Waits for the exit until `deadline`; true if it exited.
-    fn wait_exit(&mut self, deadline: Instant) -> Result<bool, String>;
 }
 
 /// The result of running a ladder.
@@ -241,40 +242,144 @@ pub(crate) struct LadderRun {
     pub(crate) exited: bool,
 }
 
-/// Runs `ladder` against `ops`, step by step, stopping as soon as QEMU has exited.
-pub(crate) fn run(ops: &mut dyn LadderOps, ladder: &ShutdownLadder) -> LadderRun {
-    let start = Instant::now();
-    let mut records = Vec::new();
-    if ops.exited() {
-        return LadderRun {
-            records,
-            ended_at: None,
-            exited: true,
-        };
+/// The rung being walked.
+#[derive(Debug)]
+struct Rung {
+    /// As recorded (a `Quit` without QMP becomes the SIGTERM it sends).
+    step: Step,
+    started: Instant,
+    deadline: Instant,
+    note: Option<String>,
+    /// The outcome, when it was clear on entering the rung.
+    decided: Option<StepOutcome>,
+    /// The command whose reply is awaited.
+    awaiting: Option<&'static str>,
+    /// The transport error of the request, if it failed that way.
+    transport: Option<String>,
+}
+
+/// A ladder being walked, one non-blocking [`Walk::advance`] at a time: the shutdown ladder
+/// as a state machine. The blocking shutdown is a loop that waits until the deadline
+/// `advance` returns (or a readiness event) and calls it again; a caller with its own event
+/// loop does the same from there.
+#[derive(Debug)]
+pub(crate) struct Walk {
+    steps: Vec<Step>,
+    start: Instant,
+    index: usize,
+    entered: bool,
+    current: Option<Rung>,
+    records: Vec<StepRecord>,
+    finished: Option<(Option<usize>, bool)>,
+}
+
+impl Walk {
+    /// A walk of `ladder`, starting now.
+    pub(crate) fn new(ladder: &ShutdownLadder) -> Walk {
+        Walk {
+            steps: ladder.steps().to_vec(),
+            start: Instant::now(),
+            index: 0,
+            entered: false,
+            current: None,
+            records: Vec::new(),
+            finished: None,
+        }
     }
-    for (index, &configured) in ladder.steps().iter().enumerate() {
-        let step_start = Instant::now();
-        let deadline = step_start + configured.timeout();
-        let mut step = configured;
-        let mut note = None;
-        let outcome = match configured {
-            Step::Wait { .. } => wait_outcome(ops, deadline, &mut note),
+
+    /// The index of the step being walked (None before the first and once finished).
+    pub(crate) fn step_index(&self) -> Option<usize> {
+        self.current.as_ref().map(|_| self.index)
+    }
+
+    /// The number of steps.
+    pub(crate) fn len(&self) -> usize {
+        self.steps.len()
+    }
+
+    /// The current rung's deadline (None once finished).
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.current.as_ref().map(|r| r.deadline)
+    }
+
+    /// Moves on as far as it can without blocking: takes the outcome of the current step if
+    /// it is known, enters the next ones. Returns the deadline to call again by at the latest
+    /// (earlier on readiness), or None once finished.
+    pub(crate) fn advance(&mut self, ops: &mut dyn LadderOps) -> Option<Instant> {
+        loop {
+            if self.finished.is_some() {
+                return None;
+            }
+            let Some(mut rung) = self.current.take() else {
+                if !self.entered {
+                    self.entered = true;
+                    if ops.exited() {
+                        self.finished = Some((None, true));
+                        return None;
+                    }
+                }
+                if self.index >= self.steps.len() {
+                    self.finished = Some((None, false));
+                    return None;
+                }
+                self.current = Some(self.enter(ops));
+                continue;
+            };
+            match check(ops, &mut rung) {
+                None => {
+                    let deadline = rung.deadline;
+                    self.current = Some(rung);
+                    return Some(deadline);
+                }
+                Some(outcome) => {
+                    let exited = outcome == StepOutcome::Exited;
+                    self.records.push(StepRecord {
+                        step: rung.step,
+                        started: rung.started - self.start,
+                        elapsed: rung.started.elapsed(),
+                        outcome,
+                        note: rung.note,
+                    });
+                    if exited {
+                        self.finished = Some((Some(self.index), true));
+                        return None;
+                    }
+                    self.index += 1;
+                }
+            }
+        }
+    }
+
+    /// Starts step `self.index`: sends its request or signal.
+    fn enter(&self, ops: &mut dyn LadderOps) -> Rung {
+        let configured = self.steps[self.index];
+        let started = Instant::now();
+        let mut rung = Rung {
+            step: configured,
+            started,
+            deadline: started + configured.timeout(),
+            note: None,
+            decided: None,
+            awaiting: None,
+            transport: None,
+        };
+        match configured {
+            Step::Wait { .. } => {}
             // Before the monitor check: after our `quit` the monitor is closed on purpose.
             Step::Quit { .. } if ops.quit_sent() => {
-                note = Some("quit already sent".to_owned());
-                wait_outcome(ops, deadline, &mut note)
+                rung.note = Some("quit already sent".to_owned());
             }
             Step::Powerdown { .. } | Step::Quit { .. } if !ops.has_qmp() => {
                 if let Step::Quit { timeout } = configured {
-                    step = Step::Signal {
+                    rung.step = Step::Signal {
                         signal: libc::SIGTERM,
                         timeout,
                     };
-                    signal_outcome(ops, libc::SIGTERM, deadline, &mut note)
+                    send_signal(ops, libc::SIGTERM, &mut rung);
                 } else {
-                    StepOutcome::Skipped {
+                    rung.decided = Some(StepOutcome::Skipped {
                         reason: "no QMP monitor".to_owned(),
-                    }
+                    });
                 }
             }
             Step::Powerdown { .. } | Step::Quit { .. } => {
@@ -283,86 +388,99 @@ pub(crate) fn run(ops: &mut dyn LadderOps, ladder: &ShutdownLadder) -> LadderRun
                 } else {
                     "system_powerdown"
                 };
-                match ops.request(command, deadline) {
-                    Ok(()) => wait_outcome(ops, deadline, &mut note),
-                    Err(RequestError::Transport(error)) => {
-                        // The monitor died under us: QEMU is probably exiting right now.
-                        note = Some(format!("{command}: {error}"));
-                        match wait_outcome(ops, deadline, &mut note) {
-                            StepOutcome::TimedOut => StepOutcome::Failed {
-                                error: format!("{command}: {error}"),
-                            },
-                            other => other,
-                        }
-                    }
-                    Err(RequestError::Refused(error)) => {
-                        if ops.exited() {
-                            StepOutcome::Exited
-                        } else {
-                            StepOutcome::Failed {
-                                error: format!("{command}: {error}"),
-                            }
-                        }
-                    }
+                match ops.submit(command) {
+                    Ok(()) => rung.awaiting = Some(command),
+                    Err(error) => take_request_error(ops, command, error, &mut rung),
                 }
             }
-            Step::Signal { signal, .. } => signal_outcome(ops, signal, deadline, &mut note),
-            Step::Kill { .. } => signal_outcome(ops, libc::SIGKILL, deadline, &mut note),
-        };
-        let exited = outcome == StepOutcome::Exited;
-        records.push(StepRecord {
-            step,
-            started: step_start - start,
-            elapsed: step_start.elapsed(),
-            outcome,
-            note,
-        });
-        if exited {
-            return LadderRun {
-                records,
-                ended_at: Some(index),
-                exited: true,
-            };
+            Step::Signal { signal, .. } => send_signal(ops, signal, &mut rung),
+            Step::Kill { .. } => send_signal(ops, libc::SIGKILL, &mut rung),
         }
+        rung
     }
-    LadderRun {
-        records,
-        ended_at: None,
-        exited: false,
+
+    /// How the walk ended (call once [`Walk::advance`] returned None).
+    pub(crate) fn finish(self) -> LadderRun {
+        let (ended_at, exited) = self.finished.unwrap_or((None, false));
+        LadderRun {
+            records: self.records,
+            ended_at,
+            exited,
+        }
     }
 }
 
-fn wait_outcome(
-    ops: &mut dyn LadderOps,
-    deadline: Instant,
-    note: &mut Option<String>,
-) -> StepOutcome {
-    match ops.wait_exit(deadline) {
-        Ok(true) => StepOutcome::Exited,
-        Ok(false) => StepOutcome::TimedOut,
-        Err(error) => {
-            *note = Some(error.clone());
+/// A signal step's send; a failed send decides the step at once.
+fn send_signal(ops: &mut dyn LadderOps, signal: i32, rung: &mut Rung) {
+    if let Err(error) = ops.signal(signal) {
+        rung.decided = Some(if ops.exited() {
+            StepOutcome::Exited
+        } else {
             StepOutcome::Failed { error }
-        }
+        });
     }
 }
 
-fn signal_outcome(
+/// A request that failed: refused ends the step at once, a transport failure waits on (QEMU
+/// is probably exiting right now).
+fn take_request_error(
     ops: &mut dyn LadderOps,
-    signal: i32,
-    deadline: Instant,
-    note: &mut Option<String>,
-) -> StepOutcome {
-    match ops.signal(signal) {
-        Ok(()) => wait_outcome(ops, deadline, note),
-        Err(error) => {
-            if ops.exited() {
+    command: &str,
+    error: RequestError,
+    rung: &mut Rung,
+) {
+    match error {
+        RequestError::Transport(error) => {
+            let text = format!("{command}: {error}");
+            rung.note = Some(text.clone());
+            rung.transport = Some(text);
+        }
+        RequestError::Refused(error) => {
+            rung.decided = Some(if ops.exited() {
                 StepOutcome::Exited
             } else {
-                StepOutcome::Failed { error }
+                StepOutcome::Failed {
+                    error: format!("{command}: {error}"),
+                }
+            });
+        }
+    }
+}
+
+/// The current step's outcome if it is known now.
+fn check(ops: &mut dyn LadderOps, rung: &mut Rung) -> Option<StepOutcome> {
+    if let Some(outcome) = rung.decided.take() {
+        return Some(outcome);
+    }
+    if let Some(command) = rung.awaiting {
+        if let Some(reply) = ops.reply() {
+            rung.awaiting = None;
+            if let Err(error) = reply {
+                take_request_error(ops, command, error, rung);
+                if let Some(outcome) = rung.decided.take() {
+                    return Some(outcome);
+                }
             }
         }
     }
+    if ops.exited() {
+        return Some(StepOutcome::Exited);
+    }
+    if Instant::now() < rung.deadline {
+        return None;
+    }
+    if let Some(command) = rung.awaiting {
+        // No reply within the step's budget: the request failed like a transport error.
+        let error = format!("{command}: no reply within {:?}", rung.step.timeout());
+        rung.note = Some(error.clone());
+        return Some(StepOutcome::Failed { error });
+    }
+    Some(match &rung.transport {
+        Some(error) => StepOutcome::Failed {
+            error: error.clone(),
+        },
+        None => StepOutcome::TimedOut,
+    })
 }
 
 #[cfg(test)]
@@ -409,7 +527,7 @@ mod tests {
         fn quit_sent(&self) -> bool {
             self.quit_sent
         }
-        fn request(&mut self, command: &str, _deadline: Instant) -> Result<(), RequestError> {
+        fn submit(&mut self, command: &str) -> Result<(), RequestError> {
             let name: &'static str = match command {
                 "quit" => "quit",
                 "system_powerdown" => "system_powerdown",
@@ -421,13 +539,23 @@ mod tests {
             }
             Ok(())
         }
+        fn reply(&mut self) -> Option<Result<(), RequestError>> {
+            Some(Ok(()))
+        }
         fn signal(&mut self, signal: i32) -> Result<(), String> {
             self.hit(crate::process::signal_name(signal));
             Ok(())
         }
-        fn wait_exit(&mut self, _deadline: Instant) -> Result<bool, String> {
-            Ok(!self.alive)
+    }
+
+    /// Walks `ladder` on `ops` to its end, sleeping until each deadline (the fake's outcomes
+    /// are immediate).
+    fn run(ops: &mut dyn LadderOps, ladder: &ShutdownLadder) -> LadderRun {
+        let mut walk = Walk::new(ladder);
+        while let Some(deadline) = walk.advance(ops) {
+            std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
         }
+        walk.finish()
     }
 
     const T: Duration = Duration::from_millis(5);

@@ -39,6 +39,72 @@
 //! 5. The same `Machine` can be launched again. Dropping a running `Machine` kills and reaps
 //!    QEMU and cleans up.
 //!
+//! # Stepping many machines from one thread
+//!
+//! Launch, running and the shutdown ladder are state machines. The blocking calls above are
+//! loops over them; an owner with its own `mio::Poll` drives them directly, with no thread of
+//! ours for QMP or exit supervision, so one thread can run hundreds of machines beside its
+//! other sources:
+//!
+//! 1. [`Machine::launch_begin`] spawns QEMU and returns; [`Machine::register`] puts QEMU's
+//!    pidfd and the QMP socket into the owner's registry under [`Tokens`] the owner chooses.
+//! 2. On any event for those tokens, when [`Machine::next_deadline`] passes, and while
+//!    [`Machine::wants_step`] is true, call [`Machine::step`]: it reads QMP (within a budget),
+//!    advances the handshake, notices QEMU's exit and walks the ladder, never blocking. It
+//!    returns the [`MachineState`] (`Launching`, `Running`, `Stopping { step, steps }`,
+//!    `Exited`; `Idle` after a failed launch, whose error `step` returns).
+//! 3. While running: [`Machine::submit`] sends a command without waiting,
+//!    [`Machine::take_reply`] picks its reply up later, [`Machine::take_event`] takes a
+//!    matching event that has arrived.
+//! 4. [`Machine::shutdown_begin`] starts a [`ShutdownLadder`] (its first request or signal
+//!    goes out at once); `step` walks it to [`MachineState::Exited`], after which
+//!    [`Machine::exit_report`] has the report (or `step` returned the
+//!    [`Error::AbnormalShutdown`] the blocking call would).
+//!
+//! ```no_run
+//! use std::time::{Duration, Instant};
+//! use machine_core::{Machine, MachineBuilder, MachineState, ShutdownLadder, Tokens};
+//! use mio::{Events, Poll, Token};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut poll = Poll::new()?;
+//! let mut machines: Vec<Machine> = (0..3)
+//!     .map(|_| MachineBuilder::new("qemu-system-x86_64").machine_type("none").build())
+//!     .collect();
+//! for (i, m) in machines.iter_mut().enumerate() {
+//!     m.launch_begin()?;
+//!     m.register(poll.registry(), Tokens { exit: Token(2 * i), qmp: Token(2 * i + 1) })?;
+//! }
+//! let mut events = Events::with_capacity(64);
+//! let mut stopping = false;
+//! while machines.iter().any(|m| m.state() != MachineState::Exited) {
+//!     let next = machines.iter().filter_map(Machine::next_deadline).min();
+//!     let busy = machines.iter_mut().any(Machine::wants_step);
+//!     let timeout = if busy { Some(Duration::ZERO) } else {
+//!         next.map(|d| d.saturating_duration_since(Instant::now()))
+//!     };
+//!     poll.poll(&mut events, timeout)?;
+//!     // Stepping a machine with nothing to do is cheap: step them all.
+//!     for m in &mut machines {
+//!         m.step()?;
+//!     }
+//!     if !stopping && machines.iter().all(|m| m.state() == MachineState::Running) {
+//!         stopping = true;
+//!         for m in &mut machines {
+//!             m.shutdown_begin(&ShutdownLadder::default())?;
+//!         }
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Threads that remain: QEMU's stdout/stderr pipe is drained by a thread per machine
+//! (`{name}-output`), and a [`console_socket::Console`] (when the machine has a console) keeps
+//! its drain thread; neither takes part in QMP or exit supervision. Only the socketpair
+//! monitor (the default) and no monitor are stepped: with a unix or TCP monitor (QEMU
+//! connects to us) `launch_begin` waits for the connection and handshake before returning.
+//!
 //! # Example
 //!
 //! ```no_run
@@ -112,6 +178,8 @@ pub use crate::fleet::{Fleet, MemberId, MemberState, Replies};
 pub use crate::ladder::{
     ShutdownLadder, Step, StepOutcome, StepRecord, DEFAULT_GRACEFUL_TIMEOUT, DEFAULT_REAP_TIMEOUT,
 };
-pub use crate::machine::{prepare_socket_path, Args, Machine, LAUNCH_OUTPUT_LIMIT, UNIX_PATH_MAX};
+pub use crate::machine::{
+    prepare_socket_path, Args, Machine, MachineState, Tokens, LAUNCH_OUTPUT_LIMIT, UNIX_PATH_MAX,
+};
 pub use crate::process::{signal_name, ExitStatus};
 pub use crate::report::{format_duration, EndedBy, ExitReport, ShutdownEvent};

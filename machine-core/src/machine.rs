@@ -21,7 +21,7 @@ use serde_json::{Map, Value};
 use crate::argv::{CommandLine, OptString};
 use crate::config::{Config, Monitor};
 use crate::error::{Error, Result};
-use crate::ladder::{self, LadderOps, RequestError, ShutdownLadder, Step};
+use crate::ladder::{self, ShutdownLadder, Step};
 use crate::output::{last_lines, OutputDrain};
 use crate::process::{ChildGuard, ExitStatus, SpawnSpec};
 use crate::report::{classify, EndedBy, ExitReport, Facts, ShutdownEvent};
@@ -179,6 +179,10 @@ pub struct Machine {
     log_text: Option<String>,
     last_status: Option<ExitStatus>,
     report: Option<ExitReport>,
+    /// The deadline of a stepped launch's handshake, as its last step said.
+    launch_deadline: Option<Instant>,
+    /// The shutdown ladder being walked.
+    stopping: Option<stepping::Stopping>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -208,6 +212,8 @@ impl Machine {
             log_text: None,
             last_status: None,
             report: None,
+            launch_deadline: None,
+            stopping: None,
         }
     }
 
@@ -552,6 +558,14 @@ impl Machine {
     }
 
     /// Keeps the run of a completed launch, or cleans up after a failed one.
+    /// After a failed launch: remove what we created; the temp dir goes, as after any run.
+    fn launch_rollback(&mut self) {
+        self.remove_temp_dir();
+        if let Some(mut console) = self.console.take() {
+            let _ = console.close();
+        }
+    }
+
     fn launch_ended(&mut self, started: Result<Run>) -> Result<()> {
         match started {
             Ok(run) => {
@@ -564,21 +578,23 @@ impl Machine {
                 Ok(())
             }
             Err(err) => {
-                // Remove what we created; the temp dir goes, as after any run.
-                self.remove_temp_dir();
-                if let Some(mut console) = self.console.take() {
-                    let _ = console.close();
-                }
+                self.launch_rollback();
                 Err(err)
             }
         }
     }
 
-    /// The stepped launch ([`crate::Fleet`]): spawns QEMU like [`Machine::launch`] but leaves
-    /// the QMP handshake to [`Machine::launch_step`], driven by the owner's poll (its sources:
-    /// [`Machine::qmp_connection`] and [`Machine::launch_pidfd`]). A monitor on a unix or TCP
-    /// listener does its handshake here, blocking, as in [`Machine::launch`].
-    pub(crate) fn launch_begin(&mut self) -> Result<()> {
+    /// Starts QEMU like [`Machine::launch`] but returns right after the spawn: the QMP
+    /// handshake is then driven by [`Machine::step`] from the owner's poll (see the crate
+    /// docs; [`crate::Fleet`] drives it through `launch_step`), [`MachineState::Launching`]
+    /// until it is done. QEMU exiting, the greeting deadline or a failed negotiation make
+    /// `step` return [`Error::LaunchFailed`], everything rolled back as after a failed
+    /// [`Machine::launch`].
+    ///
+    /// Only the socketpair monitor (the default) and no monitor are stepped; with a unix or
+    /// TCP monitor (QEMU connects to us), this waits for QEMU's connection and handshake
+    /// like [`Machine::launch`] before it returns.
+    pub fn launch_begin(&mut self) -> Result<()> {
         let once = self.prepare_launch()?;
         let started = self.start(once, None, true);
         self.launching = started.is_ok();
@@ -1221,18 +1237,28 @@ impl Machine {
         self.shutdown_with(&ShutdownLadder::wait(timeout))
     }
 
+    /// The blocking shutdown: a loop over the stepped ladder ([`stepping`]), waiting on
+    /// the run's own poll (QEMU's pidfd and the monitor) between steps.
     fn end_run(&mut self, ladder: &ShutdownLadder) -> Result<ExitReport> {
-        let Some(mut run) = self.run.take() else {
+        // A blocking call takes over from a stepped launch or ladder with its own ladder.
+        self.launching = false;
+        self.launch_deadline = None;
+        self.stopping = None;
+        self.stop_begin(ladder)?;
+        while let Some(deadline) = self.stop_advance() {
+            self.wait_run(deadline);
+        }
+        self.stop_finish()
+    }
+
+    /// What follows the walk: the report, or the error when QEMU survived or had to be forced.
+    fn end_walk(
+        &mut self,
+        ladder: &ShutdownLadder,
+        ladder_run: ladder::LadderRun,
+    ) -> Result<ExitReport> {
+        let Some(run) = self.run.take() else {
             return Err(Error::NotRunning);
-        };
-        let ladder_run = {
-            let mut ops = Ops {
-                run: &mut run,
-                quit_sent: self.quit_sent,
-            };
-            let result = ladder::run(&mut ops, ladder);
-            self.quit_sent = ops.quit_sent;
-            result
         };
         if !ladder_run.exited {
             let waited = ladder.steps().last().map(Step::timeout).unwrap_or_default();
@@ -1376,6 +1402,10 @@ impl Machine {
     }
 }
 
+mod stepping;
+
+pub use stepping::{MachineState, Tokens};
+
 impl Drop for Machine {
     fn drop(&mut self) {
         if self.run.is_some() {
@@ -1385,93 +1415,6 @@ impl Drop for Machine {
             }
         }
         self.remove_temp_dir();
-    }
-}
-
-/// The ladder's view of a run.
-struct Ops<'a> {
-    run: &'a mut Run,
-    quit_sent: bool,
-}
-
-impl LadderOps for Ops<'_> {
-    fn exited(&mut self) -> bool {
-        matches!(self.run.child.try_reap(), Ok(Some(_)))
-    }
-
-    fn has_qmp(&mut self) -> bool {
-        // Read what has arrived first: an end-of-file may be waiting in the socket.
-        self.run
-            .qmp
-            .as_mut()
-            .is_some_and(|c| c.process_io().is_ok())
-    }
-
-    fn quit_sent(&self) -> bool {
-        self.quit_sent
-    }
-
-    fn request(
-        &mut self,
-        command: &str,
-        deadline: Instant,
-    ) -> std::result::Result<(), RequestError> {
-        let Some(conn) = self.run.qmp.as_mut() else {
-            return Err(RequestError::Transport("no QMP connection".into()));
-        };
-        let timeout = deadline.saturating_duration_since(Instant::now());
-        let result = conn.execute_with_timeout(command, None, timeout);
-        if command == "quit" {
-            self.quit_sent = true;
-        }
-        match result {
-            Ok(_) => Ok(()),
-            Err(qmp_client::Error::Command { class, desc, .. }) => {
-                Err(RequestError::Refused(format!("{}: {desc}", class.as_str())))
-            }
-            Err(err) if err.is_closed() => Ok(()),
-            Err(err) => Err(RequestError::Transport(err.to_string())),
-        }
-    }
-
-    fn signal(&mut self, signal: i32) -> std::result::Result<(), String> {
-        self.run.child.signal(signal).map_err(|e| e.to_string())
-    }
-
-    fn wait_exit(&mut self, deadline: Instant) -> std::result::Result<bool, String> {
-        let run = &mut *self.run;
-        loop {
-            match run.child.try_reap() {
-                Ok(Some(_)) => return Ok(true),
-                Ok(None) => {}
-                Err(err) => return Err(err.to_string()),
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Ok(false);
-            }
-            // process_io stops after a budget under a flood; what it left may never be
-            // announced by another readiness event, so only look at the pidfd (no sleep)
-            // before reading on.
-            let more = run
-                .qmp
-                .as_mut()
-                .is_some_and(|c| !c.is_shared() && c.wants_read());
-            let timeout = if more { Duration::ZERO } else { deadline - now };
-            match run.poll.poll(&mut run.events, Some(timeout)) {
-                Ok(()) => {}
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                Err(err) => return Err(err.to_string()),
-            }
-            let qmp_ready = more || run.events.iter().any(|e| e.token() == QMP);
-            if qmp_ready {
-                if let Some(conn) = run.qmp.as_mut().filter(|c| !c.is_shared()) {
-                    // Keep the event queue current while we wait (SHUTDOWN, reasons); a
-                    // failure here is the connection ending, which the exit explains.
-                    let _ = conn.process_io();
-                }
-            }
-        }
     }
 }
 

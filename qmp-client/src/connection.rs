@@ -351,6 +351,11 @@ impl Connection<Owned> {
             }
             poller.read_hint = more;
         }
+        // What was read may have queued output (the greeting queues `qmp_capabilities`): send
+        // it now, no readiness event will come for it.
+        if state.session.wants_write() {
+            state.flush(link);
+        }
         match state.session.failure() {
             Some(_) => Err(state.session.disconnected()),
             None => Ok(()),

@@ -6,4 +6,5 @@ mod launch;
 mod lifecycle;
 mod qtest;
 mod replay;
+mod stepping;
 mod stub;

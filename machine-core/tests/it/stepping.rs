@@ -1,0 +1,164 @@
+//! Machines stepped from one `mio::Poll` in the test's own thread: launch, commands, an event
+//! wait and the shutdown ladder for three machines at once, with no thread for QMP or exit
+//! supervision.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use machine_core::qmp_client::RequestId;
+use machine_core::qmp_proto::EventFilter;
+use machine_core::{EndedBy, Machine, MachineState, ShutdownLadder, Tokens};
+use mio::{Events, Poll, Token};
+
+use crate::stub::{shared, Stub};
+
+/// Polls until `done` holds for every machine, stepping each on its events and deadlines.
+fn drive(
+    poll: &mut Poll,
+    machines: &mut [Machine],
+    deadline: Instant,
+    mut done: impl FnMut(usize, &mut Machine) -> bool,
+) {
+    let mut events = Events::with_capacity(64);
+    loop {
+        let mut all = true;
+        for (i, m) in machines.iter_mut().enumerate() {
+            if !done(i, m) {
+                all = false;
+            }
+        }
+        if all {
+            return;
+        }
+        let states: Vec<MachineState> = machines.iter().map(Machine::state).collect();
+        assert!(
+            Instant::now() < deadline,
+            "machines did not get there in time: {states:?}"
+        );
+        let busy = machines.iter_mut().any(Machine::wants_step);
+        let next = machines
+            .iter()
+            .filter_map(Machine::next_deadline)
+            .chain([deadline])
+            .min()
+            .unwrap_or(deadline);
+        let timeout = if busy {
+            Duration::ZERO
+        } else {
+            next.saturating_duration_since(Instant::now())
+        };
+        poll.poll(&mut events, Some(timeout)).expect("poll");
+        let mut woken = vec![busy; machines.len()];
+        for event in events.iter() {
+            woken[event.token().0 / 2] = true;
+        }
+        let now = Instant::now();
+        for (i, m) in machines.iter_mut().enumerate() {
+            if woken[i] || m.next_deadline().is_some_and(|d| d <= now) {
+                m.step().expect("step");
+            }
+        }
+    }
+}
+
+#[test]
+fn three_machines_from_one_poll_launch_command_wait_and_shut_down() {
+    let _g = shared();
+    let stub = Stub::serving();
+    let mut poll = Poll::new().expect("poll");
+    let mut machines: Vec<Machine> = (0..3).map(|_| stub.machine()).collect();
+    for (i, m) in machines.iter_mut().enumerate() {
+        m.launch_begin().expect("launch_begin");
+        assert_eq!(m.state(), MachineState::Launching);
+        m.register(
+            poll.registry(),
+            Tokens {
+                exit: Token(2 * i),
+                qmp: Token(2 * i + 1),
+            },
+        )
+        .expect("register");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    drive(&mut poll, &mut machines, deadline, |_, m| {
+        m.state() == MachineState::Running
+    });
+
+    // A command on each, all in flight at once.
+    let mut pending: HashMap<usize, RequestId> = HashMap::new();
+    for (i, m) in machines.iter_mut().enumerate() {
+        pending.insert(i, m.submit("query-status", ()).expect("submit"));
+    }
+    drive(&mut poll, &mut machines, deadline, |i, m| {
+        match pending.get(&i) {
+            None => true,
+            Some(&id) => match m.take_reply(id) {
+                None => false,
+                Some(reply) => {
+                    let reply = reply.expect("reply");
+                    assert_eq!(reply["return"]["status"], "running");
+                    pending.remove(&i);
+                    true
+                }
+            },
+        }
+    });
+
+    // An event wait: the stub's quit sends SHUTDOWN before its reply; the ladder's quit step
+    // asks for it, and each machine's SHUTDOWN is taken from its queue as it arrives.
+    for m in machines.iter_mut() {
+        m.shutdown_begin(&ShutdownLadder::graceful(Duration::from_secs(10)))
+            .expect("shutdown_begin");
+        assert!(matches!(m.state(), MachineState::Stopping { .. }));
+    }
+    let mut seen = [false; 3];
+    drive(&mut poll, &mut machines, deadline, |i, m| {
+        if !seen[i] {
+            seen[i] = m.take_event(&[EventFilter::new("SHUTDOWN")]).is_some();
+        }
+        m.state() == MachineState::Exited
+    });
+    assert_eq!(seen, [true; 3], "every SHUTDOWN event was seen");
+    for m in &machines {
+        let report = m.exit_report().expect("report");
+        assert_eq!(report.ended_by, EndedBy::Quit, "{report}");
+        assert_eq!(report.steps.len(), 1, "{report}");
+    }
+    assert_eq!(stub.leftovers(), 0);
+}
+
+/// A stepped launch whose QEMU dies before the greeting fails through `step`, rolled back.
+#[test]
+fn a_stepped_launch_that_dies_fails_in_step_and_rolls_back() {
+    let _g = shared();
+    let stub = Stub::new("exit 3");
+    let mut m = stub.machine();
+    let mut poll = Poll::new().expect("poll");
+    m.launch_begin().expect("launch_begin");
+    m.register(
+        poll.registry(),
+        Tokens {
+            exit: Token(0),
+            qmp: Token(1),
+        },
+    )
+    .expect("register");
+    let mut events = Events::with_capacity(8);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let err = loop {
+        assert!(Instant::now() < deadline, "no failure in time");
+        poll.poll(&mut events, Some(Duration::from_millis(100)))
+            .expect("poll");
+        match m.step() {
+            Ok(MachineState::Launching) => {}
+            Ok(other) => panic!("unexpected state {other:?}"),
+            Err(err) => break err,
+        }
+    };
+    assert!(
+        matches!(err, machine_core::Error::LaunchFailed { status: Some(s), .. } if s.code() == Some(3)),
+        "{err:?}"
+    );
+    assert_eq!(m.state(), MachineState::Idle);
+    assert_eq!(stub.leftovers(), 0);
+}
