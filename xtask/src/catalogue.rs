@@ -16,20 +16,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
+use crate::ci::CRATES;
 use crate::workspace_root;
 
 /// How many cases the fault catalogue has (section 2 of `fault-catalogue.md`, numbered 1-40).
 pub const CASES: u32 = 40;
-
-/// The crates whose tests a row may cite, by folder name.
-const CRATES: [&str; 6] = [
-    "qmp-proto",
-    "qmp-client",
-    "console-socket",
-    "machine-core",
-    "machine-cli",
-    "xtask",
-];
 
 /// Checks `RELIABILITY.md` against the workspace; prints what it checked.
 pub fn run(args: &[String]) -> Result<(), String> {
@@ -75,6 +66,7 @@ impl Known {
     /// targets from the xtask registries (a fuzz target also needs its source file).
     pub fn from_workspace(root: &Path) -> Result<Known, String> {
         let mut known = Known::default();
+        // The crates whose tests a row may cite (each folder is named like its crate).
         for krate in CRATES {
             let mut names = BTreeSet::new();
             for file in rust_files(&root.join(krate))? {

@@ -98,26 +98,14 @@ fn missing_greeting_times_out_then_kills_and_reaps() {
     let took = started.elapsed();
     assert!(took >= Duration::from_millis(300), "took {took:?}");
     assert!(took < Duration::from_secs(3), "took {took:?}");
-    match err {
-        Error::LaunchFailed {
-            status,
-            killed,
-            cause,
-            ..
-        } => {
-            assert!(killed);
-            assert_eq!(status.and_then(ExitStatus::signal), Some(libc::SIGKILL));
-            match *cause {
-                Error::Qmp { source, .. } => assert!(
-                    matches!(
-                        source,
-                        machine_core::qmp_client::Error::GreetingTimeout { .. }
-                    ),
-                    "{source:?}"
-                ),
-                other => panic!("{other:?}"),
-            }
-        }
+    match cause_of_killed_launch(&err) {
+        Error::Qmp { source, .. } => assert!(
+            matches!(
+                source,
+                machine_core::qmp_client::Error::GreetingTimeout { .. }
+            ),
+            "{source:?}"
+        ),
         other => panic!("{other:?}"),
     }
     assert_eq!(stub.leftovers(), 0);
@@ -172,19 +160,8 @@ fn a_launch_can_be_aborted_by_the_caller_during_the_handshake() {
     let took = started.elapsed();
     poker.join().expect("poker");
     assert!(took < Duration::from_secs(3), "took {took:?}");
-    match &err {
-        Error::LaunchFailed {
-            status,
-            killed,
-            cause,
-            ..
-        } => {
-            assert!(killed, "{err:?}");
-            assert_eq!(status.and_then(ExitStatus::signal), Some(libc::SIGKILL));
-            assert!(matches!(**cause, Error::LaunchAborted), "{cause:?}");
-        }
-        other => panic!("{other:?}"),
-    }
+    let cause = cause_of_killed_launch(&err);
+    assert!(matches!(cause, Error::LaunchAborted), "{cause:?}");
     assert!(!m.is_running());
     assert_eq!(stub.leftovers(), 0);
     // The same machine launches normally afterwards (and an idle abort fd changes nothing).
@@ -243,23 +220,11 @@ fn a_failed_negotiation_kills_qemu_and_rolls_back() {
     let err = m.launch().expect_err("negotiation refused");
     let took = started.elapsed();
     assert!(took < Duration::from_secs(3), "took {took:?}");
-    match &err {
-        Error::LaunchFailed {
-            status,
-            killed,
-            cause,
-            ..
-        } => {
-            assert!(killed, "{err:?}");
-            assert_eq!(status.and_then(ExitStatus::signal), Some(libc::SIGKILL));
-            match &**cause {
-                Error::Qmp { source, .. } => assert!(
-                    matches!(source, machine_core::qmp_client::Error::Negotiation { .. }),
-                    "{source:?}"
-                ),
-                other => panic!("{other:?}"),
-            }
-        }
+    match cause_of_killed_launch(&err) {
+        Error::Qmp { source, .. } => assert!(
+            matches!(source, machine_core::qmp_client::Error::Negotiation { .. }),
+            "{source:?}"
+        ),
         other => panic!("{other:?}"),
     }
     let chain = {
@@ -274,4 +239,21 @@ fn a_failed_negotiation_kills_qemu_and_rolls_back() {
     assert!(chain.contains("no capabilities here"), "{chain}");
     assert!(!m.is_running());
     assert_eq!(stub.leftovers(), 0, "temp dir rolled back");
+}
+
+/// The cause of a launch that failed and was rolled back by SIGKILLing QEMU.
+fn cause_of_killed_launch(err: &Error) -> &Error {
+    match err {
+        Error::LaunchFailed {
+            status,
+            killed,
+            cause,
+            ..
+        } => {
+            assert!(killed, "{err:?}");
+            assert_eq!(status.and_then(ExitStatus::signal), Some(libc::SIGKILL));
+            cause
+        }
+        other => panic!("{other:?}"),
+    }
 }
