@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use mio::{Events, Poll, Registry};
 
 use crate::error::{Error, Result};
-use crate::io::{self as sockio, Stream, READ_CHUNK};
+use crate::io::{self as sockio, Stream, READ_START};
 use crate::session::Session;
 
 /// How a wait on the session ended.
@@ -61,7 +61,7 @@ impl Poller {
         Ok(Poller {
             poll: sockio::new_poll(stream.as_raw_fd())?,
             events: Events::with_capacity(8),
-            buf: vec![0; READ_CHUNK].into_boxed_slice(),
+            buf: vec![0; READ_START].into_boxed_slice(),
             // Data may already be waiting (a greeting sent before we registered).
             read_hint: true,
             peer_closed: false,
@@ -388,8 +388,13 @@ pub(crate) fn pump<H: Holder, R>(
         let (_, mut st) = hold.lock();
         if let Some(chunk) = chunk {
             // A short read drained the socket (see `sockio::read_available`).
-            let full = matches!(chunk, sockio::Chunk::Data(n) if n == poller.buf.len());
+            let read = match chunk {
+                sockio::Chunk::Data(n) => n,
+                _ => 0,
+            };
+            let full = read == poller.buf.len();
             let more = sockio::feed_chunk(&mut st.session, chunk, &poller.buf);
+            sockio::grow_if_full(&mut poller.buf, read);
             poller.read_hint = more && (full || poller.peer_closed);
         }
         if let Some(e) = failure {

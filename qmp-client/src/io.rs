@@ -21,6 +21,19 @@ pub(crate) const ABORT: Token = Token(1);
 
 /// Size of one read from the socket.
 pub(crate) const READ_CHUNK: usize = 64 * 1024;
+/// The first size of a connection's read buffer: enough for QMP's usual short messages. A
+/// program holding hundreds of connections (a fleet of machines) would otherwise hold
+/// `READ_CHUNK` per connection (measured: about 12 MB more peak RSS for 200 machines).
+pub(crate) const READ_START: usize = 4 * 1024;
+
+/// After a read of `n` bytes into `buf`: a read that filled it grows it (times four, up to
+/// [`READ_CHUNK`]), so large replies are read in large chunks from then on. What was read is
+/// consumed before this is called.
+pub(crate) fn grow_if_full(buf: &mut Box<[u8]>, n: usize) {
+    if n == buf.len() && buf.len() < READ_CHUNK {
+        *buf = vec![0; (buf.len() * 4).min(READ_CHUNK)].into_boxed_slice();
+    }
+}
 /// Most bytes read in one go before the caller's condition is checked again, so an event flood
 /// never starves the reply the caller waits for.
 pub(crate) const READ_BUDGET: usize = 4 * READ_CHUNK;
@@ -134,7 +147,7 @@ pub(crate) fn feed_chunk(session: &mut Session, chunk: Chunk, buf: &[u8]) -> boo
 /// (which then sees the EOF).
 pub(crate) fn read_available(
     stream: &Stream,
-    buf: &mut [u8],
+    buf: &mut Box<[u8]>,
     session: &mut Session,
     until_would_block: bool,
 ) -> bool {
@@ -151,6 +164,7 @@ pub(crate) fn read_available(
         if n < buf.len() && !until_would_block {
             return false;
         }
+        grow_if_full(buf, n);
         total += n;
         if total >= READ_BUDGET {
             return true;
@@ -284,5 +298,44 @@ pub(crate) fn deregister_abort(registry: &Registry, abort: Option<BorrowedFd<'_>
         if let Err(e) = registry.deregister(&mut SourceFd(&raw)) {
             log::warn!("cannot deregister the abort fd: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_read_buffer_grows_only_after_full_reads_and_stops_at_the_chunk() {
+        let mut buf = vec![0; READ_START].into_boxed_slice();
+        grow_if_full(&mut buf, READ_START - 1);
+        assert_eq!(buf.len(), READ_START);
+        let mut sizes = Vec::new();
+        for _ in 0..4 {
+            let n = buf.len();
+            grow_if_full(&mut buf, n);
+            sizes.push(buf.len());
+        }
+        assert_eq!(sizes, [16 * 1024, READ_CHUNK, READ_CHUNK, READ_CHUNK]);
+    }
+
+    #[test]
+    fn a_large_message_is_read_whole_through_a_small_buffer() {
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().expect("pair");
+        ours.set_nonblocking(true).expect("nonblocking");
+        let stream = Stream::Unix(mio::net::UnixStream::from_std(ours));
+        let mut session = Session::new(&crate::Config::default());
+        let text = "x".repeat(200 * 1024);
+        let greeting = format!(
+            r#"{{"QMP": {{"version": {{"qemu": {{"micro": 0, "minor": 2, "major": 7}}, "package": "{text}"}}, "capabilities": []}}}}"#
+        );
+        std::io::Write::write_all(&mut theirs, greeting.as_bytes()).expect("write");
+        std::io::Write::write_all(&mut theirs, b"\r\n").expect("write");
+        drop(theirs);
+        let mut buf = vec![0; READ_START].into_boxed_slice();
+        while read_available(&stream, &mut buf, &mut session, true) {}
+        assert_eq!(buf.len(), READ_CHUNK);
+        let package = session.greeting().map(|g| g.version.package.len());
+        assert_eq!(package, Some(text.len()));
     }
 }
