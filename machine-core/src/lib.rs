@@ -47,7 +47,8 @@
 //! other sources:
 //!
 //! 1. [`Machine::launch_begin`] spawns QEMU and returns; [`Machine::register`] puts QEMU's
-//!    pidfd and the QMP socket into the owner's registry under [`Tokens`] the owner chooses.
+//!    pidfd, the QMP socket and QEMU's output pipe into the owner's registry under
+//!    [`Tokens`] the owner chooses.
 //! 2. On any event for those tokens, when [`Machine::next_deadline`] passes, and while
 //!    [`Machine::wants_step`] is true, call [`Machine::step`]: it reads QMP (within a budget),
 //!    advances the handshake, notices QEMU's exit and walks the ladder, never blocking. It
@@ -73,7 +74,8 @@
 //!     .collect();
 //! for (i, m) in machines.iter_mut().enumerate() {
 //!     m.launch_begin()?;
-//!     m.register(poll.registry(), Tokens { exit: Token(2 * i), qmp: Token(2 * i + 1) })?;
+//!     let (exit, qmp, output) = (Token(3 * i), Token(3 * i + 1), Token(3 * i + 2));
+//!     m.register(poll.registry(), Tokens { exit, qmp, output })?;
 //! }
 //! let mut events = Events::with_capacity(64);
 //! let mut stopping = false;
@@ -99,9 +101,10 @@
 //! # }
 //! ```
 //!
-//! Threads that remain: QEMU's stdout/stderr pipe is drained by a thread per machine
-//! (`{name}-output`), and a [`console_socket::Console`] (when the machine has a console) keeps
-//! its drain thread; neither takes part in QMP or exit supervision. Only the socketpair
+//! No thread is started for QMP, exit supervision or QEMU's output of a stepped machine;
+//! only a [`console_socket::Console`] (when the machine has a console) keeps its drain
+//! thread, as the console's source is not handed to the owner's poll. (The blocking
+//! [`Machine::launch`] drains the output on a thread of its own, `{name}-output`.) Only the socketpair
 //! monitor (the default) and no monitor are stepped: with a unix or TCP monitor (QEMU
 //! connects to us) `launch_begin` waits for the connection and handshake before returning.
 //!

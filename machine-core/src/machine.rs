@@ -181,6 +181,8 @@ pub struct Machine {
     report: Option<ExitReport>,
     /// The deadline of a stepped launch's handshake, as its last step said.
     launch_deadline: Option<Instant>,
+    /// The last step left QEMU's output unread at its budget.
+    output_more: bool,
     /// The shutdown ladder being walked.
     stopping: Option<stepping::Stopping>,
 }
@@ -213,6 +215,7 @@ impl Machine {
             last_status: None,
             report: None,
             launch_deadline: None,
+            output_more: false,
             stopping: None,
         }
     }

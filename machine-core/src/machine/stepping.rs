@@ -16,6 +16,7 @@ use serde_json::Value;
 use super::{Args, Machine, QMP};
 use crate::error::{Error, Result};
 use crate::ladder::{LadderOps, RequestError, ShutdownLadder, Walk};
+use crate::output::OutputDrain;
 use crate::report::ExitReport;
 
 /// Where a machine stands, for an owner that steps it ([`Machine::state`]).
@@ -47,6 +48,9 @@ pub struct Tokens {
     pub exit: Token,
     /// The QMP monitor socket (absent without a monitor).
     pub qmp: Token,
+    /// The read end of QEMU's stdout/stderr pipe: after [`Machine::launch_begin`] no thread
+    /// drains it, [`Machine::step`] does.
+    pub output: Token,
 }
 
 /// A ladder being walked, with the request it waits on.
@@ -148,6 +152,15 @@ impl Machine {
             conn.register(registry, tokens.qmp)
                 .map_err(|source| Error::qmp("register", source))?;
         }
+        if let Some(pipe) = run.output.as_ref().and_then(OutputDrain::stepped_fd) {
+            registry
+                .register(
+                    &mut SourceFd(&pipe.as_raw_fd()),
+                    tokens.output,
+                    Interest::READABLE,
+                )
+                .map_err(Error::os("epoll_ctl"))?;
+        }
         Ok(())
     }
 
@@ -161,6 +174,11 @@ impl Machine {
         if let Some(conn) = run.qmp.as_ref() {
             conn.deregister(registry)
                 .map_err(|source| Error::qmp("deregister", source))?;
+        }
+        if let Some(pipe) = run.output.as_ref().and_then(OutputDrain::stepped_fd) {
+            registry
+                .deregister(&mut SourceFd(&pipe.as_raw_fd()))
+                .map_err(Error::os("epoll_ctl"))?;
         }
         Ok(())
     }
@@ -177,6 +195,8 @@ impl Machine {
     /// [`MachineState::Idle`] again), [`Error::AbnormalShutdown`] / [`Error::ReapTimeout`]
     /// when the ladder ends that way.
     pub fn step(&mut self) -> Result<MachineState> {
+        // QEMU's output first: it must never block on a full pipe.
+        self.output_more = self.pump_output();
         if self.launching {
             self.launch_advance()?;
         }
@@ -230,14 +250,16 @@ impl Machine {
             .then(|| self.launch_deadline.unwrap_or_else(Instant::now))
     }
 
-    /// True when the last [`Machine::step`] stopped reading QMP at its budget with input
-    /// left: call `step` again before waiting in the poll (no readiness event may announce
+    /// True when the last [`Machine::step`] stopped reading QMP or QEMU's output at its budget
+    /// with input left: call `step` again before waiting in the poll (no readiness event may announce
     /// that input).
     pub fn wants_step(&mut self) -> bool {
-        self.run
-            .as_mut()
-            .and_then(|run| run.qmp.as_mut())
-            .is_some_and(|c| c.wants_read())
+        self.output_more
+            || self
+                .run
+                .as_mut()
+                .and_then(|run| run.qmp.as_mut())
+                .is_some_and(|c| c.wants_read())
     }
 
     /// Sends `command` without waiting (arguments as for [`Machine::qmp`]); pick the reply up
@@ -377,6 +399,10 @@ impl Machine {
                 false
             }
         };
+        if let Some(output) = run.output.as_mut() {
+            // A stepped launch has no drain thread: read what QEMU wrote meanwhile.
+            output.pump();
+        }
         if ready {
             if let Some(conn) = run.qmp.as_mut().filter(|c| !c.is_shared()) {
                 // Keep the event queue current while we wait (SHUTDOWN, reasons); a failure

@@ -50,7 +50,7 @@ fn drive(
         poll.poll(&mut events, Some(timeout)).expect("poll");
         let mut woken = vec![busy; machines.len()];
         for event in events.iter() {
-            woken[event.token().0 / 2] = true;
+            woken[event.token().0 / 3] = true;
         }
         let now = Instant::now();
         for (i, m) in machines.iter_mut().enumerate() {
@@ -73,8 +73,9 @@ fn three_machines_from_one_poll_launch_command_wait_and_shut_down() {
         m.register(
             poll.registry(),
             Tokens {
-                exit: Token(2 * i),
-                qmp: Token(2 * i + 1),
+                exit: Token(3 * i),
+                qmp: Token(3 * i + 1),
+                output: Token(3 * i + 2),
             },
         )
         .expect("register");
@@ -140,6 +141,7 @@ fn a_stepped_launch_that_dies_fails_in_step_and_rolls_back() {
         Tokens {
             exit: Token(0),
             qmp: Token(1),
+            output: Token(2),
         },
     )
     .expect("register");

@@ -38,6 +38,12 @@ pub fn scenarios() -> Vec<Scenario> {
         s("machine_events_and_waits", BOTH, 30, events_and_waits),
         s("machine_key_conversion_and_exact", TCG, 30, key_conversion),
         s("machine_kill", TCG, 30, kill),
+        s(
+            "machine_stepped_three_from_one_poll",
+            BOTH,
+            60,
+            stepped_three_from_one_poll,
+        ),
         s("machine_shared_qmp_handle", TCG, 30, shared_qmp_handle),
         s("machine_relaunch", TCG, 30, relaunch),
         s("machine_fleet_kill_and_stop", TCG, 60, fleet_kill_and_stop),
@@ -400,6 +406,182 @@ fn kill(ctx: &Ctx) -> Result<(), String> {
         matches!(report.steps.as_slice(), [r] if matches!(r.step, Step::Kill { .. }) && r.outcome == StepOutcome::Exited),
         format!("steps {:?}", report.steps),
     )?;
+    check(entries(base.path()) == 0, "cleaned up")?;
+    Ok(())
+}
+
+/// The names of this process's threads (`/proc/self/task/*/comm`).
+fn thread_names() -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| t.ok())
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .map(|n| n.trim_end().to_owned())
+        .collect()
+}
+
+/// Steps `machines` on one `mio::Poll` in this thread until `done` holds for each (events
+/// route by token: `3i`, `3i + 1` and `3i + 2` are machine `i`'s).
+fn drive_stepped(
+    poll: &mut mio::Poll,
+    machines: &mut [Machine],
+    deadline: Instant,
+    what: &str,
+    mut done: impl FnMut(usize, &mut Machine) -> bool,
+) -> Result<(), String> {
+    let mut events = mio::Events::with_capacity(64);
+    loop {
+        let mut all = true;
+        for (i, m) in machines.iter_mut().enumerate() {
+            all &= done(i, m);
+        }
+        if all {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let states: Vec<_> = machines.iter().map(Machine::state).collect();
+            return Err(format!("{what}: not there in time: {states:?}"));
+        }
+        let busy = machines.iter_mut().any(Machine::wants_step);
+        let next = machines
+            .iter()
+            .filter_map(Machine::next_deadline)
+            .fold(deadline, Instant::min);
+        let timeout = if busy {
+            Duration::ZERO
+        } else {
+            next.saturating_duration_since(Instant::now())
+        };
+        poll.poll(&mut events, Some(timeout))
+            .map_err(|e| format!("poll: {e}"))?;
+        let mut woken = vec![busy; machines.len()];
+        for event in events.iter() {
+            if let Some(w) = woken.get_mut(event.token().0 / 3) {
+                *w = true;
+            }
+        }
+        let now = Instant::now();
+        for (i, m) in machines.iter_mut().enumerate() {
+            if woken[i] || m.next_deadline().is_some_and(|d| d <= now) {
+                m.step().map_err(err("step"))?;
+            }
+        }
+    }
+}
+
+/// Three real QEMUs driven from one `mio::Poll` in this thread: stepped launch, a command in
+/// flight on each, an event wait (STOP after `stop`), and the shutdown ladder; the machines
+/// add no thread (QMP, exit supervision and QEMU's output are all on this poll).
+fn stepped_three_from_one_poll(ctx: &Ctx) -> Result<(), String> {
+    use machine_core::qmp_client::RequestId;
+    use machine_core::{MachineState, Tokens};
+    let base = base_dir()?;
+    let deadline = ctx.deadline.min(Instant::now() + Duration::from_secs(50));
+    let before = thread_names();
+    let mut poll = mio::Poll::new().map_err(|e| format!("poll: {e}"))?;
+    let mut machines: Vec<Machine> = (0..3)
+        .map(|i| {
+            let mut b = none_builder(ctx, base.path());
+            b.name(format!("step{i}"));
+            b.build()
+        })
+        .collect();
+    for (i, m) in machines.iter_mut().enumerate() {
+        m.launch_begin().map_err(err("launch_begin"))?;
+        m.register(
+            poll.registry(),
+            Tokens {
+                exit: mio::Token(3 * i),
+                qmp: mio::Token(3 * i + 1),
+                output: mio::Token(3 * i + 2),
+            },
+        )
+        .map_err(err("register"))?;
+    }
+    drive_stepped(&mut poll, &mut machines, deadline, "launch", |_, m| {
+        m.state() == MachineState::Running
+    })?;
+    let mut added: Vec<String> = thread_names();
+    for name in &before {
+        if let Some(pos) = added.iter().position(|n| n == name) {
+            added.remove(pos);
+        }
+    }
+    check(
+        added.is_empty(),
+        format!("threads the three machines added: {added:?} (none expected)"),
+    )?;
+
+    let mut pending: Vec<Option<RequestId>> = Vec::new();
+    for m in machines.iter_mut() {
+        pending.push(Some(m.submit("query-status", ()).map_err(err("submit"))?));
+    }
+    let mut statuses = vec![String::new(); 3];
+    drive_stepped(
+        &mut poll,
+        &mut machines,
+        deadline,
+        "query-status",
+        |i, m| {
+            let Some(id) = pending[i] else {
+                return true;
+            };
+            match m.take_reply(id) {
+                None => false,
+                Some(reply) => {
+                    statuses[i] = match reply {
+                        Ok(v) => v["return"]["status"].as_str().unwrap_or("?").to_owned(),
+                        Err(e) => format!("error: {e}"),
+                    };
+                    pending[i] = None;
+                    true
+                }
+            }
+        },
+    )?;
+    check(
+        statuses.iter().all(|s| s == "running"),
+        format!("statuses {statuses:?}"),
+    )?;
+
+    // An event wait: `stop` on each, then its STOP event.
+    for m in machines.iter_mut() {
+        m.submit("stop", ()).map_err(err("stop"))?;
+    }
+    let mut stopped = [false; 3];
+    drive_stepped(&mut poll, &mut machines, deadline, "STOP event", |i, m| {
+        stopped[i] |= m.take_event(&[EventFilter::new("STOP")]).is_some();
+        stopped[i]
+    })?;
+
+    // The ladder: system_powerdown (ignored by -M none), then quit.
+    let ladder = ShutdownLadder::new([
+        Step::Powerdown {
+            timeout: Duration::from_millis(300),
+        },
+        Step::Quit {
+            timeout: Duration::from_secs(10),
+        },
+    ]);
+    for m in machines.iter_mut() {
+        m.shutdown_begin(&ladder).map_err(err("shutdown_begin"))?;
+    }
+    drive_stepped(&mut poll, &mut machines, deadline, "ladder", |_, m| {
+        m.state() == MachineState::Exited
+    })?;
+    for m in &machines {
+        let report = m.exit_report().ok_or("no exit report")?;
+        check(
+            report.ended_by == EndedBy::Quit && report.status == ExitStatus::Code(0),
+            format!("report: {report}"),
+        )?;
+        check(
+            report.steps.len() == 2 && report.steps[0].outcome == StepOutcome::TimedOut,
+            format!("steps: {:?}", report.steps),
+        )?;
+    }
     check(entries(base.path()) == 0, "cleaned up")?;
     Ok(())
 }
