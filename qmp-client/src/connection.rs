@@ -474,6 +474,49 @@ impl<H: Holder> Connection<H> {
         driver::pump(&mut self.hold, deadline, done)
     }
 
+    /// One nonblocking step for a relay driven from another thread's poll (the QMP
+    /// multiplexer sharing this connection): writes pending output, reads what is available
+    /// (within [`PROCESS_BUDGET`]) unless another thread is pumping the socket right now, runs
+    /// `f` on the session, writes what `f` queued, and wakes threads waiting on the
+    /// connection. Works the same on an owned and on a shared connection.
+    ///
+    /// Returns `f`'s value and whether this step could read: `false` means another thread
+    /// reads (the session's relay waker, [`Session::set_relay_waker`], says when it relays
+    /// something; come back soon for input it may leave unread). Fails only with the sticky
+    /// failure, after `f` has seen the failed session.
+    pub fn step_relay<R>(&mut self, f: impl FnOnce(&mut Session) -> R) -> Result<(R, bool)> {
+        let (link, mut guard) = self.hold.lock();
+        let state = &mut *guard;
+        state.flush(link);
+        let mut read = false;
+        if let Some(poller) = state.poller.as_mut() {
+            read = true;
+            let mut more = true;
+            let mut budget = PROCESS_BUDGET;
+            while more && budget > 0 {
+                more =
+                    sockio::read_available(&link.stream, &mut poller.buf, &mut state.session, true);
+                budget = budget.saturating_sub(sockio::READ_BUDGET);
+            }
+            poller.read_hint = more;
+            state.seq += 1;
+        }
+        let value = f(&mut state.session);
+        state.flush(link);
+        let failed = state
+            .session
+            .failure()
+            .map(|_| state.session.disconnected());
+        drop(guard);
+        if read {
+            self.hold.notify();
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok((value, read)),
+        }
+    }
+
     /// The greeting the server sent (None when [`Config::await_greeting`] was false).
     pub fn greeting(&mut self) -> Option<Greeting> {
         self.with(|s| s.greeting().cloned())

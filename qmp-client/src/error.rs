@@ -75,7 +75,7 @@ pub enum Error {
         addr: std::net::SocketAddr,
     },
     /// Creating the private directory for a shared monitor's socket failed.
-    #[error("cannot create a private directory in {parent:?}")]
+    #[error("cannot create a private directory in {parent:?}: {source}")]
     PrivateDir {
         /// Where it was to be created.
         parent: PathBuf,

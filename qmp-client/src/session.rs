@@ -150,6 +150,8 @@ pub struct Session {
     relay: Option<VecDeque<Relayed>>,
     /// Called when the relay queue gains a message (see [`Session::set_relay_waker`]).
     relay_waker: Option<RelayWaker>,
+    /// The `quit` was a relayed one (a multiplexer's client sent it), not ours.
+    quit_relayed: bool,
     /// When the session was made (the greeting deadline counts from here).
     created: Instant,
     /// When the current phase began (the negotiation deadline counts from here).
@@ -208,6 +210,7 @@ impl Session {
             failure: None,
             relay: None,
             relay_waker: None,
+            quit_relayed: false,
             created: Instant::now(),
             phase_since: Instant::now(),
         };
@@ -240,7 +243,7 @@ impl Session {
 
     /// Whether a `quit` was sent on this session (its reply may never come: QEMU exits).
     pub fn quit_sent(&self) -> bool {
-        self.quit.is_some()
+        self.quit.is_some() && !self.quit_relayed
     }
 
     /// True once in command mode and not failed.
@@ -375,9 +378,13 @@ impl Session {
     /// close completes it with `{"return": {}}` like a `quit` of our own.
     pub fn send_relayed(&mut self, command: Command) -> Result<RequestId> {
         self.start_relay();
+        let quit = command.execute == "quit";
         let id = self.send(command)?;
         if let Some(pending) = self.pending.get_mut(&id) {
             pending.relayed = true;
+        }
+        if quit {
+            self.quit_relayed = true;
         }
         Ok(id)
     }
