@@ -120,6 +120,9 @@ pub struct RunArgs {
     /// anyone who can reach the port controls the VM (and can read and write its disks).
     #[arg(long)]
     pub allow_remote_qmp: bool,
+    /// Sharing our own QMP monitor with other clients.
+    #[command(flatten)]
+    pub share: ShareOptions,
     /// Deadline for QEMU to start and greet us.
     #[arg(long, value_parser = parse_duration, default_value = "30s", value_name = "DURATION")]
     pub launch_timeout: Duration,
@@ -390,9 +393,51 @@ pub struct WrapArgs {
     /// typing (as `shell --no-live-events`).
     #[arg(long)]
     pub no_live_events: bool,
+    /// Sharing the QMP monitor with other clients.
+    #[command(flatten)]
+    pub share: ShareOptions,
     /// QEMU's arguments.
     #[arg(last = true, required = true, value_name = "QEMU ARGS")]
     pub qemu_args: Vec<OsString>,
+}
+
+/// Sharing the monitor we own with other QMP clients (`run` and `wrap`).
+#[derive(Debug, Args)]
+pub struct ShareOptions {
+    /// Let other QMP clients (qmp-shell, `qemu-machine shell`, monitoring tools) attach to
+    /// our own monitor through a unix socket at PATH, all at once, while we keep using it.
+    /// An existing PATH is replaced only if it is a stale socket.
+    #[arg(long, value_name = "PATH")]
+    pub share_qmp: Option<PathBuf>,
+    /// Also accept them on this loopback TCP address (host:port; port 0 picks one).
+    #[arg(long, value_name = "HOST:PORT", requires = "share_qmp")]
+    pub share_qmp_tcp: Option<std::net::SocketAddr>,
+    /// Let a shared client's `quit` end QEMU (refused by default).
+    #[arg(long, requires = "share_qmp")]
+    pub share_allow_quit: bool,
+}
+
+impl ShareOptions {
+    /// The address and settings for `MachineBuilder::share_qmp`, when sharing was asked for.
+    pub fn sharing(
+        &self,
+    ) -> Option<(
+        machine_core::qmp_client::ShareAddress,
+        machine_core::qmp_client::MuxConfig,
+    )> {
+        use machine_core::qmp_client::{MuxConfig, QuitPolicy, ShareAddress};
+        let path = self.share_qmp.as_ref()?;
+        let mut address = ShareAddress::unix(path);
+        if let Some(tcp) = self.share_qmp_tcp {
+            address = address.with_tcp(tcp);
+        }
+        let quit = if self.share_allow_quit {
+            QuitPolicy::Allow
+        } else {
+            QuitPolicy::Refuse
+        };
+        Some((address, MuxConfig::default().with_quit(quit)))
+    }
 }
 
 /// Options of `completions`.

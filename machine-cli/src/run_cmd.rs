@@ -4,7 +4,8 @@
 //! qboot under TCG. The console goes to stdout as it arrives; on a terminal, what you type goes
 //! to the console line by line. Lifecycle lines and QMP events go to stderr in human form, or,
 //! with `--json`, everything (console text included) goes to stdout as JSON Lines with a
-//! `type` field: `launched`, `console`, `banner`, `event`, `stopping`, `exit`.
+//! `type` field: `launched`, `listening`, `sharing`, `console`, `banner`, `event`, `stopping`,
+//! `exit`. With `--share-qmp PATH`, other QMP clients attach to our own monitor at PATH.
 //!
 //! Stopping is a ladder run from this loop, so the console and events keep flowing while it
 //! runs: `system_powerdown` (the guest may power off), then `quit`, then SIGTERM, then
@@ -21,8 +22,8 @@
 //! to be silent for a moment, as at a prompt), so they never cut the guest's text in two.
 //!
 //! The exit status says how the VM ended, decided by QEMU's exit status first
-//! ([`ExitReport::clean`]): 0 when it shut down cleanly (our request, or the guest powering
-//! off), QEMU's own code when it exited by itself with one, 128+S when a signal S we did not
+//! ([`ExitReport::clean`]): 0 when it shut down cleanly (our request, a shared client's allowed
+//! `quit`, or the guest powering off), QEMU's own code when it exited by itself with one, 128+S when a signal S we did not
 //! send ended it, 137 when we had to kill it, 1 for another abnormal end (a guest reset with
 //! `-no-reboot`, a panic). A guest that writes V to `isa-debug-exit` makes QEMU exit with
 //! `(V << 1) | 1`; `run` returns that code unchanged (the tiny guest's `exit 3` gives 7), so no
@@ -369,6 +370,20 @@ pub fn run(args: RunArgs) -> Result<u8> {
             json!({"qmp": address.to_string()}),
         )?;
     }
+    if let Some(shared) = machine.sharing() {
+        let tcp = shared
+            .tcp
+            .map(|a| format!(" and tcp {a}"))
+            .unwrap_or_default();
+        reporter.line(
+            "sharing",
+            &format!(
+                "QMP clients can attach to our monitor at {}{tcp}",
+                shared.path.display()
+            ),
+            json!({"shared_qmp": shared.path, "shared_qmp_tcp": shared.tcp.map(|a| a.to_string())}),
+        )?;
+    }
     // On a terminal, keys go to the guest as typed (the guest echoes them); restored on return.
     let keys = tty::KeysToGuest::enable()?;
     if keys.is_some() {
@@ -442,6 +457,9 @@ fn build(
         .console();
     if let Some(path) = &args.console_log {
         builder.console_log(path);
+    }
+    if let Some((address, config)) = args.share.sharing() {
+        builder.share_qmp(address, config);
     }
     if !args.qemu_args.is_empty() {
         if let Some(machine) = &args.machine {

@@ -41,6 +41,9 @@ pub fn run(args: WrapArgs) -> Result<u8> {
         .greeting_timeout(args.launch_timeout)
         .command_timeout(args.shell.timeout)
         .args(args.qemu_args.iter().cloned());
+    if let Some((address, config)) = args.share.sharing() {
+        builder.share_qmp(address, config);
+    }
     let mut machine = builder.build();
     machine.launch().map_err(|source| Error::Launch {
         binary: args.qemu.clone(),
@@ -50,6 +53,12 @@ pub fn run(args: WrapArgs) -> Result<u8> {
     let pid_text = machine
         .pid()
         .map_or_else(|| "already exited".to_string(), |p| format!("pid {p}"));
+    if let Some(shared) = machine.sharing() {
+        output::note(&format!(
+            "QMP clients can attach to {}",
+            shared.path.display()
+        ));
+    }
     let qmp = machine.qmp_connection().map_err(|source| Error::Machine {
         what: "the QMP connection",
         source,

@@ -84,6 +84,8 @@ pub(crate) struct Config {
     pub(crate) agent: Option<AgentSettings>,
     /// Boot the built-in tiny guest on this machine type ([`MachineBuilder::tiny_guest`]).
     pub(crate) tiny_guest: Option<crate::guest::GuestMachine>,
+    /// Share the QMP monitor right after launch ([`MachineBuilder::share_qmp`]).
+    pub(crate) share: Option<(qmp_client::ShareAddress, qmp_client::MuxConfig)>,
 }
 
 static MACHINE_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -144,6 +146,7 @@ impl MachineBuilder {
                 tiny_guest: None,
                 output_capacity: DEFAULT_OUTPUT_CAPACITY,
                 agent: None,
+                share: None,
             },
         }
     }
@@ -307,6 +310,24 @@ impl MachineBuilder {
         self
     }
 
+    /// Shares the QMP monitor with other clients as soon as QEMU is launched, at `address`
+    /// with `config` (see [`Machine::share_qmp`](crate::Machine::share_qmp)). Turns `oob` on
+    /// in the machine's own negotiation, so that clients get the capabilities QEMU offers.
+    /// A launch that cannot share (the path is taken, say) fails and leaves nothing running.
+    pub fn share_qmp(
+        &mut self,
+        address: qmp_client::ShareAddress,
+        config: qmp_client::MuxConfig,
+    ) -> &mut Self {
+        self.config.qmp = self
+            .config
+            .qmp
+            .clone()
+            .with_oob(qmp_client::OobPolicy::Auto);
+        self.config.share = Some((address, config));
+        self
+    }
+
     /// Adds a guest agent channel over a fresh socketpair at every launch (no socket file):
     /// QEMU gets its end as `-chardev socket,id=qga0,fd=N` on the `channel` device, and
     /// [`Machine::agent`] gives a [`qmp_client::Agent`] on ours.
@@ -413,6 +434,7 @@ impl MachineBuilder {
             output_capacity: self.config.output_capacity,
             agent: self.config.agent.clone(),
             tiny_guest: self.config.tiny_guest,
+            share: self.config.share.clone(),
         };
         Machine::from_config(config)
     }

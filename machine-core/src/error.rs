@@ -33,6 +33,16 @@ pub enum Error {
     /// connection itself (use the [`qmp_client::Shared`] handle instead).
     #[error("the QMP connection is shared; use the shared handle")]
     QmpShared,
+    /// Sharing the QMP monitor with other clients failed (binding its socket, starting its
+    /// loop), or it was asked for on a machine whose handshake is not done.
+    #[error("cannot share the QMP monitor on {path:?}: {source}")]
+    Share {
+        /// The socket path asked for (empty for a private one not created yet).
+        path: std::path::PathBuf,
+        /// What failed.
+        #[source]
+        source: Box<qmp_client::Error>,
+    },
     /// `console()` on a machine configured without a console.
     #[error("the machine has no console (see set_console)")]
     NoConsole,
@@ -301,6 +311,7 @@ mod tests {
             Error::NotRunning => "NotRunning",
             Error::NoMonitor => "NoMonitor",
             Error::QmpShared => "QmpShared",
+            Error::Share { .. } => "Share",
             Error::NoConsole => "NoConsole",
             Error::BinaryNotFound { .. } => "BinaryNotFound",
             Error::SocketPathTooLong { .. } => "SocketPathTooLong",
@@ -330,7 +341,7 @@ mod tests {
         }
     }
 
-    const ALL: usize = 30;
+    const ALL: usize = 31;
 
     fn handshake_eof() -> Box<Error> {
         Box::new(Error::Qmp {
@@ -369,6 +380,15 @@ mod tests {
             (
                 Error::QmpShared,
                 "the QMP connection is shared; use the shared handle",
+            ),
+            (
+                Error::Share {
+                    path: "/tmp/vm.qmp".into(),
+                    source: Box::new(qmp_client::Error::NotASocket {
+                        path: "/tmp/vm.qmp".into(),
+                    }),
+                },
+                "cannot share the QMP monitor on \"/tmp/vm.qmp\": refusing to replace \"/tmp/vm.qmp\": it exists and is not a socket",
             ),
             (
                 Error::NoConsole,

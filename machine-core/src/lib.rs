@@ -163,6 +163,7 @@ mod machine;
 mod output;
 mod process;
 mod report;
+mod share;
 mod sys;
 
 pub mod guest;
@@ -186,3 +187,4 @@ pub use crate::machine::{
 };
 pub use crate::process::{signal_name, ExitStatus};
 pub use crate::report::{format_duration, EndedBy, ExitReport, ShutdownEvent};
+pub use crate::share::SharingInfo;

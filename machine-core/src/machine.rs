@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use qmp_client::{Connection, Listener, Shared};
+
+use crate::share::{Sharing, SharingInfo};
 use qmp_proto::{Event, EventFilter};
 use serde_json::{Map, Value};
 
@@ -157,6 +159,10 @@ struct Run {
     command: CommandLine,
     started: Instant,
     shutdown_event: Option<ShutdownEvent>,
+    /// Other QMP clients attached through the multiplexer ([`Machine::share_qmp`]).
+    share: Option<Sharing>,
+    /// A [`Shared`] handle was given to the user ([`Machine::qmp_shared`]).
+    handed_out: bool,
 }
 
 /// A QEMU virtual machine: configure, [`launch`](Machine::launch), drive through QMP and the
@@ -443,8 +449,11 @@ impl Machine {
     /// The QMP connection itself, for what this type does not wrap. Not available once the
     /// connection is shared ([`Machine::qmp_shared`]): then [`Error::QmpShared`].
     pub fn qmp_connection(&mut self) -> Result<&mut Connection> {
+        // Sharing with the multiplexer's thread alone leaves the connection usable: both go
+        // through the same driver.
+        let handed_out = self.run.as_ref().is_some_and(|run| run.handed_out);
         let conn = self.qmp_handle()?;
-        if conn.is_shared() {
+        if conn.is_shared() && handed_out {
             return Err(Error::QmpShared);
         }
         Ok(conn)
@@ -478,6 +487,15 @@ impl Machine {
     /// # }
     /// ```
     pub fn qmp_shared(&mut self) -> Result<Shared> {
+        let shared = self.share_connection()?;
+        if let Some(run) = self.run.as_mut() {
+            run.handed_out = true;
+        }
+        Ok(shared)
+    }
+
+    /// Moves the connection behind the shared driver (once) and returns a handle on it.
+    fn share_connection(&mut self) -> Result<Shared> {
         self.qmp_handle()?;
         let Some(run) = self.run.as_mut() else {
             return Err(Error::NotRunning);
@@ -494,6 +512,84 @@ impl Machine {
             }
         }
         conn.share().map_err(|source| Error::qmp("share", source))
+    }
+
+    /// Shares this running machine's QMP monitor: other QMP clients (QEMU's `qmp-shell`, its
+    /// Python `qemu.qmp`, `qemu-machine shell`, a monitoring tool) attach on a unix socket
+    /// (and optionally loopback TCP) and talk to QEMU as if they were alone, while this machine
+    /// keeps working through the same connection, unaffected by what they do (see
+    /// [`qmp_client::Mux`] for the contracts: QEMU's greeting and error replies, rewritten
+    /// ids, events to every client, bounded queues, the `quit` policy). Clients are served by a
+    /// thread of the machine's; it stops, closing them, when QEMU exits or the machine is shut
+    /// down or dropped.
+    ///
+    /// Clients get `oob` only when this machine negotiated it (off by default; the builder's
+    /// [`MachineBuilder::share_qmp`](crate::MachineBuilder::share_qmp) turns it on). When a
+    /// client's `quit` is allowed and ends QEMU, the exit report says so
+    /// ([`EndedBy::SharedClient`](crate::EndedBy::SharedClient)). A second call returns where
+    /// the monitor is already shared.
+    ///
+    /// ```no_run
+    /// # fn main() -> machine_core::Result<()> {
+    /// use machine_core::qmp_client::{MuxConfig, ShareAddress};
+    /// let mut vm = machine_core::MachineBuilder::new("qemu-system-x86_64")
+    ///     .machine_type("none")
+    ///     .build();
+    /// vm.launch()?;
+    /// let shared = vm.share_qmp(&ShareAddress::unix("/tmp/vm.qmp"), MuxConfig::default())?;
+    /// println!("qmp-shell {}", shared.path.display());
+    /// vm.qmp("query-status", None)?; // still ours
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn share_qmp(
+        &mut self,
+        address: &qmp_client::ShareAddress,
+        config: qmp_client::MuxConfig,
+    ) -> Result<SharingInfo> {
+        if let Some(share) = self.run.as_ref().and_then(|run| run.share.as_ref()) {
+            return Ok(share.info().clone());
+        }
+        let shared = self.share_connection()?;
+        let path = address.unix.clone().unwrap_or_default();
+        let conn = self.qmp_handle()?;
+        let mux = {
+            let mut session = conn.session_mut();
+            qmp_client::Mux::for_session(&mut session, config)
+        };
+        let mux = mux.ok_or_else(|| Error::Share {
+            path: path.clone(),
+            source: Box::new(qmp_client::Error::NotReady {
+                phase: qmp_client::Phase::Greeting,
+            }),
+        })?;
+        let server = qmp_client::MuxServer::bind(mux, address).map_err(|source| Error::Share {
+            path,
+            source: Box::new(source),
+        })?;
+        let sharing = Sharing::start(shared, server)?;
+        let info = sharing.info().clone();
+        match self.run.as_mut() {
+            Some(run) => run.share = Some(sharing),
+            None => return Err(Error::NotRunning),
+        }
+        Ok(info)
+    }
+
+    /// Where the QMP monitor is shared, while it is ([`Machine::share_qmp`]).
+    pub fn sharing(&self) -> Option<&SharingInfo> {
+        self.run
+            .as_ref()
+            .and_then(|run| run.share.as_ref())
+            .map(Sharing::info)
+    }
+
+    /// The counters of the shared monitor's multiplexer, while it is shared.
+    pub fn sharing_stats(&self) -> Option<qmp_client::MuxStats> {
+        self.run
+            .as_ref()
+            .and_then(|run| run.share.as_ref())
+            .map(Sharing::stats)
     }
 
     fn qmp_handle(&mut self) -> Result<&mut Connection> {
@@ -578,6 +674,15 @@ impl Machine {
                     self.config.name
                 );
                 self.run = Some(run);
+                if let Some((address, config)) = self.config.share.clone() {
+                    if let Err(err) = self.share_qmp(&address, config) {
+                        // A launch is all or nothing: no machine that was to be shared runs
+                        // unshared.
+                        let _ = self.kill();
+                        self.remove_temp_dir();
+                        return Err(err);
+                    }
+                }
                 Ok(())
             }
             Err(err) => {
@@ -835,6 +940,8 @@ impl Machine {
             command,
             started,
             shutdown_event: None,
+            share: None,
+            handed_out: false,
         };
         let result = self.connect(
             &mut run,
@@ -1312,6 +1419,12 @@ impl Machine {
         ended_during: Option<Step>,
     ) -> ExitReport {
         let status = run.child.status().unwrap_or(ExitStatus::Code(-1));
+        // The shared monitor's clients are closed first; a client's forwarded quit is kept
+        // for the report.
+        let client_quit = run.share.take().and_then(|mut share| {
+            share.stop();
+            share.quit_by().map(|client| client.to_string())
+        });
         // Events QEMU sent before it died (SHUTDOWN comes before quit's reply) are still in
         // the socket; keep them for events() and the report.
         if let Some(mut qmp) = run.qmp.take() {
@@ -1365,6 +1478,7 @@ impl Machine {
             sent_signals: &sent,
             shutdown_event: run.shutdown_event.as_ref(),
             debug_exit_device: run.command.has_device("isa-debug-exit"),
+            client_quit: client_quit.as_deref(),
         });
         if matches!(ended_by, EndedBy::Crash { .. }) {
             log::warn!("qemu crashed: {status}");

@@ -44,6 +44,12 @@ pub enum EndedBy {
         /// QEMU's reason, e.g. `host-signal`, `host-qmp-quit`.
         reason: String,
     },
+    /// A client of the shared QMP monitor sent `quit` (allowed by the owner's
+    /// [`qmp_client::QuitPolicy`]), and QEMU quit.
+    SharedClient {
+        /// The client, as the multiplexer describes it (`QMP client 3 (unix pid 4242 uid 0)`).
+        client: String,
+    },
     /// QEMU exited on its own with a non-zero code (an error, or a failing guest). A SHUTDOWN
     /// event sent before the exit does not change this: the exit status decides.
     Exited {
@@ -82,6 +88,12 @@ impl fmt::Display for EndedBy {
             },
             EndedBy::OurSignal { signal } => {
                 write!(f, "qemu stopped on our {}", signal_name(*signal))
+            }
+            EndedBy::SharedClient { client } => {
+                write!(
+                    f,
+                    "qemu quit on a request from {client} on the shared monitor"
+                )
             }
             EndedBy::Kill => f.write_str("we killed qemu"),
             EndedBy::Guest { reason } if reason == "guest-shutdown" => {
@@ -191,7 +203,8 @@ impl ExitReport {
             EndedBy::Quit
             | EndedBy::Powerdown { .. }
             | EndedBy::OurSignal { .. }
-            | EndedBy::Host { .. } => true,
+            | EndedBy::Host { .. }
+            | EndedBy::SharedClient { .. } => true,
             EndedBy::Guest { reason } => reason == "guest-shutdown",
             _ => false,
         }
@@ -261,6 +274,8 @@ pub(crate) struct Facts<'a> {
     pub(crate) shutdown_event: Option<&'a ShutdownEvent>,
     /// The command line has an `isa-debug-exit` device: an odd exit code is the guest's.
     pub(crate) debug_exit_device: bool,
+    /// The client of the shared monitor whose `quit` was forwarded to QEMU, if any.
+    pub(crate) client_quit: Option<&'a str>,
 }
 
 /// Decides who ended the VM.
@@ -310,6 +325,19 @@ pub(crate) fn classify(facts: &Facts<'_>) -> EndedBy {
     if facts.quit_sent {
         return EndedBy::Quit;
     }
+    // A client's forwarded quit explains a host-side quit (or a clean exit with no SHUTDOWN
+    // seen).
+    if let Some(client) = facts.client_quit {
+        let explained = match facts.shutdown_event {
+            Some(e) => !e.guest && e.reason == "host-qmp-quit",
+            None => facts.status.code() == Some(0),
+        };
+        if explained {
+            return EndedBy::SharedClient {
+                client: client.to_owned(),
+            };
+        }
+    }
     match facts.shutdown_event {
         Some(e) if e.guest => EndedBy::Guest {
             reason: e.reason.clone(),
@@ -342,7 +370,45 @@ mod tests {
             sent_signals: sent,
             shutdown_event: ev,
             debug_exit_device: false,
+            client_quit: None,
         }
+    }
+
+    #[test]
+    fn a_shared_clients_quit_is_named_only_when_qemu_quit_for_it() {
+        let quit = ShutdownEvent {
+            guest: false,
+            reason: "host-qmp-quit".into(),
+        };
+        let guest = ShutdownEvent {
+            guest: true,
+            reason: "guest-shutdown".into(),
+        };
+        let client = "QMP client 2 (unix pid 7 uid 0)";
+        let mut f = facts(ExitStatus::Code(0), &[], Some(&quit));
+        f.client_quit = Some(client);
+        assert_eq!(
+            classify(&f),
+            EndedBy::SharedClient {
+                client: client.into()
+            }
+        );
+        assert_eq!(
+            classify(&f).to_string(),
+            "qemu quit on a request from QMP client 2 (unix pid 7 uid 0) on the shared monitor"
+        );
+        // The guest powering off first is the guest's doing.
+        f.shutdown_event = Some(&guest);
+        assert!(matches!(classify(&f), EndedBy::Guest { .. }));
+        // No SHUTDOWN seen: a clean exit after the forwarded quit; a failing one is not it.
+        f.shutdown_event = None;
+        assert!(matches!(classify(&f), EndedBy::SharedClient { .. }));
+        f.status = ExitStatus::Code(1);
+        assert!(matches!(classify(&f), EndedBy::Exited { code: 1 }));
+        // Our own quit still wins.
+        f.status = ExitStatus::Code(0);
+        f.quit_sent = true;
+        assert_eq!(classify(&f), EndedBy::Quit);
     }
 
     const KILLED: ExitStatus = ExitStatus::Signal {

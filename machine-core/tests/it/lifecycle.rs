@@ -773,3 +773,57 @@ fn the_tiny_guest_survives_a_relaunch() {
         assert!(!kernel.exists(), "the temp dir went with the exit");
     }
 }
+
+#[test]
+fn a_shared_monitor_serves_clients_beside_the_machine_and_names_the_client_that_quit() {
+    use machine_core::qmp_client::{Config, Connection, MuxConfig, QuitPolicy, ShareAddress};
+    let _g = shared();
+    let stub = Stub::serving();
+    let dir = tempfile::tempdir().expect("socket dir");
+    let path = dir.path().join("vm.qmp");
+    let mut m = stub
+        .builder()
+        .share_qmp(
+            ShareAddress::unix(&path),
+            MuxConfig::default().with_quit(QuitPolicy::Allow),
+        )
+        .build();
+    m.launch().expect("launch");
+    assert_eq!(m.sharing().expect("shared").path, path);
+    let mut client = Connection::connect_unix(&path, &Config::default()).expect("attach");
+    for _ in 0..20 {
+        assert_eq!(
+            client.execute("query-status", None).expect("client")["status"],
+            "running"
+        );
+        assert_eq!(
+            m.cmd("query-status", ()).expect("the machine's own")["status"],
+            "running"
+        );
+    }
+    // The machine's own connection stays usable beside the multiplexer.
+    assert!(m.qmp_connection().is_ok());
+    assert!(m.sharing_stats().expect("stats").commands_forwarded >= 20);
+    client.execute("quit", None).expect("the client's quit");
+    let report = m.wait(Duration::from_secs(10)).expect("wait");
+    match &report.ended_by {
+        EndedBy::SharedClient { client } => {
+            assert!(client.starts_with("QMP client 1 (unix pid"), "{client}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!path.exists(), "the socket goes with the run");
+    assert_eq!(stub.leftovers(), 0);
+    // A path that is a regular file fails the launch and leaves nothing running.
+    std::fs::write(&path, "user data").expect("file");
+    let mut m = stub
+        .builder()
+        .share_qmp(ShareAddress::unix(&path), MuxConfig::default())
+        .build();
+    match m.launch() {
+        Err(Error::Share { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(!m.is_running());
+    assert_eq!(std::fs::read(&path).expect("file"), b"user data");
+}
