@@ -22,7 +22,7 @@ mod drain;
 mod fleet;
 mod lifecycle;
 mod mux;
-mod python;
+pub(crate) mod python;
 mod qmp;
 mod qtest;
 mod stats;

@@ -111,7 +111,7 @@ impl Anchor {
 
 /// The venv's python with `qemu.qmp` importable, creating the venv (`python3 -m venv`, then
 /// `pip install qemu.qmp==0.0.6` from PyPI) under `target/bench-venv` when needed.
-fn venv_python() -> Result<PathBuf, String> {
+pub(crate) fn venv_python() -> Result<PathBuf, String> {
     let venv = crate::workspace_root().join("target/bench-venv");
     let python = venv.join("bin/python");
     let importable = |python: &Path| {

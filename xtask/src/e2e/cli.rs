@@ -121,7 +121,7 @@ fn build_binary() -> Result<PathBuf, String> {
 
 /// A running `qemu-machine`, its output read line by line with arrival times. Killed and
 /// reaped when dropped.
-struct Proc {
+pub(super) struct Proc {
     child: Child,
     started: Instant,
     out: mpsc::Receiver<(Instant, String)>,
@@ -133,8 +133,18 @@ struct Proc {
 impl Proc {
     /// Starts `qemu-machine ARGS` (QEMU taken from the context), with `stdin` piped in and
     /// closed, or /dev/null.
-    fn spawn(ctx: &Ctx, args: &[&str], stdin: Option<&str>) -> Result<Proc, String> {
-        let mut command = Command::new(binary()?);
+    pub(super) fn spawn(ctx: &Ctx, args: &[&str], stdin: Option<&str>) -> Result<Proc, String> {
+        Proc::spawn_program(ctx, &binary()?, args, stdin)
+    }
+
+    /// [`Proc::spawn`] for another program (a Python QMP client, say).
+    pub(super) fn spawn_program(
+        ctx: &Ctx,
+        program: &Path,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<Proc, String> {
+        let mut command = Command::new(program);
         command
             .args(args)
             .env("QEMU", &ctx.qemu)
@@ -150,7 +160,7 @@ impl Proc {
         let started = Instant::now();
         let mut child = command
             .spawn()
-            .map_err(|e| format!("cannot start qemu-machine: {e}"))?;
+            .map_err(|e| format!("cannot start {}: {e}", program.display()))?;
         if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
             let text = text.to_string();
             thread::spawn(move || {
@@ -168,6 +178,14 @@ impl Proc {
             out_lines: Vec::new(),
             err_lines: Vec::new(),
         })
+    }
+
+    /// Whether the process is still running.
+    pub(super) fn running(&mut self) -> Result<bool, String> {
+        self.child
+            .try_wait()
+            .map(|status| status.is_none())
+            .map_err(|e| format!("waiting for {}: {e}", self.child.id()))
     }
 
     fn pid(&self) -> nix::unistd::Pid {
@@ -200,7 +218,11 @@ impl Proc {
     }
 
     /// Waits for a stderr line matching `want`.
-    fn wait_stderr(&mut self, ctx: &Ctx, want: impl Fn(&str) -> bool) -> Result<String, String> {
+    pub(super) fn wait_stderr(
+        &mut self,
+        ctx: &Ctx,
+        want: impl Fn(&str) -> bool,
+    ) -> Result<String, String> {
         loop {
             match self.err.recv_timeout(ctx.remaining()) {
                 Ok((_, line)) => {
@@ -226,7 +248,7 @@ impl Proc {
 
     /// Waits for the exit (by the context's deadline) and returns the status, the time since
     /// the spawn, and all of stdout and stderr.
-    fn finish(mut self, ctx: &Ctx) -> Result<Finished, String> {
+    pub(super) fn finish(mut self, ctx: &Ctx) -> Result<Finished, String> {
         let status = loop {
             match self.child.try_wait() {
                 Ok(Some(status)) => break status,
@@ -268,15 +290,15 @@ impl Drop for Proc {
 }
 
 /// What a finished `qemu-machine` gave.
-struct Finished {
-    status: ExitStatus,
-    elapsed: Duration,
-    stdout: Vec<String>,
-    stderr: Vec<String>,
+pub(super) struct Finished {
+    pub(super) status: ExitStatus,
+    pub(super) elapsed: Duration,
+    pub(super) stdout: Vec<String>,
+    pub(super) stderr: Vec<String>,
 }
 
 impl Finished {
-    fn expect_code(&self, code: i32) -> Result<&Self, String> {
+    pub(super) fn expect_code(&self, code: i32) -> Result<&Self, String> {
         if self.status.code() == Some(code) {
             Ok(self)
         } else {
@@ -289,7 +311,7 @@ impl Finished {
         }
     }
 
-    fn json_lines(&self) -> Vec<Value> {
+    pub(super) fn json_lines(&self) -> Vec<Value> {
         self.stdout
             .iter()
             .filter_map(|l| serde_json::from_str(l).ok())
@@ -319,7 +341,7 @@ fn accel(ctx: &Ctx) -> &'static str {
 }
 
 /// Runs a one-shot `qemu-machine ARGS` to completion.
-fn one_shot(ctx: &Ctx, args: &[&str], stdin: Option<&str>) -> Result<Finished, String> {
+pub(super) fn one_shot(ctx: &Ctx, args: &[&str], stdin: Option<&str>) -> Result<Finished, String> {
     Proc::spawn(ctx, args, stdin)?.finish(ctx)
 }
 

@@ -39,6 +39,7 @@ mod console;
 mod guest;
 mod linux;
 mod machine;
+mod mux;
 mod qtest;
 
 use std::collections::BTreeMap;
@@ -182,6 +183,7 @@ pub fn all_scenarios() -> Vec<Scenario> {
     all.extend(cli::scenarios());
     all.extend(qtest::scenarios());
     all.extend(linux::scenarios());
+    all.extend(mux::scenarios());
     all
 }
 
