@@ -411,6 +411,7 @@ mod tests {
             Error::NestedTransaction => "NestedTransaction",
             Error::CloseOutsideTransaction => "CloseOutsideTransaction",
             Error::TextAfterClose => "TextAfterClose",
+            Error::TooDeep { .. } => "TooDeep",
             Error::BadCpuIndex { .. } => "BadCpuIndex",
             Error::BadQomProperty { .. } => "BadQomProperty",
             Error::MissingCommand => "MissingCommand",
@@ -517,6 +518,14 @@ mod tests {
             (
                 Error::TextAfterClose,
                 "unexpected input after the `)` closing the transaction",
+                2,
+            ),
+            (
+                Error::TooDeep {
+                    depth: 1021,
+                    limit: 1020,
+                },
+                "arguments nest 1021 levels deep, at most 1020 fit in QEMU's limit of 1024",
                 2,
             ),
             (
@@ -730,7 +739,7 @@ mod tests {
         let mut names: Vec<&str> = table.iter().map(|(e, _, _)| name(e)).collect();
         names.sort_unstable();
         names.dedup();
-        assert_eq!(names.len(), 39, "every variant is in the table");
+        assert_eq!(names.len(), 40, "every variant is in the table");
         for (error, text, code) in &table {
             assert_eq!(error.to_string(), *text, "{}", name(error));
             assert_eq!(error.exit_code(), *code, "{}", name(error));
