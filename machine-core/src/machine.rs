@@ -521,7 +521,8 @@ impl Machine {
     /// [`qmp_client::Mux`] for the contracts: QEMU's greeting and error replies, rewritten
     /// ids, events to every client, bounded queues, the `quit` policy). Clients are served by a
     /// thread of the machine's; it stops, closing them, when QEMU exits or the machine is shut
-    /// down or dropped.
+    /// down or dropped. (An owner stepping the machine on its own `mio::Poll` can serve a
+    /// [`qmp_client::MuxServer`] on that poll instead: see the `share` module's docs.)
     ///
     /// Clients get `oob` only when this machine negotiated it (off by default; the builder's
     /// [`MachineBuilder::share_qmp`](crate::MachineBuilder::share_qmp) turns it on). When a

@@ -4,7 +4,12 @@
 //! The multiplexer is driven by a small loop over a `mio::Poll` of its own (its sockets, the
 //! monitor's socket, and a waker that the session rings whenever another thread relays
 //! something). The loop runs on a thread of its own here, like `console_socket::Console` runs
-//! a `Drainer`; an owner with its own poll can drive a `MuxServer` directly instead.
+//! a `Drainer`, so that blocking callers keep clients served while they wait or sit idle. An
+//! owner that steps the machine on its own poll ([`crate::Machine::register`],
+//! [`crate::Machine::step`]) can serve a `MuxServer` on that same poll instead, with no thread:
+//! make it with `Mux::for_session` on the machine's connection, hand it the events of its
+//! tokens, and pump it with the connection's session after each step (the stepping tests show
+//! the loop).
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;

@@ -164,3 +164,90 @@ fn a_stepped_launch_that_dies_fails_in_step_and_rolls_back() {
     assert_eq!(m.state(), MachineState::Idle);
     assert_eq!(stub.leftovers(), 0);
 }
+
+/// The multiplexer on the same poll as a stepped machine, with no thread of the library's: the
+/// owner hands the `MuxServer` its events and pumps it after each step, while the machine
+/// keeps its own commands going and a client on another thread works through the share.
+#[test]
+fn a_mux_server_shares_a_stepped_machine_on_the_same_poll() {
+    use machine_core::qmp_client::{Config, Connection, Mux, MuxConfig, MuxServer, ShareAddress};
+    let _g = shared();
+    let stub = Stub::serving();
+    let mut poll = Poll::new().expect("poll");
+    let mut m = stub.machine();
+    m.launch().expect("launch");
+    m.register(
+        poll.registry(),
+        Tokens {
+            exit: Token(0),
+            qmp: Token(1),
+            output: Token(2),
+        },
+    )
+    .expect("register");
+    let mux = {
+        let conn = m.qmp_connection().expect("connection");
+        let mut session = conn.session_mut();
+        Mux::for_session(&mut session, MuxConfig::default()).expect("handshake done")
+    };
+    let mut server = MuxServer::bind(mux, &ShareAddress::default()).expect("bind");
+    server
+        .register(poll.registry(), Token(10))
+        .expect("register the share");
+    let path = server.path().to_owned();
+    let client = std::thread::spawn(move || {
+        let mut c = Connection::connect_unix(&path, &Config::default()).expect("attach");
+        for _ in 0..20 {
+            let status = c.execute("query-status", None).expect("through the share");
+            assert_eq!(status["status"], "running");
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut events = Events::with_capacity(64);
+    let mut mine: Option<RequestId> = None;
+    let mut own_replies = 0;
+    let mut again = true;
+    while !(client.is_finished() && own_replies >= 5) {
+        assert!(
+            Instant::now() < deadline,
+            "stuck: {own_replies} own replies"
+        );
+        let timeout = if again || m.wants_step() {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(20)
+        };
+        poll.poll(&mut events, Some(timeout)).expect("poll");
+        for event in events.iter() {
+            if server.owns(event.token()) {
+                server.handle(poll.registry(), event);
+            }
+        }
+        m.step().expect("step");
+        {
+            let conn = m.qmp_connection().expect("connection");
+            again = {
+                let mut session = conn.session_mut();
+                server.pump(poll.registry(), &mut session);
+                server.wants_pump(&session)
+            };
+            conn.process_io().expect("write what the share forwarded");
+        }
+        match mine {
+            None => mine = Some(m.submit("query-status", ()).expect("submit")),
+            Some(id) => {
+                if let Some(reply) = m.take_reply(id) {
+                    assert_eq!(reply.expect("own reply")["return"]["status"], "running");
+                    own_replies += 1;
+                    mine = None;
+                }
+            }
+        }
+    }
+    client.join().expect("client");
+    assert_eq!(server.stats().commands_forwarded, 20);
+    server.shutdown(poll.registry());
+    drop(server);
+    m.shutdown().expect("shutdown");
+    assert_eq!(stub.leftovers(), 0);
+}
