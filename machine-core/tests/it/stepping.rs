@@ -61,6 +61,15 @@ fn drive(
     }
 }
 
+/// The three tokens of the machine numbered `i` on a shared poll.
+fn tokens(i: usize) -> Tokens {
+    Tokens {
+        exit: Token(3 * i),
+        qmp: Token(3 * i + 1),
+        output: Token(3 * i + 2),
+    }
+}
+
 #[test]
 fn three_machines_from_one_poll_launch_command_wait_and_shut_down() {
     let _g = shared();
@@ -70,15 +79,7 @@ fn three_machines_from_one_poll_launch_command_wait_and_shut_down() {
     for (i, m) in machines.iter_mut().enumerate() {
         m.launch_begin().expect("launch_begin");
         assert_eq!(m.state(), MachineState::Launching);
-        m.register(
-            poll.registry(),
-            Tokens {
-                exit: Token(3 * i),
-                qmp: Token(3 * i + 1),
-                output: Token(3 * i + 2),
-            },
-        )
-        .expect("register");
+        m.register(poll.registry(), tokens(i)).expect("register");
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     drive(&mut poll, &mut machines, deadline, |_, m| {
@@ -136,15 +137,7 @@ fn a_stepped_launch_that_dies_fails_in_step_and_rolls_back() {
     let mut m = stub.machine();
     let mut poll = Poll::new().expect("poll");
     m.launch_begin().expect("launch_begin");
-    m.register(
-        poll.registry(),
-        Tokens {
-            exit: Token(0),
-            qmp: Token(1),
-            output: Token(2),
-        },
-    )
-    .expect("register");
+    m.register(poll.registry(), tokens(0)).expect("register");
     let mut events = Events::with_capacity(8);
     let deadline = Instant::now() + Duration::from_secs(10);
     let err = loop {
@@ -176,15 +169,7 @@ fn a_mux_server_shares_a_stepped_machine_on_the_same_poll() {
     let mut poll = Poll::new().expect("poll");
     let mut m = stub.machine();
     m.launch().expect("launch");
-    m.register(
-        poll.registry(),
-        Tokens {
-            exit: Token(0),
-            qmp: Token(1),
-            output: Token(2),
-        },
-    )
-    .expect("register");
+    m.register(poll.registry(), tokens(0)).expect("register");
     let mux = {
         let conn = m.qmp_connection().expect("connection");
         let mut session = conn.session_mut();
