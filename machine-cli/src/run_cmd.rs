@@ -7,12 +7,13 @@
 //! `type` field: `launched`, `listening`, `sharing`, `console`, `banner`, `event`, `stopping`,
 //! `exit`. With `--share-qmp PATH`, other QMP clients attach to our own monitor at PATH.
 //!
-//! Stopping is a ladder run from this loop, so the console and events keep flowing while it
-//! runs: `system_powerdown` (the guest may power off), then `quit`, then SIGTERM, then
-//! SIGKILL, each step with `--shutdown-timeout`. A first Ctrl-C (or SIGTERM, SIGHUP,
-//! `--timeout`, `--exit-after-banner`) starts it; a second one, or Ctrl-\\ (SIGQUIT), kills
-//! QEMU at once. The loop wakes every
-//! [`TICK`] to move the console, events and the ladder along.
+//! Stopping is machine-core's shutdown ladder, stepped from this loop (`Machine::step`), so
+//! the console and events keep flowing while it runs: `system_powerdown` (the guest may power
+//! off), then `quit`, each step with `--shutdown-timeout`, then SIGTERM (5 s), then SIGKILL.
+//! A first Ctrl-C (or SIGTERM, SIGHUP, `--timeout`, `--exit-after-banner`) starts it; a
+//! second one, or Ctrl-\\ (SIGQUIT), kills QEMU at once. The loop wakes every [`TICK`] to
+//! move the console, typed input and the ladder along (the console is drained by its own
+//! thread, which has no fd this loop could wait on).
 //!
 //! With `--exit-after-banner` and `--send` lines, the ladder starts only once the guest is
 //! quiet again (the tiny guest's prompt after each line, or a short silence on the console), so
@@ -47,7 +48,8 @@ use std::time::{Duration, Instant};
 use log::{debug, warn};
 use machine_core::guest::{self, GuestMachine};
 use machine_core::{
-    format_duration, EndedBy, ExitReport, Machine, MachineBuilder, ShutdownLadder, Step,
+    format_duration, EndedBy, ExitReport, Machine, MachineBuilder, MachineState, ShutdownLadder,
+    Step,
 };
 use serde_json::{json, Value};
 
@@ -62,6 +64,9 @@ use crate::tty;
 /// How often the loop moves the console, events and shutdown ladder along.
 pub const TICK: Duration = Duration::from_millis(5);
 
+/// How long the SIGTERM step of the stop ladder waits before SIGKILL.
+const SIGTERM_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Exit status when we had to SIGKILL QEMU (128 + 9, as a shell reports it).
 const EXIT_KILLED: u8 = 137;
 
@@ -75,15 +80,13 @@ enum Msg {
     Stdin(Vec<u8>),
 }
 
-/// Where the stop ladder stands.
+/// Where the stop ladder stands: the step last announced, once machine-core walks it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Stopping {
     /// Not stopping.
     No,
-    /// `system_powerdown` sent; `quit` follows at the deadline.
-    Powerdown(Instant),
-    /// `quit` sent; SIGTERM (then SIGKILL) follows at the deadline.
-    Quit(Instant),
+    /// The ladder runs (stepped from this loop); this step was announced last.
+    Step(usize),
 }
 
 /// Prints lifecycle lines: human lines on stderr, or JSON Lines on stdout.
@@ -611,8 +614,6 @@ fn forward_stdin(tx: mpsc::Sender<Msg>) -> Result<()> {
 enum Ended {
     /// QEMU exited (by itself or after our ladder steps); collect the report.
     Exited,
-    /// The ladder ran out of gentle steps: SIGTERM, then SIGKILL.
-    Terminate,
     /// A second Ctrl-C: kill now.
     Kill,
 }
@@ -720,10 +721,9 @@ fn attach(
             Stopping::No if stop_at.is_some_and(|at| now >= at) => {
                 stopping = begin_stop(machine, reporter, "--timeout elapsed", None, step)?;
             }
-            Stopping::Powerdown(deadline) if now >= deadline => {
-                stopping = send_quit(machine, reporter, step)?;
+            Stopping::Step(announced) => {
+                stopping = walk_ladder(machine, reporter, announced, step)?;
             }
-            Stopping::Quit(deadline) if now >= deadline => return Ok(Ended::Terminate),
             _ => {}
         }
 
@@ -789,27 +789,63 @@ fn begin_stop(
         ),
         json!({"step": "system_powerdown", "reason": why}),
     )?;
-    match machine.cmd_with_timeout("system_powerdown", (), step) {
-        Ok(_) => Ok(Stopping::Powerdown(Instant::now() + step)),
-        Err(error) => {
-            debug!("system_powerdown failed: {error}");
-            send_quit(machine, reporter, step)
-        }
-    }
+    machine
+        .shutdown_begin(&stop_ladder(step))
+        .map_err(|source| Error::Machine {
+            what: "starting the shutdown",
+            source,
+        })?;
+    Ok(Stopping::Step(0))
 }
 
-/// Second rung: `quit`.
-fn send_quit(machine: &mut Machine, reporter: &Reporter, step: Duration) -> Result<Stopping> {
-    reporter.line(
-        "stopping",
-        &format!("quit (up to {})", format_duration(step)),
-        json!({"step": "quit"}),
-    )?;
-    if let Err(error) = machine.cmd_with_timeout("quit", (), step) {
-        // QEMU may already be gone; the exit check or the next rung decides.
-        debug!("quit failed: {error}");
+/// The stop ladder: `system_powerdown` (the guest may power off), `quit`, each for `step`,
+/// then SIGTERM for 5 s, then SIGKILL. machine-core walks it ([`Machine::step`]); a machine
+/// that refuses `system_powerdown` goes on to `quit` at once.
+fn stop_ladder(step: Duration) -> ShutdownLadder {
+    ShutdownLadder::new([
+        Step::Powerdown { timeout: step },
+        Step::Quit { timeout: step },
+        Step::Signal {
+            signal: nix::sys::signal::Signal::SIGTERM as i32,
+            timeout: SIGTERM_TIMEOUT,
+        },
+    ])
+}
+
+/// Moves the ladder along (without blocking) and announces each step it enters.
+fn walk_ladder(
+    machine: &mut Machine,
+    reporter: &Reporter,
+    announced: usize,
+    step: Duration,
+) -> Result<Stopping> {
+    let state = match machine.step() {
+        Ok(state) => state,
+        // QEMU had to be killed, or is gone: the exit check and `finish` report it.
+        Err(error) => {
+            debug!("shutdown ladder: {error}");
+            return Ok(Stopping::Step(announced));
+        }
+    };
+    let MachineState::Stopping { step: now, .. } = state else {
+        return Ok(Stopping::Step(announced));
+    };
+    for entered in announced + 1..=now {
+        match entered {
+            1 => reporter.line(
+                "stopping",
+                &format!("quit (up to {})", format_duration(step)),
+                json!({"step": "quit"}),
+            )?,
+            2 => reporter.line(
+                "stopping",
+                "SIGTERM (then SIGKILL)",
+                json!({"step": "sigterm"}),
+            )?,
+            _ => reporter.line("stopping", "SIGKILL", json!({"step": "kill"}))?,
+        }
     }
-    Ok(Stopping::Quit(Instant::now() + step))
+    Ok(Stopping::Step(now.max(announced)))
 }
 
 /// Collects the exit report (running the last rungs when needed), prints what is left of the
@@ -823,17 +859,6 @@ fn finish(
     let ladder = match ended {
         // Already exited: this only reaps and cleans up.
         Ended::Exited => ShutdownLadder::wait(Duration::from_secs(5)),
-        Ended::Terminate => {
-            reporter.line(
-                "stopping",
-                "SIGTERM (then SIGKILL)",
-                json!({"step": "sigterm"}),
-            )?;
-            ShutdownLadder::new([Step::Signal {
-                signal: nix::sys::signal::Signal::SIGTERM as i32,
-                timeout: Duration::from_secs(5),
-            }])
-        }
         Ended::Kill => ShutdownLadder::hard(),
     };
     let (report, abnormal) = match machine.shutdown_with(&ladder) {
