@@ -16,13 +16,14 @@ use std::time::Instant;
 use crate::workspace_root;
 
 /// The fuzz targets, in the order they run.
-pub const TARGETS: [&str; 6] = [
+pub const TARGETS: [&str; 7] = [
     "decoder",
     "message",
     "session",
     "console_ring",
     "argv",
     "shell_line",
+    "agent",
 ];
 
 /// What one run achieved, read from libFuzzer's final statistics.
