@@ -68,6 +68,14 @@ pub fn run(args: &[String]) -> Result<(), String> {
         ),
         ("e2e", Box::new(|| crate::e2e::run(&[]))),
         (
+            "e2e 10.0",
+            Box::new(|| crate::e2e::run(&["--qemu".to_string(), "10.0".to_string()])),
+        ),
+        (
+            "e2e 11.1",
+            Box::new(|| crate::e2e::run(&["--qemu".to_string(), "11.1".to_string()])),
+        ),
+        (
             "fuzz",
             Box::new(|| crate::fuzz::run(&["--seconds".to_string(), "5".to_string()])),
         ),

@@ -1,7 +1,7 @@
 //! Machine against the recorded QMP sessions of every QEMU version (`qmp_client::replay`):
-//! launch, commands, events and our quit, with QEMU's real bytes. The "QEMU" is a stub that
-//! only waits and exits with the recorded status; its monitor (`Monitor::Unix`: we listen, QEMU
-//! connects) is served by the replay from this process.
+//! launch, commands, events, our quit and the guest's isa-debug-exit exit, with QEMU's real
+//! bytes. The "QEMU" is a stub that only waits and exits with the recorded status; its monitor
+//! (`Monitor::Unix`: we listen, QEMU connects) is served by the replay from this process.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -55,6 +55,16 @@ impl Replayed {
         ));
         let mut builder = stub.builder();
         builder.monitor(Monitor::Unix(socket.clone()));
+        // The recorded QEMU's devices that decide how its exit reads (isa-debug-exit).
+        let argv: Vec<&str> = transcript.header["argv"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        for pair in argv.windows(2) {
+            if pair[0] == "-device" && pair[1].starts_with("isa-debug-exit") {
+                builder.args(["-device", pair[1]]);
+            }
+        }
         let machine = builder.build();
         let transcript = transcript.clone();
         let server = std::thread::spawn(move || serve(&transcript, &socket, &fifo));
@@ -190,6 +200,65 @@ fn every_recorded_session_drives_a_machine_to_our_quit() {
             Some((false, "host-qmp-quit")),
             "{name}"
         );
+        replayed.finish();
+    }
+}
+
+/// The guest's `exit 5` through isa-debug-exit ends QEMU with status 11. QEMU 10.0 and later
+/// first send `SHUTDOWN {guest: true, reason: guest-shutdown}`, the same event as a clean
+/// power-off: the exit status must still decide, so the report says QEMU exited with 11.
+#[test]
+fn every_recorded_guest_exit_is_reported_by_its_exit_status() {
+    let _g = shared();
+    for transcript in transcripts("guest-exit") {
+        let name = format!("QEMU {}", transcript.qemu);
+        let (mut m, replayed) = Replayed::start(&transcript);
+        m.launch().unwrap_or_else(|e| panic!("{name}: launch: {e}"));
+        m.cmd(
+            "device_add",
+            Args::exact(serde_json::json!({"driver": "usb-kbd", "id": "kbd0", "bus": "usb.0"})),
+        )
+        .unwrap_or_else(|e| panic!("{name}: device_add: {e}"));
+        m.cmd("device_del", Args::exact(serde_json::json!({"id": "kbd0"})))
+            .unwrap_or_else(|e| panic!("{name}: device_del: {e}"));
+        let deleted = m
+            .event_wait(
+                "DEVICE_DELETED",
+                Some(serde_json::json!({"data": {"device": "kbd0"}})),
+                Duration::from_secs(5),
+            )
+            .unwrap_or_else(|e| panic!("{name}: DEVICE_DELETED: {e}"));
+        assert_eq!(deleted.event, "DEVICE_DELETED");
+        m.cmd("cont", Args::none())
+            .unwrap_or_else(|e| panic!("{name}: cont: {e}"));
+        let status = m
+            .cmd("query-status", Args::none())
+            .unwrap_or_else(|e| panic!("{name}: query-status: {e}"));
+        assert_eq!(status["status"], "running", "{name}");
+
+        let report = m
+            .wait(Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{name}: wait: {e}"));
+        assert_eq!(report.status, ExitStatus::Code(11), "{name}: {report}");
+        assert!(!report.status.success(), "{name}");
+        // The guest wrote 5 to isa-debug-exit: never the guest's clean power-off.
+        assert_eq!(
+            report.ended_by,
+            EndedBy::DebugExit { value: 5 },
+            "{name}: {report}"
+        );
+        let event = report
+            .shutdown_event
+            .as_ref()
+            .map(|e| (e.guest, e.reason.as_str()));
+        if transcript.qemu.starts_with("7.") {
+            assert_eq!(
+                event, None,
+                "{name}: 7.2 sends no SHUTDOWN for isa-debug-exit"
+            );
+        } else {
+            assert_eq!(event, Some((true, "guest-shutdown")), "{name}");
+        }
         replayed.finish();
     }
 }
