@@ -1117,8 +1117,10 @@ impl Machine {
         if let Some(chardev) = monitor_chardev {
             argv.push("-chardev".into());
             argv.push(chardev.into_os_string());
-            argv.push("-mon".into());
-            argv.push("chardev=mon,mode=control".into());
+            // `-qmp chardev:NAME` rather than `-mon chardev=NAME,mode=control`: QEMU 11.1
+            // deprecates `-mon` (a warning on every start); `-qmp` works on 7.2 to 11.1.
+            argv.push("-qmp".into());
+            argv.push("chardev:mon".into());
         }
         if let Some(machine) = &c.machine_type {
             argv.push("-machine".into());
@@ -1644,8 +1646,8 @@ mod tests {
                 "none",
                 "-chardev",
                 "socket,id=mon,fd=7",
-                "-mon",
-                "chardev=mon,mode=control",
+                "-qmp",
+                "chardev:mon",
                 "-machine",
                 "none",
                 "-serial",
