@@ -33,7 +33,8 @@
 //!    [`MachineBuilder::guest_agent`]; [`linux::LinuxGuest`] is a guest that runs one).
 //! 4. [`Machine::shutdown`] walks the ladder (default: `quit`, wait 30 s, SIGKILL and reap
 //!    within 60 s), [`Machine::wait`] waits for a guest-initiated exit, [`Machine::kill`]
-//!    kills. Each ends with the cleanup (temp dir, sockets, threads) and an
+//!    kills; each is a loop over the stepped ladder (see below). Each ends with the cleanup
+//!    (temp dir, sockets, threads) and an
 //!    [`ExitReport`]: who ended it, the exit status, the steps with their times, the last
 //!    output, console lines and events. [`Machine::log`] has QEMU's output afterwards.
 //! 5. The same `Machine` can be launched again. Dropping a running `Machine` kills and reaps
