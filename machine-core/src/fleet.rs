@@ -2,33 +2,31 @@
 //! handshakes, commands, events and exits from one `mio::Poll`.
 //!
 //! Each member is an ordinary [`Machine`] (its own builder settings, temp dir, fd allow-list,
-//! exit report), launched through the same code as [`Machine::launch`] except that the QMP
-//! handshake is stepped ([`qmp_client::Connection::handshake_step`]) instead of waited for,
-//! so all handshakes progress together. The fleet registers every member's QMP socket and
-//! exit pidfd in its own poll; one member that fails to launch, stops answering, floods its
-//! monitor or is killed from outside ends in its own slot (a typed [`Error`]) and never holds
-//! the others up: every wait has one deadline for all, and a busy member is read at most a
-//! budget per turn.
+//! exit report) driven through the machine's stepping API: [`Machine::launch_begin`],
+//! [`Machine::register`], [`Machine::step`] on readiness or at [`Machine::next_deadline`],
+//! [`Machine::submit`] / [`Machine::take_reply`], [`Machine::take_event`] and
+//! [`Machine::shutdown_begin`] (the shutdown ladder itself, walked for all members at once).
+//! So all handshakes, commands and ladders progress together. Each member's pidfd, QMP
+//! socket and output pipe sit in the fleet's poll, so a member has no thread of its own (a
+//! member with a console keeps the console's drain thread). One member that fails to launch, stops
+//! answering, floods its monitor or is killed from outside ends in its own slot (a typed
+//! [`Error`]) and never holds the others up: every wait has one deadline for all, and a busy
+//! member is read at most a budget per turn.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Poll, Token};
 use qmp_client::RequestId;
-use qmp_proto::{Command, Event, EventFilter, ServerMessage};
+use qmp_proto::{Event, EventFilter};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::machine::{reply_value, Args, Machine};
+use crate::machine::{Args, Machine, MachineState, Tokens};
 use crate::report::ExitReport;
 use crate::ShutdownLadder;
-
-/// Tokens per member in the fleet's poll: its QMP socket, its pidfd, its output pipe.
-const TOKENS_PER_MEMBER: usize = 3;
 
 /// A member's place in its [`Fleet`] (the order of [`Fleet::add`], from 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -47,22 +45,11 @@ impl fmt::Display for MemberId {
     }
 }
 
-/// Where a member stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum MemberState {
-    /// Not launched (or launched and ended: see [`Machine::exit_report`]).
-    Idle,
-    /// Its QMP handshake is in progress.
-    Launching,
-    /// Launched and not known to have exited.
-    Running,
-    /// QEMU has exited and not been collected yet (shut it down to get the report).
-    Exited,
-}
-
 /// One result per member asked, in the order asked.
 pub type Replies<T> = Vec<(MemberId, Result<T>)>;
+
+/// Tokens per member in the fleet's poll: its pidfd, its QMP socket, its output pipe.
+const TOKENS_PER_MEMBER: usize = 3;
 
 /// N machines driven from one thread (see the module docs).
 ///
@@ -99,15 +86,14 @@ pub struct Fleet {
     poll: Poll,
     events: Events,
     spawn_cap: Option<usize>,
-    /// Members whose output pipe was left with input at the read budget.
-    output_left: BTreeSet<usize>,
 }
 
 struct Member {
     machine: Machine,
     /// Whether its sources are in the fleet's poll for the current run.
     registered: bool,
-    launching: bool,
+    /// How its run ended, once it has (launch failure aside), until a shutdown collects it.
+    ended: Option<Result<ExitReport>>,
 }
 
 impl fmt::Debug for Fleet {
@@ -127,7 +113,6 @@ impl Fleet {
             poll: Poll::new().map_err(Error::os("epoll_create"))?,
             events: Events::with_capacity(256),
             spawn_cap: None,
-            output_left: BTreeSet::new(),
         })
     }
 
@@ -136,7 +121,7 @@ impl Fleet {
         self.members.push(Member {
             machine,
             registered: false,
-            launching: false,
+            ended: None,
         });
         MemberId(self.members.len() - 1)
     }
@@ -163,10 +148,10 @@ impl Fleet {
         (0..self.members.len()).map(MemberId)
     }
 
-    /// The members that are running (launched, not known to have exited).
+    /// The members that are running (launched, QMP ready, not known to have exited).
     pub fn running(&self) -> impl Iterator<Item = MemberId> + '_ {
         self.ids()
-            .filter(|&id| self.members[id.0].machine.is_running() && !self.members[id.0].launching)
+            .filter(|&id| self.members[id.0].machine.state() == MachineState::Running)
     }
 
     /// A member's machine, e.g. for its console, log or exit report. Calls on it block this
@@ -179,18 +164,11 @@ impl Fleet {
         &mut self.members[id.0].machine
     }
 
-    /// Where a member stands.
-    pub fn state(&mut self, id: MemberId) -> MemberState {
-        let member = &self.members[id.0];
-        if member.launching {
-            MemberState::Launching
-        } else if member.machine.is_running() {
-            MemberState::Running
-        } else if member.machine.has_run() {
-            MemberState::Exited
-        } else {
-            MemberState::Idle
-        }
+    /// Where a member stands ([`MachineState::Exited`] once QEMU has ended, however it
+    /// ended), after reading what the fleet's poll has without waiting.
+    pub fn state(&mut self, id: MemberId) -> MachineState {
+        self.turn(Instant::now());
+        self.members[id.0].machine.state()
     }
 
     /// Launches every member that is not running, with their handshakes in progress together
@@ -208,61 +186,48 @@ impl Fleet {
         mut on_done: impl FnMut(MemberId, &Result<()>),
     ) -> Replies<()> {
         let mut waiting: VecDeque<usize> = (0..self.members.len())
-            .filter(|&i| !self.members[i].machine.is_running())
+            .filter(|&i| !self.members[i].registered)
             .collect();
         let asked: Vec<usize> = waiting.iter().copied().collect();
         let mut results: BTreeMap<usize, Result<()>> = BTreeMap::new();
-        // Member -> the deadline of its current handshake step.
-        let mut launching: BTreeMap<usize, Instant> = BTreeMap::new();
+        let mut launching: BTreeSet<usize> = BTreeSet::new();
+        let mut finish =
+            |i: usize, result: Result<()>, results: &mut BTreeMap<usize, Result<()>>| {
+                on_done(MemberId(i), &result);
+                results.insert(i, result);
+            };
         loop {
             let cap = self.spawn_cap.unwrap_or(usize::MAX);
             while launching.len() < cap {
                 let Some(i) = waiting.pop_front() else { break };
                 match self.begin(i) {
-                    Ok(Some(deadline)) => {
-                        launching.insert(i, deadline);
+                    Ok(()) => {
+                        launching.insert(i);
                     }
-                    Ok(None) => {
-                        on_done(MemberId(i), &Ok(()));
-                        results.insert(i, Ok(()));
-                    }
-                    Err(err) => {
-                        let err = Err(err);
-                        on_done(MemberId(i), &err);
-                        results.insert(i, err);
-                    }
+                    Err(err) => finish(i, Err(err), &mut results),
                 }
             }
             if launching.is_empty() {
                 break;
             }
-            let next = launching
-                .values()
-                .min()
-                .copied()
-                .unwrap_or_else(Instant::now);
-            let ready = self.poll_once(next);
-            let now = Instant::now();
-            let due: Vec<usize> = launching
-                .iter()
-                .filter(|(i, deadline)| ready.contains(i) || **deadline <= now)
-                .map(|(i, _)| *i)
-                .collect();
-            for i in due {
-                match self.step_launch(i) {
-                    Ok(Some(deadline)) => {
-                        launching.insert(i, deadline);
-                    }
-                    Ok(None) => {
+            let deadline = self.next_deadline(&launching).unwrap_or_else(Instant::now);
+            for (i, step) in self.turn(deadline) {
+                if !launching.contains(&i) {
+                    continue;
+                }
+                match step {
+                    Ok(MachineState::Launching) => {}
+                    // Running, or ended right after its handshake (the exit is kept for the
+                    // shutdown).
+                    Ok(_) => {
                         launching.remove(&i);
-                        on_done(MemberId(i), &Ok(()));
-                        results.insert(i, Ok(()));
+                        finish(i, Ok(()), &mut results);
                     }
                     Err(err) => {
                         launching.remove(&i);
-                        let err = Err(err);
-                        on_done(MemberId(i), &err);
-                        results.insert(i, err);
+                        self.members[i].registered = false;
+                        self.members[i].ended = None;
+                        finish(i, Err(err), &mut results);
                     }
                 }
             }
@@ -276,61 +241,57 @@ impl Fleet {
             .collect()
     }
 
-    /// Spawns member `i` and registers its sources: the next handshake deadline, `None` if
-    /// it is ready already.
-    fn begin(&mut self, i: usize) -> Result<Option<Instant>> {
+    /// Spawns member `i` and registers its sources.
+    fn begin(&mut self, i: usize) -> Result<()> {
         let member = &mut self.members[i];
         member.registered = false;
+        member.ended = None;
         member.machine.launch_begin()?;
-        member.launching = true;
         let registry = self.poll.registry();
-        let token = Token(i * TOKENS_PER_MEMBER);
-        if let Ok(conn) = member.machine.qmp_connection() {
-            conn.register(registry, token)
-                .map_err(|source| Error::qmp("handshake", source))?;
-        }
-        if let Some(pidfd) = member.machine.launch_pidfd() {
-            let raw = pidfd.as_raw_fd();
-            registry
-                .register(&mut SourceFd(&raw), Token(token.0 + 1), Interest::READABLE)
-                .map_err(Error::os("epoll_ctl"))?;
-        }
-        if let Some(pipe) = member.machine.output_fd() {
-            let raw = pipe.as_raw_fd();
-            registry
-                .register(&mut SourceFd(&raw), Token(token.0 + 2), Interest::READABLE)
-                .map_err(Error::os("epoll_ctl"))?;
+        let base = i * TOKENS_PER_MEMBER;
+        let tokens = Tokens {
+            exit: Token(base),
+            qmp: Token(base + 1),
+            output: Token(base + 2),
+        };
+        if let Err(err) = member.machine.register(registry, tokens) {
+            // Not driven, so not left running: end it now (its report is not needed).
+            let _ = member.machine.kill();
+            return Err(err);
         }
         member.registered = true;
-        self.step_launch(i)
+        Ok(())
     }
 
-    fn step_launch(&mut self, i: usize) -> Result<Option<Instant>> {
-        let member = &mut self.members[i];
-        let step = member.machine.launch_step();
-        if !matches!(step, Ok(Some(_))) {
-            member.launching = false;
-        }
-        step
+    /// The earliest [`Machine::next_deadline`] among `members`.
+    fn next_deadline(&self, members: &BTreeSet<usize>) -> Option<Instant> {
+        members
+            .iter()
+            .filter_map(|&i| self.members[i].machine.next_deadline())
+            .min()
     }
 
-    /// Waits for readiness until `deadline` (not at all if a member has input left over from
-    /// its read budget), reads what arrived on every ready QMP socket, and returns the ready
-    /// members.
-    fn poll_once(&mut self, deadline: Instant) -> BTreeSet<usize> {
-        let mut ready: BTreeSet<usize> = std::mem::take(&mut self.output_left);
+    /// One turn of the poll: waits for readiness until `deadline` (or less, for a member's
+    /// own deadline; not at all if a member has input left over from its read budget), then
+    /// steps every member that is ready or due. Returns each
+    /// stepped member's result. A member whose QEMU has ended keeps how it ended for
+    /// [`Fleet::shutdown_all`].
+    fn turn(&mut self, deadline: Instant) -> Vec<(usize, Result<MachineState>)> {
+        let mut ready: BTreeSet<usize> = BTreeSet::new();
+        let mut soonest = deadline;
         for (i, member) in self.members.iter_mut().enumerate() {
-            if member.registered
-                && member
-                    .machine
-                    .qmp_connection()
-                    .is_ok_and(|conn| conn.wants_read())
-            {
+            if !member.registered {
+                continue;
+            }
+            if member.machine.wants_step() {
                 ready.insert(i);
+            }
+            if let Some(due) = member.machine.next_deadline() {
+                soonest = soonest.min(due);
             }
         }
         let timeout = if ready.is_empty() {
-            deadline.saturating_duration_since(Instant::now())
+            soonest.saturating_duration_since(Instant::now())
         } else {
             Duration::ZERO
         };
@@ -345,26 +306,39 @@ impl Fleet {
             }
         }
         for event in self.events.iter() {
-            let i = event.token().0 / TOKENS_PER_MEMBER;
-            if self.members.get(i).is_some_and(|m| m.registered) {
-                ready.insert(i);
-            }
+            ready.insert(event.token().0 / TOKENS_PER_MEMBER);
         }
-        for &i in &ready {
-            if self.members[i].machine.pump_output() {
-                self.output_left.insert(i);
+        let now = Instant::now();
+        let mut stepped = Vec::new();
+        for (i, member) in self.members.iter_mut().enumerate() {
+            if !member.registered {
+                continue;
             }
-            if let Ok(conn) = self.members[i].machine.qmp_connection() {
-                // A failure is sticky: the member's pending request or next step reports it.
-                let _ = conn.process_io();
-                // What reading queued (`qmp_capabilities` after the greeting) goes out now:
-                // the socket stays writable, so no new readiness event would announce it.
-                if conn.session().wants_write() {
-                    let _ = conn.process_io();
+            let due = member.machine.next_deadline().is_some_and(|d| d <= now);
+            if !ready.contains(&i) && !due {
+                continue;
+            }
+            let step = member.machine.step();
+            match &step {
+                Ok(MachineState::Exited) => {
+                    member.registered = false;
+                    if let Some(report) = member.machine.exit_report() {
+                        member.ended = Some(Ok(report.clone()));
+                    }
                 }
+                Err(err) if !matches!(err, Error::LaunchFailed { .. }) => {
+                    // The ladder ended abnormally (forced, or QEMU not reaped): keep the
+                    // error for the shutdown's result.
+                    if member.machine.state() == MachineState::Exited {
+                        member.registered = false;
+                    }
+                    member.ended = Some(Err(clone_shutdown_error(err)));
+                }
+                _ => {}
             }
+            stepped.push((i, step));
         }
-        ready
+        stepped
     }
 
     /// Runs `command` on each member in `ids` at once and collects each one's whole reply
@@ -381,63 +355,39 @@ impl Fleet {
         timeout: Duration,
     ) -> Replies<Value> {
         let deadline = Instant::now() + timeout;
-        let args = args.into().into_map(command);
+        let args: Args = args.into();
         let mut results: BTreeMap<MemberId, Result<Value>> = BTreeMap::new();
         let mut pending: BTreeMap<usize, RequestId> = BTreeMap::new();
         for &id in ids {
-            let args = match &args {
-                Ok(args) => args.clone(),
-                Err(err) => {
-                    results.insert(id, Err(Error::qmp(command, qmp_client::Error::Closed)));
-                    log::debug!("{id}: bad arguments: {err}");
-                    continue;
-                }
-            };
             let Some(member) = self.members.get_mut(id.0) else {
                 results.insert(id, Err(Error::NotRunning));
                 continue;
             };
-            let mut cmd = Command::new(command);
-            if let Some(args) = args {
-                cmd = cmd.with_arguments(args);
-            }
-            match member.machine.qmp_connection() {
-                Ok(conn) => match conn.submit(cmd) {
-                    Ok(request) => {
-                        pending.insert(id.0, request);
-                    }
-                    Err(source) => {
-                        results.insert(id, Err(Error::qmp(command, source)));
-                    }
-                },
+            match member.machine.submit(command, args.clone()) {
+                Ok(request) => {
+                    pending.insert(id.0, request);
+                }
                 Err(err) => {
                     results.insert(id, Err(err));
                 }
             }
         }
-        if command == "quit" {
-            for &i in pending.keys() {
-                self.members[i].machine.note_quit_sent();
-            }
-        }
         let started = Instant::now();
         while !pending.is_empty() {
-            let ready = self.poll_once(deadline);
+            self.turn(deadline);
             let timed_out = Instant::now() >= deadline;
             let mut done = Vec::new();
             for (&i, &request) in &pending {
-                if !ready.contains(&i) && !timed_out {
-                    continue;
-                }
-                let Ok(conn) = self.members[i].machine.qmp_connection() else {
-                    done.push((i, Err(Error::NotRunning)));
-                    continue;
-                };
-                match conn.take_reply(request) {
-                    Some(Ok(reply)) => done.push((i, Ok(reply))),
-                    Some(Err(source)) => done.push((i, Err(Error::qmp(command, source)))),
+                let machine = &mut self.members[i].machine;
+                match machine.take_reply(request) {
+                    Some(reply) => done.push((i, reply.map_err(|e| rename(e, command)))),
+                    None if machine.state() == MachineState::Exited => {
+                        done.push((i, Err(Error::qmp(command, qmp_client::Error::Closed))));
+                    }
                     None if timed_out => {
-                        conn.session_mut().abandon(request);
+                        if let Ok(conn) = machine.qmp_connection() {
+                            conn.session_mut().abandon(request);
+                        }
                         done.push((
                             i,
                             Err(Error::qmp(
@@ -454,7 +404,6 @@ impl Fleet {
             }
             for (i, result) in done {
                 pending.remove(&i);
-                let result = result.map(|reply: ServerMessage| reply_value(reply));
                 results.insert(MemberId(i), result);
             }
         }
@@ -467,9 +416,9 @@ impl Fleet {
     }
 
     /// Waits up to `timeout` for the first event matching any of `filters` (every event when
-    /// `filters` is empty) from any running member, and says which member sent it. Events
-    /// already queued count (oldest member first); other events stay queued for
-    /// [`Machine::events`]. [`Error::EventTimeout`](crate::Error) when none came.
+    /// `filters` is empty) from any member, and says which member sent it. Events already
+    /// queued count (lowest member first); other events stay queued for [`Machine::events`].
+    /// [`Error::Qmp`] with [`qmp_client::Error::EventTimeout`] when none came.
     pub fn event_wait(
         &mut self,
         filters: &[EventFilter],
@@ -478,15 +427,7 @@ impl Fleet {
         let deadline = Instant::now() + timeout;
         loop {
             for (i, member) in self.members.iter_mut().enumerate() {
-                if !member.registered || member.launching {
-                    continue;
-                }
-                let Ok(conn) = member.machine.qmp_connection() else {
-                    continue;
-                };
-                let found = conn.session_mut().take_matching_event(filters, 0);
-                if let Some(event) = found {
-                    member.machine.note_event(&event);
+                if let Some(event) = member.machine.take_event(filters) {
                     return Ok((MemberId(i), event));
                 }
             }
@@ -503,75 +444,96 @@ impl Fleet {
                     },
                 ));
             }
-            self.poll_once(deadline);
+            self.turn(deadline);
         }
     }
 
-    /// Shuts every running member down at once: `quit` to all, then up to `timeout` for all
-    /// to exit together, then SIGKILL for the ones still there; each is reaped and gets its
-    /// [`ExitReport`]. A member that had to be killed gets [`Error::AbnormalShutdown`] (its
-    /// report inside, the cause [`Error::ExitTimeout`]); one whose monitor was already gone
-    /// gets SIGTERM instead of `quit`, as the ladder's `quit` step does. Members that exited
-    /// by themselves are collected too (their report says how they ended); members that
-    /// were never launched are left out.
+    /// Shuts every member down at once through the shutdown ladder
+    /// [`ShutdownLadder::graceful`]`(timeout)` (`quit`, up to `timeout` for the exit, then
+    /// SIGKILL), all ladders walked together, and collects each member's [`ExitReport`] (a
+    /// member that had to be killed gets [`Error::AbnormalShutdown`], as from
+    /// [`Machine::shutdown`]). Members that ended by themselves since their launch are
+    /// collected too (their report says how they ended); members never launched are left out.
     pub fn shutdown_all(&mut self, timeout: Duration) -> Replies<ExitReport> {
-        let ids: Vec<MemberId> = self
-            .ids()
-            .filter(|id| self.members[id.0].machine.has_run())
-            .collect();
-        let asked: Vec<MemberId> = ids
-            .iter()
-            .copied()
-            .filter(|id| {
-                let member = &self.members[id.0];
-                !member.launching && member.machine.is_running()
-            })
-            .collect();
-        // The quit replies are not waited for: the exits are.
-        for &id in &asked {
-            let machine = &mut self.members[id.0].machine;
-            let sent = match machine.qmp_connection() {
-                Ok(conn) => conn.is_connected() && conn.submit(Command::new("quit")).is_ok(),
-                Err(_) => false,
-            };
-            if sent {
-                machine.note_quit_sent();
-            } else if let Err(err) = machine.send_signal(libc::SIGTERM) {
-                log::debug!("{id}: SIGTERM: {err}");
+        self.shutdown_all_with(&ShutdownLadder::graceful(timeout))
+    }
+
+    /// [`Fleet::shutdown_all`] with any ladder (the same for every member).
+    pub fn shutdown_all_with(&mut self, ladder: &ShutdownLadder) -> Replies<ExitReport> {
+        // Read what is there first: members that have ended are collected, not stopped.
+        self.turn(Instant::now());
+        let mut ids = Vec::new();
+        let mut stopping = BTreeSet::new();
+        for i in 0..self.members.len() {
+            let member = &mut self.members[i];
+            if member.ended.is_some() {
+                ids.push(i);
+                continue;
+            }
+            if !member.registered {
+                continue;
+            }
+            ids.push(i);
+            match member.machine.shutdown_begin(ladder) {
+                Ok(()) if member.machine.state() == MachineState::Exited => {
+                    member.registered = false;
+                    member.ended = member.machine.exit_report().cloned().map(Ok);
+                }
+                Ok(()) => {
+                    stopping.insert(i);
+                }
+                Err(err) => {
+                    member.registered = false;
+                    member.ended = Some(Err(err));
+                }
             }
         }
-        let deadline = Instant::now() + timeout;
-        let mut alive: BTreeSet<usize> = asked.iter().map(|id| id.0).collect();
-        while !alive.is_empty() {
-            let ready = self.poll_once(deadline);
-            let now = Instant::now();
-            alive.retain(|i| !(ready.contains(i) && self.members[*i].machine.has_exited()));
-            if now >= deadline {
-                alive.retain(|i| !self.members[*i].machine.has_exited());
-                break;
-            }
-        }
-        for &i in &alive {
-            if let Err(err) = self.members[i].machine.send_signal(libc::SIGKILL) {
-                log::debug!("#{i}: SIGKILL: {err}");
-            }
+        while !stopping.is_empty() {
+            let deadline = self
+                .next_deadline(&stopping)
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            self.turn(deadline);
+            stopping.retain(|&i| self.members[i].ended.is_none());
         }
         ids.into_iter()
-            .map(|id| {
-                let member = &mut self.members[id.0];
-                member.registered = false;
-                member.launching = false;
-                let result = member.machine.shutdown_with(&ShutdownLadder::hard());
-                let result = match result {
-                    Ok(report) if alive.contains(&id.0) => Err(Error::AbnormalShutdown {
-                        report: Box::new(report),
-                        cause: Box::new(Error::ExitTimeout { waited: timeout }),
-                    }),
-                    other => other,
-                };
-                (id, result)
+            .map(|i| {
+                let member = &mut self.members[i];
+                let result = member.ended.take().unwrap_or(Err(Error::NotRunning));
+                (MemberId(i), result)
             })
             .collect()
+    }
+}
+
+/// A command's error under the command's name (the stepping API names replies `reply`).
+fn rename(err: Error, command: &str) -> Error {
+    match err {
+        Error::Qmp { source, .. } => Error::qmp(command, source),
+        other => other,
+    }
+}
+
+/// The error a ladder ended with, kept for the shutdown's result (errors are not `Clone`;
+/// the ones a ladder ends with carry their report or their numbers, others their text).
+fn clone_shutdown_error(err: &Error) -> Error {
+    match err {
+        Error::AbnormalShutdown { report, cause } => Error::AbnormalShutdown {
+            report: report.clone(),
+            cause: Box::new(clone_shutdown_error(cause)),
+        },
+        Error::ExitTimeout { waited } => Error::ExitTimeout { waited: *waited },
+        Error::ReapTimeout { pid, waited } => Error::ReapTimeout {
+            pid: *pid,
+            waited: *waited,
+        },
+        Error::StepFailed { step, detail } => Error::StepFailed {
+            step: step.clone(),
+            detail: detail.clone(),
+        },
+        other => Error::StepFailed {
+            step: "shutdown".into(),
+            detail: other.to_string(),
+        },
     }
 }
 
@@ -579,9 +541,7 @@ impl Drop for Fleet {
     /// Kills every running member at once, then reaps each (dropping its [`Machine`]).
     fn drop(&mut self) {
         for member in &mut self.members {
-            if member.machine.has_run() {
-                let _ = member.machine.send_signal(libc::SIGKILL);
-            }
+            let _ = member.machine.send_signal(libc::SIGKILL);
         }
         // The machines' own drops reap them and clean up.
     }

@@ -179,7 +179,7 @@ pub use crate::agent::{AgentChannel, AGENT_CHARDEV};
 pub use crate::argv::{escape_os_value, escape_value, split_options, CommandLine};
 pub use crate::config::{ConsoleSettings, MachineBuilder, Monitor, DEFAULT_OUTPUT_CAPACITY};
 pub use crate::error::{Error, Result};
-pub use crate::fleet::{Fleet, MemberId, MemberState, Replies};
+pub use crate::fleet::{Fleet, MemberId, Replies};
 pub use crate::ladder::{
     ShutdownLadder, Step, StepOutcome, StepRecord, DEFAULT_GRACEFUL_TIMEOUT, DEFAULT_REAP_TIMEOUT,
 };

@@ -145,7 +145,7 @@ enum Handshake<'a> {
     /// Waited for here, also ending when the caller's abort fd (if any) turns readable.
     Blocking(Option<BorrowedFd<'a>>),
     /// Left to [`Machine::launch_step`], driven by the owner's poll; the output pipe is then
-    /// read by the owner too ([`Machine::pump_output`]), not by a thread.
+    /// read by [`Machine::step`] too, not by a thread.
     Stepped,
 }
 
@@ -747,20 +747,6 @@ impl Machine {
         self.launch_ended(Err(err)).map(|()| None)
     }
 
-    /// QEMU's pidfd while it runs (readable once it has exited), for an owner's poll.
-    pub(crate) fn launch_pidfd(&self) -> Option<BorrowedFd<'_>> {
-        self.run.as_ref().map(|run| run.child.pidfd())
-    }
-
-    /// The read end of QEMU's output pipe after [`Machine::launch_begin`], for an owner's
-    /// poll (readable, edge-triggered); read it with [`Machine::pump_output`].
-    pub(crate) fn output_fd(&self) -> Option<BorrowedFd<'_>> {
-        self.run
-            .as_ref()
-            .and_then(|run| run.output.as_ref())
-            .and_then(OutputDrain::stepped_fd)
-    }
-
     /// Reads QEMU's output after [`Machine::launch_begin`], up to a budget; true if input
     /// may be left (call again without waiting for readiness).
     pub(crate) fn pump_output(&mut self) -> bool {
@@ -768,18 +754,6 @@ impl Machine {
             .as_mut()
             .and_then(|run| run.output.as_mut())
             .is_some_and(OutputDrain::pump)
-    }
-
-    /// Whether a run exists (running, or exited and not yet collected by a shutdown).
-    pub(crate) fn has_run(&self) -> bool {
-        self.run.is_some()
-    }
-
-    /// Whether QEMU has exited (reaping it if so); false when not running.
-    pub(crate) fn has_exited(&mut self) -> bool {
-        self.run
-            .as_mut()
-            .is_some_and(|run| matches!(run.child.try_reap(), Ok(Some(_))))
     }
 
     /// Sends `signal` to QEMU now (no wait), for an owner stopping many machines at once.
@@ -1207,12 +1181,6 @@ impl Machine {
             self.quit_sent = true;
         }
         result.map_err(|source| Error::qmp(command, source))
-    }
-
-    /// Remembers that a `quit` went to QEMU by another way than [`Machine::cmd`] (a
-    /// [`crate::Fleet`] sends it without waiting for the reply).
-    pub(crate) fn note_quit_sent(&mut self) {
-        self.quit_sent = true;
     }
 
     pub(crate) fn note_event(&mut self, event: &Event) {
