@@ -100,7 +100,8 @@ pub fn run(settings: &Settings) -> Result<Vec<Figure>, String> {
         qemu.event_burst(figure, readers, rounds.min(5), pairs, slow)?;
     }
     if wanted[3] {
-        qemu.memory(&mut memory, settings.pick(100, 20), rounds.min(5))?;
+        // Within the default limit of 64 clients at once.
+        qemu.memory(&mut memory, settings.pick(60, 20), rounds.min(5))?;
     }
     let stats = qemu.finish()?;
     let mut figures = Vec::new();
