@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -1548,36 +1548,23 @@ fn check_executable(program: &Path) -> Result<()> {
 /// QEMU itself unlinks whatever is at a `-qmp unix:PATH,server=on` path before binding it, so
 /// call this on such paths before launching QEMU.
 pub fn prepare_socket_path(path: &Path) -> Result<()> {
-    let len = path.as_os_str().len();
-    if len > UNIX_PATH_MAX {
-        return Err(Error::SocketPathTooLong {
-            path: path.to_owned(),
-            len,
-            limit: UNIX_PATH_MAX,
-        });
-    }
-    match std::fs::symlink_metadata(path) {
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(Error::OpenFile {
+    // One check for every socket we or QEMU bind: qmp-client's (the shared monitor uses it).
+    qmp_client::clear_stale_socket(path).map_err(|err| match err {
+        qmp_client::Error::PathTooLong { path, len, limit } => {
+            Error::SocketPathTooLong { path, len, limit }
+        }
+        qmp_client::Error::NotASocket { path } | qmp_client::Error::SocketInUse { path } => {
+            Error::SocketPathInUse { path }
+        }
+        qmp_client::Error::Bind { source, .. } => Error::OpenFile {
             path: path.to_owned(),
             source,
-        }),
-        Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
-            Err(err) if err.kind() == io::ErrorKind::ConnectionRefused => {
-                log::info!("removing stale socket {}", path.display());
-                std::fs::remove_file(path).map_err(|source| Error::OpenFile {
-                    path: path.to_owned(),
-                    source,
-                })
-            }
-            _ => Err(Error::SocketPathInUse {
-                path: path.to_owned(),
-            }),
         },
-        Ok(_) => Err(Error::SocketPathInUse {
+        other => Error::OpenFile {
             path: path.to_owned(),
-        }),
-    }
+            source: io::Error::other(other.to_string()),
+        },
+    })
 }
 
 #[cfg(test)]

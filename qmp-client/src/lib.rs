@@ -144,7 +144,7 @@ pub use config::{Config, OobPolicy, OverflowPolicy};
 pub use connection::{Connection, PROCESS_BUDGET};
 pub use driver::{Owned, OwnedGuard, SessionGuard, Sharing};
 pub use error::{Error, Result};
-pub use listener::Listener;
+pub use listener::{clear_stale_socket, Listener};
 pub use mux::{
     ClientId, ClientInfo, DropReason, Mux, MuxConfig, MuxServer, MuxStats, QuitPolicy, ShareAddress,
 };

@@ -1,8 +1,9 @@
 //! Server mode: we listen (backlog 1), QEMU connects to us (`-qmp unix:PATH` without `server`).
 
+use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -228,5 +229,50 @@ impl Drop for Listener {
             }
             _ => {}
         }
+    }
+}
+
+/// Makes `path` free for a unix socket: nothing there is fine; a socket nobody listens on (a
+/// stale one) is removed; a live socket is [`Error::SocketInUse`] and any other file (a
+/// regular file, a symlink, a directory) [`Error::NotASocket`]: never replaced. Checks the
+/// length first ([`Error::PathTooLong`]). The probe is a nonblocking connect, so a listener
+/// with a full backlog counts as live instead of blocking us.
+pub fn clear_stale_socket(path: &Path) -> Result<()> {
+    sys::check_unix_path(path)?;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(Error::Bind {
+                address: path.display().to_string(),
+                source: e,
+            })
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(Error::NotASocket {
+            path: path.to_owned(),
+        });
+    }
+    // A nonblocking connect: refused at once when nothing listens; a full backlog
+    // (`WouldBlock`) means something does.
+    match mio::net::UnixStream::connect(path) {
+        Ok(_) => Err(Error::SocketInUse {
+            path: path.to_owned(),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(Error::SocketInUse {
+            path: path.to_owned(),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            info!("removing stale socket {}", path.display());
+            std::fs::remove_file(path).map_err(|e| Error::Bind {
+                address: path.display().to_string(),
+                source: e,
+            })
+        }
+        Err(e) => Err(Error::Bind {
+            address: path.display().to_string(),
+            source: e,
+        }),
     }
 }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use log::{debug, info, warn};
@@ -16,7 +16,7 @@ use mio::{Interest, Registry, Token};
 use super::core::{ClientId, Mux, MuxStats};
 use crate::error::{Error, Result};
 use crate::io::{read_chunk, Chunk, Stream, READ_BUDGET, READ_CHUNK};
-use crate::listener::Listener;
+use crate::listener::{clear_stale_socket, Listener};
 use crate::session::Session;
 use crate::sys;
 
@@ -411,47 +411,6 @@ fn describe_peer(stream: &Stream) -> String {
             Ok(addr) => format!("tcp {addr}"),
             Err(_) => "tcp".to_owned(),
         },
-    }
-}
-
-/// Removes `path` when it is a socket nobody listens on; refuses any other existing file.
-fn clear_stale_socket(path: &Path) -> Result<()> {
-    sys::check_unix_path(path)?;
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => {
-            return Err(Error::Bind {
-                address: path.display().to_string(),
-                source: e,
-            })
-        }
-    };
-    if !meta.file_type().is_socket() {
-        return Err(Error::NotASocket {
-            path: path.to_owned(),
-        });
-    }
-    // A nonblocking connect: refused at once when nothing listens; a full backlog
-    // (`WouldBlock`) means something does.
-    match mio::net::UnixStream::connect(path) {
-        Ok(_) => Err(Error::SocketInUse {
-            path: path.to_owned(),
-        }),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(Error::SocketInUse {
-            path: path.to_owned(),
-        }),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            info!("removing stale socket {}", path.display());
-            std::fs::remove_file(path).map_err(|e| Error::Bind {
-                address: path.display().to_string(),
-                source: e,
-            })
-        }
-        Err(e) => Err(Error::Bind {
-            address: path.display().to_string(),
-            source: e,
-        }),
     }
 }
 
