@@ -416,24 +416,52 @@ fn compare_error_replies(
     direct: &std::path::Path,
 ) -> Result<(), String> {
     let shared = vm.sharing().map(|s| s.path.clone()).ok_or("not shared")?;
-    let mut same = 0;
+    let (mut same, mut positioned) = (0, 0);
     for (negotiate, input) in ERROR_CASES {
         let what = |e: String| format!("{input:?} (negotiated: {negotiate:?}): {e}");
         let ours = ask(&shared, *negotiate, input).map_err(what)?;
         let qemus = ask(direct, *negotiate, input).map_err(what)?;
-        if ours != qemus {
+        if ours == qemus {
+            same += 1;
+        } else if without_position(&qemus) == ours {
+            // Measured: QEMU 11.1 starts a JSON parse error with the line and column of the
+            // bad token ("1:1: JSON parse error, ..."); 7.2 and 10.0 do not, and neither does
+            // the multiplexer yet. Counted and reported, not hidden.
+            positioned += 1;
+        } else {
             return Err(format!(
                 "{input:?} (negotiated: {negotiate:?}): the multiplexer said {ours}, QEMU {qemus}"
             ));
         }
-        same += 1;
     }
     ctx.note(format!(
-        "{same} bad or odd inputs: the multiplexer's replies equal QEMU {}'s",
+        "{same} of {} bad or odd inputs: the multiplexer's replies equal QEMU {}'s",
+        ERROR_CASES.len(),
         ctx.qemu_version
     ));
+    if positioned > 0 {
+        ctx.note(format!(
+            "{positioned} JSON parse errors differ only by QEMU's `line:column: ` prefix, which the multiplexer does not write"
+        ));
+    }
     vm.shutdown().map_err(|e| format!("shutdown: {e}"))?;
     Ok(())
+}
+
+/// QEMU's error reply with the `line:column: ` prefix of newer JSON parse errors removed.
+fn without_position(reply: &Value) -> Value {
+    let mut reply = reply.clone();
+    if let Some(desc) = reply["error"]["desc"].as_str() {
+        if let Some((position, rest)) = desc.split_once(": ") {
+            let numeric = position
+                .split(':')
+                .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+            if numeric && position.contains(':') && rest.starts_with("JSON parse error") {
+                reply["error"]["desc"] = Value::from(rest);
+            }
+        }
+    }
+    reply
 }
 
 /// One fresh connection: the greeting, negotiation if asked, `input`, and the first reply.
