@@ -646,7 +646,7 @@ mod tests {
 
     #[test]
     fn quit_already_sent_is_not_sent_again() {
-        let mut fake = Fake::new(&[]);
+        let mut fake = Fake::new(&["SIGKILL"]);
         fake.quit_sent = true;
         fake.alive = true;
         let run = run(&mut fake, &ShutdownLadder::graceful(T));
@@ -657,7 +657,7 @@ mod tests {
     #[test]
     fn after_our_quit_a_closed_monitor_means_waiting_not_sigterm() {
         // The user's `quit` closed the monitor: the Quit step waits for the exit it asked for.
-        let mut fake = Fake::new(&[]);
+        let mut fake = Fake::new(&["SIGKILL"]);
         fake.quit_sent = true;
         fake.qmp = false;
         let run = run(&mut fake, &ShutdownLadder::graceful(T));
