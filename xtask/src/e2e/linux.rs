@@ -266,7 +266,7 @@ fn shell_and_agent(ctx: &Ctx) -> Result<(), String> {
 /// One raw `guest-ping` on the agent socket (nonblocking, as the client set it): write, then
 /// poll and read until a whole reply line. Line ends left over from the client's previous
 /// reply (the client returns at the closing brace) are skipped, not taken for the reply.
-fn raw_ping(stream: &std::os::unix::net::UnixStream) -> Result<(), String> {
+pub(crate) fn raw_ping(stream: &std::os::unix::net::UnixStream) -> Result<(), String> {
     use std::io::Read;
     use std::os::fd::AsFd;
     (&*stream)

@@ -37,7 +37,7 @@ mod cli;
 mod client;
 mod console;
 mod guest;
-mod linux;
+pub(crate) mod linux;
 mod machine;
 mod mux;
 mod qtest;
