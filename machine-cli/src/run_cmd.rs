@@ -806,7 +806,7 @@ fn stop_ladder(step: Duration) -> ShutdownLadder {
         Step::Powerdown { timeout: step },
         Step::Quit { timeout: step },
         Step::Signal {
-            signal: nix::sys::signal::Signal::SIGTERM as i32,
+            signal: nix::sys::signal::Signal::SIGTERM,
             timeout: SIGTERM_TIMEOUT,
         },
     ])

@@ -6,6 +6,7 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use crate::report::format_duration;
+use crate::Signal;
 
 /// The default graceful timeout, as `shutdown(timeout=30)` in QEMU's Python `qemu.machine`.
 pub const DEFAULT_GRACEFUL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -36,10 +37,10 @@ pub enum Step {
         /// Budget for the command and the exit together.
         timeout: Duration,
     },
-    /// Send `signal` (e.g. `libc::SIGTERM`) and wait up to `timeout`.
+    /// Send `signal` (e.g. [`Signal::SIGTERM`]) and wait up to `timeout`.
     Signal {
-        /// The signal number.
-        signal: i32,
+        /// The signal to send.
+        signal: Signal,
         /// How long to wait for the exit.
         timeout: Duration,
     },
@@ -78,7 +79,7 @@ impl fmt::Display for Step {
             Step::Signal { signal, timeout } => write!(
                 f,
                 "{}, wait {}",
-                crate::process::signal_name(*signal),
+                crate::process::signal_name(*signal as i32),
                 wait(timeout)
             ),
             Step::Kill { timeout } => write!(f, "SIGKILL, reap within {}", wait(timeout)),
@@ -140,7 +141,7 @@ impl ShutdownLadder {
             Step::Powerdown { timeout: powerdown },
             Step::Quit { timeout: quit },
             Step::Signal {
-                signal: libc::SIGTERM,
+                signal: Signal::SIGTERM,
                 timeout: sigterm,
             },
         ])
@@ -372,7 +373,7 @@ impl Walk {
             Step::Powerdown { .. } | Step::Quit { .. } if !ops.has_qmp() => {
                 if let Step::Quit { timeout } = configured {
                     rung.step = Step::Signal {
-                        signal: libc::SIGTERM,
+                        signal: Signal::SIGTERM,
                         timeout,
                     };
                     send_signal(ops, libc::SIGTERM, &mut rung);
@@ -393,7 +394,7 @@ impl Walk {
                     Err(error) => take_request_error(ops, command, error, &mut rung),
                 }
             }
-            Step::Signal { signal, .. } => send_signal(ops, signal, &mut rung),
+            Step::Signal { signal, .. } => send_signal(ops, signal as i32, &mut rung),
             Step::Kill { .. } => send_signal(ops, libc::SIGKILL, &mut rung),
         }
         rung
@@ -611,7 +612,7 @@ mod tests {
         assert_eq!(fake.log, vec!["system_powerdown", "quit", "SIGTERM"]);
         assert_eq!(run.ended_at, Some(2));
         assert!(
-            matches!(run.records[2].step, Step::Signal { signal, .. } if signal == libc::SIGTERM)
+            matches!(run.records[2].step, Step::Signal { signal, .. } if signal == Signal::SIGTERM)
         );
     }
 
@@ -626,7 +627,7 @@ mod tests {
             StepOutcome::Skipped { .. }
         ));
         assert!(
-            matches!(run.records[1].step, Step::Signal { signal, .. } if signal == libc::SIGTERM)
+            matches!(run.records[1].step, Step::Signal { signal, .. } if signal == Signal::SIGTERM)
         );
         assert_eq!(run.ended_at, Some(1));
     }

@@ -189,3 +189,5 @@ pub use crate::machine::{
 pub use crate::process::{signal_name, ExitStatus};
 pub use crate::report::{format_duration, EndedBy, ExitReport, ShutdownEvent};
 pub use crate::share::SharingInfo;
+/// The signal type of [`Step::Signal`] (nix's), so callers need no nix of their own.
+pub use nix::sys::signal::Signal;

@@ -307,7 +307,11 @@ pub(crate) fn classify(facts: &Facts<'_>) -> EndedBy {
         Some(Step::Kill { .. }) if killed => return EndedBy::Kill,
         // Reaped by the kernel (SIGCHLD ignored): no status tells, the step does.
         Some(Step::Kill { .. }) if facts.status == ExitStatus::UNKNOWN => return EndedBy::Kill,
-        Some(Step::Signal { signal, .. }) => return EndedBy::OurSignal { signal },
+        Some(Step::Signal { signal, .. }) => {
+            return EndedBy::OurSignal {
+                signal: signal as i32,
+            }
+        }
         Some(Step::Quit { .. }) => return EndedBy::Quit,
         Some(Step::Powerdown { .. }) => {
             return EndedBy::Powerdown {
@@ -536,7 +540,7 @@ mod tests {
         // Exit during our SIGTERM step.
         let mut f = facts(ExitStatus::Code(0), &[libc::SIGTERM], Some(&host));
         f.ended_during = Some(Step::Signal {
-            signal: libc::SIGTERM,
+            signal: crate::Signal::SIGTERM,
             timeout: Duration::from_secs(1),
         });
         assert_eq!(

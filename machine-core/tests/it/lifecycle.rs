@@ -249,7 +249,9 @@ fn no_qmp_mode_uses_sigterm() {
         }
     );
     assert_eq!(report.status.signal(), Some(libc::SIGTERM));
-    assert!(matches!(report.steps[0].step, Step::Signal { signal, .. } if signal == libc::SIGTERM));
+    assert!(
+        matches!(report.steps[0].step, Step::Signal { signal, .. } if signal == machine_core::Signal::SIGTERM)
+    );
 }
 
 #[test]
@@ -466,7 +468,7 @@ fn a_dead_monitor_makes_the_quit_step_a_sigterm_not_a_wasted_wait() {
         }
     );
     assert!(
-        matches!(report.steps[0].step, Step::Signal { signal, .. } if signal == libc::SIGTERM),
+        matches!(report.steps[0].step, Step::Signal { signal, .. } if signal == machine_core::Signal::SIGTERM),
         "{:?}",
         report.steps
     );
