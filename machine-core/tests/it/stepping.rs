@@ -111,7 +111,13 @@ fn three_machines_from_one_poll_launch_command_wait_and_shut_down() {
     for m in machines.iter_mut() {
         m.shutdown_begin(&ShutdownLadder::graceful(Duration::from_secs(10)))
             .expect("shutdown_begin");
-        assert!(matches!(m.state(), MachineState::Stopping { .. }));
+        // Stopping, or already Exited when the stub answered the quit and exited before
+        // `shutdown_begin` returned (it enters the first step at once).
+        let state = m.state();
+        assert!(
+            matches!(state, MachineState::Stopping { .. } | MachineState::Exited),
+            "{state:?}"
+        );
     }
     let mut seen = [false; 3];
     drive(&mut poll, &mut machines, deadline, |i, m| {

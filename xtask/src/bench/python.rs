@@ -116,7 +116,10 @@ pub(crate) fn venv_python() -> Result<PathBuf, String> {
     let python = venv.join("bin/python");
     let importable = |python: &Path| {
         Command::new(python)
-            .args(["-c", "import qemu.qmp"])
+            .args([
+                "-c",
+                "from qemu.qmp import EventListener, ExecuteError, QMPClient",
+            ])
             .output()
             .is_ok_and(|o| o.status.success())
     };
@@ -140,15 +143,37 @@ pub(crate) fn venv_python() -> Result<PathBuf, String> {
             ))
         }
     };
+    // A venv left half-made (a full disk, an interrupted pip) is removed and made again, and
+    // one that fails now is removed too, so no later run picks up a broken install.
+    let remove = || match std::fs::remove_dir_all(&venv) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(format!("cannot remove {}: {e}", venv.display()))
+        }
+        _ => Ok(()),
+    };
+    remove()?;
     let venv_arg = venv.to_string_lossy().into_owned();
-    run(Path::new("python3"), &["-m", "venv", &venv_arg])?;
-    run(
-        &venv.join("bin/pip"),
-        &["install", "--quiet", "--disable-pip-version-check", PACKAGE],
-    )?;
-    if importable(&python) {
-        Ok(python)
-    } else {
-        Err(format!("{PACKAGE} installed but `import qemu.qmp` fails"))
+    let made = run(Path::new("python3"), &["-m", "venv", &venv_arg])
+        .and_then(|()| {
+            run(
+                &venv.join("bin/pip"),
+                &["install", "--quiet", "--disable-pip-version-check", PACKAGE],
+            )
+        })
+        .and_then(|()| {
+            if importable(&python) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{PACKAGE} installed but `from qemu.qmp import ...` fails"
+                ))
+            }
+        });
+    match made {
+        Ok(()) => Ok(python),
+        Err(why) => {
+            remove()?;
+            Err(why)
+        }
     }
 }
