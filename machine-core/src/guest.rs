@@ -50,8 +50,8 @@
 //!
 //! `N` and `CODE` are 1 to 9 decimal digits. Error lines: `ERR unknown command: LINE (try
 //! help)`,
-//! `ERR bad number`, `ERR line too long`, `ERR no isa-debug-exit device` (the exit write had no
-//! effect), `ERR no ACPI PM found` (no known chipset), `ERR poweroff failed` (still running one
+//! `ERR bad number`, `ERR line too long`, `ERR no isa-debug-exit device` (QEMU still runs one
+//! second after the exit write, or at once where there is no ACPI PM timer to time it), `ERR no ACPI PM found` (no known chipset), `ERR poweroff failed` (still running one
 //! second after the S5 write, timed with the ACPI PM timer).
 //!
 //! ```no_run
@@ -790,11 +790,28 @@ impl Program {
         self.print(l, &marker);
         self.asm.ret();
 
-        // exit(eax = CODE): the isa-debug-exit write ends QEMU synchronously; if we are still
-        // here, there is no such device.
+        // exit(eax = CODE): on QEMU 7.2 the isa-debug-exit write ends QEMU synchronously; from
+        // QEMU 10 on it is a shutdown request that QEMU's main loop carries out a little later,
+        // while this vCPU runs on. So wait up to one second of ACPI PM timer (where there is
+        // one) before saying there is no such device.
+        let no_device = self.asm.label();
         self.asm.bind(l.exit);
-        self.asm.mov_imm(R32::Edx, u32::from(DEBUG_EXIT_IOBASE));
-        self.asm.out_dx_eax();
+        let a = &mut self.asm;
+        a.mov_imm(R32::Edx, u32::from(DEBUG_EXIT_IOBASE));
+        a.out_dx_eax();
+        a.load(R32::Edx, l.pm_base);
+        a.test(R32::Edx, R32::Edx);
+        a.jcc(Cond::E, no_device);
+        a.add_imm(R32::Edx, PM_TMR);
+        a.in_eax_dx();
+        a.mov(R32::Ecx, R32::Eax);
+        let wait = a.bound_label();
+        a.in_eax_dx();
+        a.sub(R32::Eax, R32::Ecx);
+        a.and_imm(R32::Eax, 0x00ff_ffff);
+        a.cmp_imm(R32::Eax, PM_TIMER_HZ);
+        a.jcc(Cond::B, wait);
+        self.asm.bind(no_device);
         self.print(l, b"ERR no isa-debug-exit device\r\n");
         self.asm.ret();
 
