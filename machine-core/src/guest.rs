@@ -365,6 +365,22 @@ impl Program {
         self.asm.call(l.puts);
     }
 
+    /// Busy-waits one second of ACPI PM timer (24-bit, wrapping); the PM base must be known
+    /// (clobbers EAX, ECX, EDX).
+    fn wait_pm_second(&mut self, l: &Labels) {
+        let a = &mut self.asm;
+        a.load(R32::Edx, l.pm_base);
+        a.add_imm(R32::Edx, PM_TMR);
+        a.in_eax_dx();
+        a.mov(R32::Ecx, R32::Eax);
+        let wait = a.bound_label();
+        a.in_eax_dx();
+        a.sub(R32::Eax, R32::Ecx);
+        a.and_imm(R32::Eax, 0x00ff_ffff);
+        a.cmp_imm(R32::Eax, PM_TIMER_HZ);
+        a.jcc(Cond::B, wait);
+    }
+
     /// `mov edx, port; mov al, value; out dx, al`.
     fn outb(&mut self, port: u32, value: u8) {
         self.asm.mov_imm(R32::Edx, port);
@@ -802,15 +818,7 @@ impl Program {
         a.load(R32::Edx, l.pm_base);
         a.test(R32::Edx, R32::Edx);
         a.jcc(Cond::E, no_device);
-        a.add_imm(R32::Edx, PM_TMR);
-        a.in_eax_dx();
-        a.mov(R32::Ecx, R32::Eax);
-        let wait = a.bound_label();
-        a.in_eax_dx();
-        a.sub(R32::Eax, R32::Ecx);
-        a.and_imm(R32::Eax, 0x00ff_ffff);
-        a.cmp_imm(R32::Eax, PM_TIMER_HZ);
-        a.jcc(Cond::B, wait);
+        self.wait_pm_second(l);
         self.asm.bind(no_device);
         self.print(l, b"ERR no isa-debug-exit device\r\n");
         self.asm.ret();
@@ -830,16 +838,7 @@ impl Program {
         a.add_imm(R32::Edx, PM1A_CNT);
         a.mov_imm(R32::Eax, SLP_EN);
         a.out_dx_ax();
-        a.load(R32::Edx, l.pm_base);
-        a.add_imm(R32::Edx, PM_TMR);
-        a.in_eax_dx();
-        a.mov(R32::Ecx, R32::Eax);
-        let wait = a.bound_label();
-        a.in_eax_dx();
-        a.sub(R32::Eax, R32::Ecx);
-        a.and_imm(R32::Eax, 0x00ff_ffff);
-        a.cmp_imm(R32::Eax, PM_TIMER_HZ);
-        a.jcc(Cond::B, wait);
+        self.wait_pm_second(l);
         self.print(l, b"ERR poweroff failed\r\n");
         self.asm.ret();
         self.asm.bind(no_pm);
