@@ -4,7 +4,6 @@
 //! channel is a UART, so both sides are dominated by the guest's serial path; the figure shows
 //! what the client adds on top. Target: at most 1.1x the raw loop.
 
-use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use machine_core::console_socket::Pattern;
@@ -12,7 +11,7 @@ use machine_core::linux::{PROMPT, READY_LINE};
 use machine_core::qmp_client::{Agent, AgentConfig};
 use machine_core::MachineBuilder;
 
-use crate::e2e::linux::raw_ping;
+use crate::e2e::linux::{agent_channel, raw_ping};
 
 use super::{measure, Cpu, Figure, Settings, Target};
 
@@ -31,22 +30,14 @@ pub fn run(settings: &Settings) -> Result<Vec<Figure>, String> {
     }
     let (rounds, per_round) = settings.pick((15, 20), (3, 5));
     let guest = crate::qemu::ensure_linux_guest()?;
-    // The agent channel by hand (as the e2e scenario does), so the raw loop and the client
-    // share one socket, one after the other.
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
     let mut builder = MachineBuilder::new(crate::qemu::binary());
     builder
         .machine_type("q35")
         .console()
         .base_temp_dir(&settings.scratch)
         .args(guest.qemu_args());
-    let fd = builder.pass_fd(OwnedFd::from(theirs));
-    builder.args([
-        "-chardev".to_string(),
-        format!("socket,id=qga0,fd={fd}"),
-        "-device".to_string(),
-        "isa-serial,chardev=qga0".to_string(),
-    ]);
+    // The channel by hand, as the e2e scenario does: the raw loop and the client share it.
+    let ours = agent_channel(&mut builder)?;
     let mut vm = builder.build();
     let started = Instant::now();
     vm.launch()

@@ -119,21 +119,12 @@ fn shell(vm: &mut Machine, command: &str, timeout: Duration) -> Result<(String, 
 /// the stale reply skipped, the next call works).
 fn shell_and_agent(ctx: &Ctx) -> Result<(), String> {
     let guest = guest()?;
-    // The agent channel by hand (not `guest_agent`), so the raw baseline loop and the client
-    // use the same socket, one after the other.
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
     let mut builder = MachineBuilder::new(&ctx.qemu);
     builder
         .machine_type("q35")
         .console()
         .args(guest.qemu_args());
-    let fd = builder.pass_fd(OwnedFd::from(theirs));
-    builder.args([
-        "-chardev".to_string(),
-        format!("socket,id=qga0,fd={fd}"),
-        "-device".to_string(),
-        "isa-serial,chardev=qga0".to_string(),
-    ]);
+    let ours = agent_channel(&mut builder)?;
     let mut vm = boot(ctx, &mut builder)?;
 
     let (output, code) = shell(
@@ -261,6 +252,22 @@ fn shell_and_agent(ctx: &Ctx) -> Result<(), String> {
     ));
     vm.shutdown().map_err(err("shutdown"))?;
     Ok(())
+}
+
+/// Adds the agent's ISA-serial channel by hand (not `MachineBuilder::guest_agent`) and returns
+/// our end, so a raw loop and the client can use the same socket, one after the other.
+pub(crate) fn agent_channel(
+    builder: &mut MachineBuilder,
+) -> Result<std::os::unix::net::UnixStream, String> {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
+    let fd = builder.pass_fd(OwnedFd::from(theirs));
+    builder.args([
+        "-chardev".to_string(),
+        format!("socket,id=qga0,fd={fd}"),
+        "-device".to_string(),
+        "isa-serial,chardev=qga0".to_string(),
+    ]);
+    Ok(ours)
 }
 
 /// One raw `guest-ping` on the agent socket (nonblocking, as the client set it): write, then
