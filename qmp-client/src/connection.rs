@@ -338,19 +338,10 @@ impl Connection<Owned> {
         let (link, mut guard) = self.hold.lock();
         let state = &mut *guard;
         state.flush(link);
-        // Without the poller (shared, and another thread is pumping) that thread reads.
-        if let Some(poller) = state.poller.as_mut() {
-            let mut more = true;
-            // The caller's Poll may not tell us about RDHUP: read until WouldBlock here,
-            // within the budget.
-            let mut budget = PROCESS_BUDGET;
-            while more && budget > 0 {
-                more =
-                    sockio::read_available(&link.stream, &mut poller.buf, &mut state.session, true);
-                budget = budget.saturating_sub(sockio::READ_BUDGET);
-            }
-            poller.read_hint = more;
-        }
+        // Without the poller (shared, and another thread is pumping) that thread reads. The
+        // caller's Poll may not tell us about RDHUP: read until WouldBlock here, within the
+        // budget.
+        state.read_budgeted(link, PROCESS_BUDGET);
         // What was read may have queued output (the greeting queues `qmp_capabilities`): send
         // it now, no readiness event will come for it.
         if state.session.wants_write() {
@@ -488,17 +479,8 @@ impl<H: Holder> Connection<H> {
         let (link, mut guard) = self.hold.lock();
         let state = &mut *guard;
         state.flush(link);
-        let mut read = false;
-        if let Some(poller) = state.poller.as_mut() {
-            read = true;
-            let mut more = true;
-            let mut budget = PROCESS_BUDGET;
-            while more && budget > 0 {
-                more =
-                    sockio::read_available(&link.stream, &mut poller.buf, &mut state.session, true);
-                budget = budget.saturating_sub(sockio::READ_BUDGET);
-            }
-            poller.read_hint = more;
+        let read = state.read_budgeted(link, PROCESS_BUDGET);
+        if read {
             state.seq += 1;
         }
         let value = f(&mut state.session);

@@ -113,6 +113,22 @@ impl State {
         };
         sockio::flush(&link.stream, registry, write_interest, session);
     }
+
+    /// Reads until `WouldBlock` or `budget` bytes, whichever comes first, when this state has
+    /// the poller (no other thread is pumping the socket); sets the read hint to whether input
+    /// may be left. Returns false, reading nothing, without the poller.
+    pub(crate) fn read_budgeted(&mut self, link: &Link, mut budget: usize) -> bool {
+        let Some(poller) = self.poller.as_mut() else {
+            return false;
+        };
+        let mut more = true;
+        while more && budget > 0 {
+            more = sockio::read_available(&link.stream, &mut poller.buf, &mut self.session, true);
+            budget = budget.saturating_sub(sockio::READ_BUDGET);
+        }
+        poller.read_hint = more;
+        true
+    }
 }
 
 /// The ways of holding a driver. Sealed: the two are [`Owned`] and [`Sharing`].
