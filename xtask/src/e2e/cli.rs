@@ -1012,28 +1012,18 @@ fn listening_vm(ctx: &Ctx, socks: &[&Path]) -> Result<Proc, String> {
     Ok(vm)
 }
 
-fn qmp_events_shell(ctx: &Ctx) -> Result<(), String> {
-    // QEMU serves one client per socket at a time: events get their own.
-    let sock_path = ctx.scratch.join("qmp.sock");
-    let events_path = ctx.scratch.join("events.sock");
-    let sock = sock_path.to_str().ok_or("non-UTF-8 scratch path")?;
-    let events_sock = events_path.to_str().ok_or("non-UTF-8 scratch path")?;
-    let vm = listening_vm(ctx, &[&sock_path, &events_path])?;
-
-    let status = one_shot(ctx, &["qmp", sock, "query-status"], None)?;
-    status.expect_code(0)?;
-    let reply: Value =
-        serde_json::from_str(status.stdout.first().map(String::as_str).unwrap_or(""))
-            .map_err(|e| format!("qmp output is not JSON ({e}): {:?}", status.stdout))?;
-    if reply["running"] != true {
-        return Err(format!("unexpected query-status: {reply}"));
-    }
+/// `qmp` of an unknown command fails with exit 1 and the typed error; `events` on
+/// `events_sock` streams exactly the STOP and RESUME that `qmp stop` / `qmp cont` on `sock` cause.
+pub(crate) fn typed_error_and_events(
+    ctx: &Ctx,
+    sock: &str,
+    events_sock: &str,
+) -> Result<(), String> {
     let bad = one_shot(ctx, &["qmp", sock, "no-such-command"], None)?;
     bad.expect_code(1)?;
     if !bad.stderr.iter().any(|l| l.contains("CommandNotFound")) {
         return Err(format!("no typed error: {:?}", bad.stderr));
     }
-
     let mut events = Proc::spawn(
         ctx,
         &["events", events_sock, "--json", "--count", "2"],
@@ -1052,6 +1042,26 @@ fn qmp_events_shell(ctx: &Ctx) -> Result<(), String> {
     if names != [Value::from("STOP"), Value::from("RESUME")] {
         return Err(format!("unexpected events: {:?}", streamed.stdout));
     }
+    Ok(())
+}
+
+fn qmp_events_shell(ctx: &Ctx) -> Result<(), String> {
+    // QEMU serves one client per socket at a time: events get their own.
+    let sock_path = ctx.scratch.join("qmp.sock");
+    let events_path = ctx.scratch.join("events.sock");
+    let sock = sock_path.to_str().ok_or("non-UTF-8 scratch path")?;
+    let events_sock = events_path.to_str().ok_or("non-UTF-8 scratch path")?;
+    let vm = listening_vm(ctx, &[&sock_path, &events_path])?;
+
+    let status = one_shot(ctx, &["qmp", sock, "query-status"], None)?;
+    status.expect_code(0)?;
+    let reply: Value =
+        serde_json::from_str(status.stdout.first().map(String::as_str).unwrap_or(""))
+            .map_err(|e| format!("qmp output is not JSON ({e}): {:?}", status.stdout))?;
+    if reply["running"] != true {
+        return Err(format!("unexpected query-status: {reply}"));
+    }
+    typed_error_and_events(ctx, sock, events_sock)?;
 
     let shell = one_shot(
         ctx,

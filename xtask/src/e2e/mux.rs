@@ -10,7 +10,7 @@ use machine_core::qmp_client::{MuxConfig, QuitPolicy, ShareAddress};
 use machine_core::{EndedBy, Machine, MachineBuilder};
 use serde_json::Value;
 
-use super::cli::{one_shot, Proc};
+use super::cli::{one_shot, typed_error_and_events, Proc};
 use super::{Accel, Ctx, Scenario};
 
 const TCG: &[Accel] = &[Accel::Tcg];
@@ -141,25 +141,7 @@ fn real_clients(ctx: &Ctx) -> Result<(), String> {
 
     // Our own subcommands against the same path, like against QEMU.
     one_shot(ctx, &["qmp", sock, "query-status"], None)?.expect_code(0)?;
-    let bad = one_shot(ctx, &["qmp", sock, "no-such-command"], None)?;
-    bad.expect_code(1)?;
-    if !bad.stderr.iter().any(|l| l.contains("CommandNotFound")) {
-        return Err(format!("no typed error: {:?}", bad.stderr));
-    }
-    let mut events = Proc::spawn(ctx, &["events", sock, "--json", "--count", "2"], None)?;
-    events.wait_stderr(ctx, |l| l.contains("streaming events"))?;
-    one_shot(ctx, &["qmp", sock, "stop"], None)?.expect_code(0)?;
-    one_shot(ctx, &["qmp", sock, "cont"], None)?.expect_code(0)?;
-    let streamed = events.finish(ctx)?;
-    streamed.expect_code(0)?;
-    let names: Vec<Value> = streamed
-        .json_lines()
-        .iter()
-        .map(|e| e["event"].clone())
-        .collect();
-    if names != [Value::from("STOP"), Value::from("RESUME")] {
-        return Err(format!("unexpected events: {:?}", streamed.stdout));
-    }
+    typed_error_and_events(ctx, sock, sock)?;
     let shell = Proc::spawn(ctx, &["shell", sock], Some("query-status\nstop\n\ncont\n"))?;
     let (_, shell) = owner_works_until(ctx, &mut vm, shell)?;
     shell.expect_code(0)?;
