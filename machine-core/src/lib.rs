@@ -105,9 +105,11 @@
 //! No thread is started for QMP, exit supervision or QEMU's output of a stepped machine;
 //! only a [`console_socket::Console`] (when the machine has a console) keeps its drain
 //! thread, as the console's source is not handed to the owner's poll. (The blocking
-//! [`Machine::launch`] drains the output on a thread of its own, `{name}-output`.) Only the socketpair
-//! monitor (the default) and no monitor are stepped: with a unix or TCP monitor (QEMU
-//! connects to us) `launch_begin` waits for the connection and handshake before returning.
+//! [`Machine::launch`] drains the output on a thread of its own, `{name}-output`.) Every
+//! monitor kind is stepped: with a unix or TCP monitor (QEMU connects to us) the listener
+//! stands in for the connection under the `qmp` token until QEMU connects, and `step` accepts
+//! it. The blocking [`Machine::launch`] is the same spawn and a loop over the same launch
+//! step.
 //!
 //! # Example
 //!

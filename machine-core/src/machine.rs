@@ -37,6 +37,8 @@ const OUTPUT_GRACE: Duration = Duration::from_secs(1);
 
 const PIDFD: Token = Token(0);
 const QMP: Token = Token(1);
+/// A blocking launch's abort fd ([`Machine::launch_with_abort`]).
+const ABORT: Token = Token(2);
 
 /// QMP command arguments, with the `_` to `-` key conversion of QEMU's Python `qemu.machine` on by default.
 ///
@@ -137,6 +139,11 @@ struct Run {
     poll: Poll,
     events: Events,
     qmp: Option<Connection>,
+    /// A unix or TCP monitor QEMU has not connected to yet, and until when it may.
+    listener: Option<(qmp_client::Listener, Instant)>,
+    /// The owner's registry and QMP token while a listener waits ([`Machine::register`]):
+    /// the accepted connection goes on the owner's poll in place of the listener.
+    owner: Option<(mio::Registry, Token)>,
     output: Option<OutputDrain>,
     command: CommandLine,
     started: Instant,

@@ -33,39 +33,6 @@ pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: i32) -> io::Resul
     }
 }
 
-/// An epoll fd that is readable while any of `fds` is readable (level-triggered): one fd a
-/// wait can watch in place of several (e.g. QEMU's pidfd and a caller's abort fd).
-pub(crate) fn combine_readable(fds: &[BorrowedFd<'_>]) -> io::Result<OwnedFd> {
-    // SAFETY: epoll_create1 has no memory preconditions; a non-negative result is a new fd
-    // that nothing else owns.
-    let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` was just created and is owned by nobody else.
-    let epoll = unsafe { OwnedFd::from_raw_fd(raw) };
-    for (i, fd) in fds.iter().enumerate() {
-        let mut event = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: i as u64,
-        };
-        // SAFETY: both fds are open for the call (`epoll` owned, `fd` borrowed) and `event`
-        // is a valid epoll_event the kernel only reads.
-        let ret = unsafe {
-            libc::epoll_ctl(
-                epoll.as_raw_fd(),
-                libc::EPOLL_CTL_ADD,
-                fd.as_raw_fd(),
-                &mut event,
-            )
-        };
-        if ret < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(epoll)
-}
-
 /// `fd` itself if its number is 3 or above, else a close-on-exec duplicate at the lowest free
 /// number from 3 up (`F_DUPFD_CLOEXEC`), the original closed. Every fd a child gets (and its
 /// stdio sources) must sit there: if the embedding process closed its own stdin, stdout or

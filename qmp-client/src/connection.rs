@@ -172,7 +172,7 @@ impl Connection<Owned> {
         Connection::adopt(Stream::Unix(stream), config)
     }
 
-    fn adopt(stream: Stream, config: &Config) -> Result<Connection> {
+    pub(crate) fn adopt(stream: Stream, config: &Config) -> Result<Connection> {
         let poller = Poller::new(&stream)?;
         Ok(Connection {
             hold: Owned {
@@ -193,17 +193,22 @@ impl Connection<Owned> {
         config: &Config,
         abort: Option<BorrowedFd<'_>>,
     ) -> Result<Connection> {
-        let mut conn = Connection::adopt(stream, config)?;
-        conn.with_poller(|p| sockio::register_abort(p.poll.registry(), abort))?;
-        let outcome = conn.handshake();
-        conn.with_poller(|p| {
+        Connection::adopt(stream, config)?.finish_handshake(abort)
+    }
+
+    /// Runs the handshake of an adopted connection to its end, also ending (with
+    /// [`Error::Aborted`]) when `abort` turns readable; on failure the socket is shut down.
+    pub(crate) fn finish_handshake(mut self, abort: Option<BorrowedFd<'_>>) -> Result<Connection> {
+        self.with_poller(|p| sockio::register_abort(p.poll.registry(), abort))?;
+        let outcome = self.handshake();
+        self.with_poller(|p| {
             sockio::deregister_abort(p.poll.registry(), abort);
             Ok(())
         })?;
         match outcome {
-            Ok(()) => Ok(conn),
+            Ok(()) => Ok(self),
             Err(e) => {
-                let _ = conn.hold.link().stream.shutdown();
+                let _ = self.hold.link().stream.shutdown();
                 Err(e)
             }
         }
@@ -232,7 +237,11 @@ impl Connection<Owned> {
         let (link, st) = self.hold.lock();
         let session = &st.session;
         let now = Instant::now();
-        let outcome = if session.failure().is_some() {
+        // A session that got ready and then failed (the peer closed right after the
+        // negotiation) did complete its handshake: the next command reports the failure.
+        let outcome = if session.handshake_completed() {
+            Some(None)
+        } else if session.failure().is_some() {
             None
         } else if session.phase() == Phase::Greeting {
             let deadline = session.created() + link.greeting_timeout;
@@ -254,8 +263,6 @@ impl Connection<Owned> {
                 });
             }
             Some(Some(deadline))
-        } else if session.handshake_completed() {
-            Some(None)
         } else {
             None
         };

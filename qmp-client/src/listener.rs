@@ -104,7 +104,9 @@ impl Listener {
     /// is closed (and its socket file removed) afterwards, so later peers are refused.
     ///
     /// When `abort` turns readable (e.g. QEMU's pidfd: QEMU exited) during the accept or the
-    /// handshake, the wait ends at once with [`Error::Aborted`].
+    /// handshake, the wait ends at once with [`Error::Aborted`]. This is a loop over
+    /// [`Listener::accept_step`] and [`Connection::handshake_step`], the same steps an owner's
+    /// poll drives.
     pub fn accept(
         mut self,
         timeout: Duration,
@@ -119,12 +121,48 @@ impl Listener {
         let mut events = Events::with_capacity(4);
         self.register(poll.registry(), sockio::SOCKET)?;
         sockio::register_abort(poll.registry(), abort)?;
-        let accepted = self.accept_loop(&mut poll, &mut events, deadline, timeout);
+        let accepted = loop {
+            match self.accept_step(deadline, timeout, config) {
+                Ok(Some(conn)) => break Ok(conn),
+                Ok(None) => {}
+                Err(e) => break Err(e),
+            }
+            match sockio::wait(&mut poll, &mut events, deadline) {
+                Ok(wake) if wake.abort => break Err(Error::Aborted),
+                Ok(_) => {}
+                Err(e) => break Err(e),
+            }
+        };
         sockio::deregister_abort(poll.registry(), abort);
-        let stream = accepted?;
-        info!("accepted a QMP peer on {}", self.address);
+        let conn = accepted?;
         drop(self);
-        Connection::establish(stream, config, abort)
+        conn.finish_handshake(abort)
+    }
+
+    /// One step of an accept driven by the caller's poll (register the listener's fd, see
+    /// [`AsFd`], for readable): takes a pending peer without waiting. `Ok(Some(connection))`
+    /// once a peer is there: its handshake has not run yet (drive it with
+    /// [`Connection::handshake_step`] and [`Connection::process_io`]; the greeting deadline
+    /// starts now), and the listener can be dropped to refuse later peers. `Ok(None)` while
+    /// nobody has connected and `deadline` has not passed; [`Error::AcceptTimeout`] (naming
+    /// `timeout`) once it has.
+    pub fn accept_step(
+        &self,
+        deadline: Instant,
+        timeout: Duration,
+        config: &Config,
+    ) -> Result<Option<Connection>> {
+        match self.try_accept()? {
+            Some(stream) => {
+                info!("accepted a QMP peer on {}", self.address);
+                Connection::adopt(stream, config).map(Some)
+            }
+            None if Instant::now() >= deadline => Err(Error::AcceptTimeout {
+                address: self.address.clone(),
+                timeout,
+            }),
+            None => Ok(None),
+        }
     }
 
     /// Accepts one pending peer without waiting: `None` when there is none (`WouldBlock`).
@@ -178,30 +216,6 @@ impl Listener {
         };
         if let Err(e) = result {
             debug!("cannot deregister the listener on {}: {e}", self.address);
-        }
-    }
-
-    fn accept_loop(
-        &self,
-        poll: &mut Poll,
-        events: &mut Events,
-        deadline: Instant,
-        timeout: Duration,
-    ) -> Result<Stream> {
-        loop {
-            if let Some(stream) = self.try_accept()? {
-                return Ok(stream);
-            }
-            if Instant::now() >= deadline {
-                return Err(Error::AcceptTimeout {
-                    address: self.address.clone(),
-                    timeout,
-                });
-            }
-            let wake = sockio::wait(poll, events, deadline)?;
-            if wake.abort {
-                return Err(Error::Aborted);
-            }
         }
     }
 }

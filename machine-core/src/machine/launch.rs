@@ -1,6 +1,7 @@
 //! Launching QEMU: the command line, the spawn with its fd allow-list, the QMP handshake
-//! (blocking, or begun here and stepped from an owner's poll) and the rollback of a failed
-//! launch, so a reader finds everything that happens before QEMU is "running" in one place.
+//! (one state machine: stepped from an owner's poll, or looped over by the blocking
+//! [`Machine::launch`]) and the rollback of a failed launch, so a reader finds everything that
+//! happens before QEMU is "running" in one place.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -22,7 +23,7 @@ use crate::ladder::ShutdownLadder;
 use crate::output::OutputDrain;
 use crate::process::{ChildGuard, ExitStatus, SpawnSpec};
 
-use super::{Machine, Run, LAUNCH_OUTPUT_LIMIT, OUTPUT_GRACE, PIDFD, QMP};
+use super::{Machine, Run, ABORT, LAUNCH_OUTPUT_LIMIT, OUTPUT_GRACE, PIDFD, QMP};
 
 /// How long a launch waits for QEMU's own exit once the monitor hit end-of-file, before it
 /// kills QEMU (the exit usually follows the socket close within microseconds).
@@ -30,12 +31,12 @@ const EXIT_GRACE: Duration = Duration::from_secs(2);
 /// How long a failed launch may take to reap a killed QEMU.
 const LAUNCH_REAP_BOUND: Duration = Duration::from_secs(10);
 
-/// How a launch does its QMP handshake.
-enum Handshake<'a> {
-    /// Waited for here, also ending when the caller's abort fd (if any) turns readable.
-    Blocking(Option<BorrowedFd<'a>>),
-    /// Left to [`Machine::launch_step`], driven by the owner's poll; the output pipe is then
-    /// read by [`Machine::step`] too, not by a thread.
+/// Who reads QEMU's stdout/stderr pipe after the spawn.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Drain {
+    /// A thread of its own (the blocking [`Machine::launch`]: nothing steps the machine).
+    Thread,
+    /// [`Machine::step`], on the owner's poll ([`Machine::launch_begin`]).
     Stepped,
 }
 
@@ -46,6 +47,11 @@ impl Machine {
     /// [`Error::LaunchFailed`] carrying the exit status, the command line and QEMU's output.
     /// On any failure everything is rolled back: no process, fd, temp dir or socket file
     /// is left.
+    ///
+    /// This is [`Machine::launch_begin`] followed by a loop over the same launch steps
+    /// [`Machine::step`] takes, waiting on the machine's own poll (QEMU's pidfd and the
+    /// monitor) between them; QEMU's output is drained by a thread, as nothing steps a
+    /// machine launched this way.
     pub fn launch(&mut self) -> Result<()> {
         self.launch_inner(None)
     }
@@ -59,9 +65,76 @@ impl Machine {
     }
 
     fn launch_inner(&mut self, abort: Option<BorrowedFd<'_>>) -> Result<()> {
+        self.spawn_for_launch(Drain::Thread)?;
+        if let Some(abort) = abort {
+            let registered = self.run.as_ref().map(|run| {
+                run.poll.registry().register(
+                    &mut SourceFd(&abort.as_raw_fd()),
+                    ABORT,
+                    Interest::READABLE,
+                )
+            });
+            if let Some(Err(err)) = registered {
+                return Err(self.launch_failed(Error::os("epoll_ctl")(err)));
+            }
+        }
+        let launched = loop {
+            if let Err(err) = self.launch_advance() {
+                break Err(err);
+            }
+            if !self.launching {
+                break Ok(());
+            }
+            let deadline = self.launch_deadline.unwrap_or_else(Instant::now);
+            if self.wait_run(deadline) && !self.exited_now() {
+                // The caller's abort, not QEMU's exit, ended the wait: kill at once.
+                break Err(self.launch_failed(Error::LaunchAborted));
+            }
+        };
+        if let (Some(abort), Some(run)) = (abort, self.run.as_ref()) {
+            // The caller's fd must not stay in a poll that lives as long as QEMU.
+            if let Err(err) = run
+                .poll
+                .registry()
+                .deregister(&mut SourceFd(&abort.as_raw_fd()))
+            {
+                log::debug!("deregistering the launch's abort fd: {err}");
+            }
+        }
+        launched
+    }
+
+    /// Starts QEMU like [`Machine::launch`] but returns right after the spawn: the QMP
+    /// handshake (and, with a unix or TCP monitor, the wait for QEMU to connect to us) is
+    /// then driven by [`Machine::step`] from the owner's poll (see the crate docs;
+    /// [`crate::Fleet`] drives many this way), [`MachineState::Launching`](super::MachineState::Launching)
+    /// until it is done. QEMU exiting, the greeting deadline or a failed negotiation make
+    /// `step` return [`Error::LaunchFailed`], everything rolled back as after a failed
+    /// [`Machine::launch`]. QEMU's output is read by `step` too, not by a thread.
+    pub fn launch_begin(&mut self) -> Result<()> {
+        self.spawn_for_launch(Drain::Stepped)
+    }
+
+    /// The first half of every launch: reset, spawn, and the run in state "launching".
+    fn spawn_for_launch(&mut self, drain: Drain) -> Result<()> {
         let once = self.prepare_launch()?;
-        let started = self.start(once, abort, false);
-        self.launch_ended(started)
+        match self.start(once, drain) {
+            Ok(run) => {
+                log::info!(
+                    "launched qemu pid {} ({})",
+                    run.child.pid(),
+                    self.config.name
+                );
+                self.run = Some(run);
+                self.launching = true;
+                self.launch_deadline = None;
+                Ok(())
+            }
+            Err(err) => {
+                self.launch_rollback();
+                Err(err)
+            }
+        }
     }
 
     /// Resets what a previous run left and takes the one-launch fds; fails while running.
@@ -92,102 +165,85 @@ impl Machine {
         Ok(std::mem::take(&mut self.once_fds))
     }
 
-    /// Keeps the run of a completed launch, or cleans up after a failed one.
     /// After a failed launch: remove what we created; the temp dir goes, as after any run.
     fn launch_rollback(&mut self) {
+        self.launching = false;
+        self.launch_deadline = None;
         self.remove_temp_dir();
         if let Some(mut console) = self.console.take() {
             let _ = console.close();
         }
     }
 
-    fn launch_ended(&mut self, started: Result<Run>) -> Result<()> {
-        match started {
-            Ok(run) => {
-                log::info!(
-                    "launched qemu pid {} ({})",
-                    run.child.pid(),
-                    self.config.name
-                );
-                self.run = Some(run);
-                if let Some((address, config)) = self.config.share.clone() {
-                    if let Err(err) = self.share_qmp(&address, config) {
-                        // A launch is all or nothing: no machine that was to be shared runs
-                        // unshared.
-                        let _ = self.kill();
-                        self.remove_temp_dir();
-                        return Err(err);
-                    }
-                }
-                Ok(())
-            }
-            Err(err) => {
-                self.launch_rollback();
-                Err(err)
-            }
-        }
-    }
-
-    /// Starts QEMU like [`Machine::launch`] but returns right after the spawn: the QMP
-    /// handshake is then driven by [`Machine::step`] from the owner's poll (see the crate
-    /// docs; [`crate::Fleet`] drives it through `launch_step`), [`MachineState::Launching`](super::MachineState::Launching)
-    /// until it is done. QEMU exiting, the greeting deadline or a failed negotiation make
-    /// `step` return [`Error::LaunchFailed`], everything rolled back as after a failed
-    /// [`Machine::launch`].
-    ///
-    /// Only the socketpair monitor (the default) and no monitor are stepped; with a unix or
-    /// TCP monitor (QEMU connects to us), this waits for QEMU's connection and handshake
-    /// like [`Machine::launch`] before it returns.
-    pub fn launch_begin(&mut self) -> Result<()> {
-        let once = self.prepare_launch()?;
-        let started = self.start(once, None, true);
-        self.launching = started.is_ok();
-        self.launch_ended(started)
-    }
-
-    /// One step of a launch begun with [`Machine::launch_begin`], after reading what arrived
-    /// (`Connection::process_io`): `Ok(Some(deadline))` while the handshake runs,
-    /// `Ok(None)` once QEMU is ready. When QEMU exits first or the handshake fails, the
-    /// launch is rolled back as in [`Machine::launch`] and the error is
-    /// [`Error::LaunchFailed`].
-    pub(crate) fn launch_step(&mut self) -> Result<Option<Instant>> {
-        if !self.launching {
-            return Ok(None);
-        }
-        let Some(run) = self.run.as_mut() else {
-            self.launching = false;
-            return Err(Error::NotRunning);
+    /// Ends a launch in progress with `cause`: QEMU killed (or reaped), everything rolled
+    /// back, and the error to return ([`Error::LaunchFailed`]).
+    fn launch_failed(&mut self, cause: Error) -> Error {
+        let err = match self.run.take() {
+            Some(run) => self.fail_launch(run, cause),
+            None => cause,
         };
-        let exited =
-            crate::process::poll_readable(run.child.pidfd(), Duration::ZERO).unwrap_or(false);
-        let step = match run.qmp.as_mut() {
-            // The owner has read what arrived (`process_io`) on readiness.
-            Some(conn) => conn.handshake_step(),
-            None => Ok(None),
+        self.launch_rollback();
+        err
+    }
+
+    /// Whether QEMU has exited (its pidfd is readable), without waiting.
+    fn exited_now(&self) -> bool {
+        self.run.as_ref().is_some_and(|run| {
+            crate::process::poll_readable(run.child.pidfd(), Duration::ZERO).unwrap_or(false)
+        })
+    }
+
+    /// One step of a launch (read what arrived, accept QEMU's connection, advance the
+    /// handshake), the same for the blocking [`Machine::launch`] and for [`Machine::step`]:
+    /// `self.launching` turns false once QEMU is ready; `self.launch_deadline` says when to
+    /// step again at the latest. When QEMU exits first or the handshake fails, the launch is
+    /// rolled back and the error is [`Error::LaunchFailed`].
+    pub(super) fn launch_advance(&mut self) -> Result<()> {
+        if !self.launching {
+            return Ok(());
+        }
+        let exited = self.exited_now();
+        let step = match self.run.as_mut() {
+            Some(run) => run.handshake_step(&self.config.qmp),
+            None => {
+                self.launching = false;
+                return Err(Error::NotRunning);
+            }
         };
         let cause = match step {
             Ok(None) => {
                 self.launching = false;
-                return Ok(None);
+                self.launch_deadline = None;
+                return self.launch_ready();
             }
             Ok(Some(_)) if exited => Error::qmp("handshake", qmp_client::Error::Aborted),
-            Ok(Some(deadline)) => return Ok(Some(deadline)),
-            Err(source) => Error::qmp("handshake", source),
+            Ok(Some(deadline)) => {
+                self.launch_deadline = Some(deadline);
+                return Ok(());
+            }
+            Err(cause) => cause,
         };
-        self.launching = false;
-        let Some(run) = self.run.take() else {
-            return Err(cause);
-        };
-        let err = self.fail_launch(run, cause, None);
-        self.launch_ended(Err(err)).map(|()| None)
+        Err(self.launch_failed(cause))
     }
 
-    fn start(
-        &mut self,
-        once: Vec<OwnedFd>,
-        abort: Option<BorrowedFd<'_>>,
-        stepped: bool,
-    ) -> Result<Run> {
+    /// QEMU is ready: what a launch does last (sharing the monitor when configured).
+    fn launch_ready(&mut self) -> Result<()> {
+        if let Some(run) = &self.run {
+            log::info!("qemu pid {} ready ({})", run.child.pid(), self.config.name);
+        }
+        if let Some((address, config)) = self.config.share.clone() {
+            if let Err(err) = self.share_qmp(&address, config) {
+                // A launch is all or nothing: no machine that was to be shared runs
+                // unshared.
+                let _ = self.kill();
+                self.remove_temp_dir();
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+
+    fn start(&mut self, once: Vec<OwnedFd>, drain: Drain) -> Result<Run> {
         let program = self
             .config
             .wrapper
@@ -329,6 +385,8 @@ impl Machine {
             poll: Poll::new().map_err(Error::os("epoll_create"))?,
             events: Events::with_capacity(4),
             qmp: None,
+            listener: None,
+            owner: None,
             output: None,
             command,
             started,
@@ -336,26 +394,23 @@ impl Machine {
             share: None,
             handed_out: false,
         };
-        let result = self.connect(
+        let result = self.attach(
             &mut run,
             out_read,
             log_file,
             (monitor_ours, listener),
             console_ours,
-            if stepped {
-                Handshake::Stepped
-            } else {
-                Handshake::Blocking(abort)
-            },
+            drain,
         );
         match result {
             Ok(()) => Ok(run),
-            Err(cause) => Err(self.fail_launch(run, cause, abort)),
+            Err(cause) => Err(self.fail_launch(run, cause)),
         }
     }
 
-    /// Everything after the spawn that can fail: supervision, draining, the handshake.
-    fn connect(
+    /// Everything after the spawn that can fail: exit supervision, draining, the console and
+    /// the monitor, whose handshake [`Machine::launch_advance`] then steps.
+    fn attach(
         &mut self,
         run: &mut Run,
         out_read: OwnedFd,
@@ -363,28 +418,23 @@ impl Machine {
         // Our socketpair end, or the listener QEMU connects to.
         (monitor_ours, listener): (Option<UnixStream>, Option<Listener>),
         console_ours: Option<UnixStream>,
-        handshake: Handshake<'_>,
+        drain: Drain,
     ) -> Result<()> {
-        let (abort, stepped) = match handshake {
-            Handshake::Blocking(abort) => (abort, false),
-            Handshake::Stepped => (None, true),
-        };
         let pidfd_raw = run.child.pidfd().as_raw_fd();
         run.poll
             .registry()
             .register(&mut SourceFd(&pidfd_raw), PIDFD, Interest::READABLE)
             .map_err(Error::os("epoll_ctl"))?;
-        run.output = Some(if stepped {
-            OutputDrain::stepped(out_read, log_file, self.config.output_capacity)
-                .map_err(Error::os("output pipe"))?
-        } else {
-            OutputDrain::start(
+        run.output = Some(match drain {
+            Drain::Stepped => OutputDrain::stepped(out_read, log_file, self.config.output_capacity)
+                .map_err(Error::os("output pipe"))?,
+            Drain::Thread => OutputDrain::start(
                 out_read,
                 log_file,
                 self.config.output_capacity,
                 &self.config.name,
             )
-            .map_err(Error::os("output drain thread"))?
+            .map_err(Error::os("output drain thread"))?,
         });
         if let (Some(stream), Some(settings)) = (console_ours, &self.config.console) {
             let console =
@@ -392,57 +442,25 @@ impl Machine {
                     .map_err(|source| Error::Console { source })?;
             self.console = Some(console);
         }
-        let qmp_config = &self.config.qmp;
-        // The handshake watches one fd: QEMU's pidfd, or, with a caller's abort fd, an epoll
-        // fd readable when either is.
-        let combined = match abort {
-            Some(abort) => Some(
-                crate::sys::combine_readable(&[run.child.pidfd(), abort])
-                    .map_err(Error::os("epoll_create"))?,
-            ),
-            None => None,
-        };
-        let pidfd = match &combined {
-            Some(fd) => fd.as_fd(),
-            None => run.child.pidfd(),
-        };
-        let connection = match (monitor_ours, listener) {
-            (Some(stream), _) if stepped => Some(
-                Connection::adopt_unix_stream(stream, qmp_config)
-                    .map_err(|source| Error::qmp("handshake", source))?,
-            ),
-            (Some(stream), _) => Some(
-                Connection::from_unix_stream_with_abort(stream, qmp_config, Some(pidfd))
-                    .map_err(|source| Error::qmp("handshake", source))?,
-            ),
-            (None, Some(listener)) => Some(
-                listener
-                    .accept(qmp_config.greeting_timeout, Some(pidfd), qmp_config)
-                    .map_err(|source| Error::qmp("handshake", source))?,
-            ),
-            (None, None) => None,
-        };
-        if let Some(conn) = &connection {
-            let raw = conn.as_raw_fd();
+        if let Some(stream) = monitor_ours {
+            let conn = Connection::adopt_unix_stream(stream, &self.config.qmp)
+                .map_err(|source| Error::qmp("handshake", source))?;
+            run.attach_qmp(conn)?;
+        }
+        if let Some(listener) = listener {
+            let raw = listener.as_fd().as_raw_fd();
             run.poll
                 .registry()
                 .register(&mut SourceFd(&raw), QMP, Interest::READABLE)
                 .map_err(Error::os("epoll_ctl"))?;
+            // QEMU has the greeting timeout to connect, then again to greet.
+            run.listener = Some((listener, run.started + self.config.qmp.greeting_timeout));
         }
-        run.qmp = connection;
         Ok(())
     }
 
     /// Rolls a failed launch back and builds the error.
-    fn fail_launch(&mut self, mut run: Run, cause: Error, abort: Option<BorrowedFd<'_>>) -> Error {
-        // The caller's abort (not QEMU's exit) ended the handshake: kill at once.
-        let aborted = matches!(&cause, Error::Qmp { source, .. }
-                if matches!(source.root(), qmp_client::Error::Aborted))
-            && abort.is_some_and(|fd| {
-                crate::process::poll_readable(fd, Duration::ZERO).unwrap_or(false)
-            })
-            && !crate::process::poll_readable(run.child.pidfd(), Duration::ZERO).unwrap_or(false);
-        let cause = if aborted { Error::LaunchAborted } else { cause };
+    fn fail_launch(&mut self, mut run: Run, cause: Error) -> Error {
         let gone = matches!(&cause, Error::Qmp { source, .. } if monitor_gone(source));
         let grace = if gone { EXIT_GRACE } else { Duration::ZERO };
         let mut status = run.child.wait_until(Instant::now() + grace).ok().flatten();
@@ -556,6 +574,55 @@ impl Machine {
         }
         argv.extend(c.args.iter().cloned());
         CommandLine::new(argv)
+    }
+}
+
+impl Run {
+    /// Puts the monitor connection in place: on the run's own poll, and on the owner's when
+    /// it registered the machine while QEMU had not connected yet.
+    fn attach_qmp(&mut self, conn: Connection) -> Result<()> {
+        let raw = conn.as_raw_fd();
+        self.poll
+            .registry()
+            .register(&mut SourceFd(&raw), QMP, Interest::READABLE)
+            .map_err(Error::os("epoll_ctl"))?;
+        if let Some((registry, token)) = self.owner.take() {
+            conn.register(&registry, token)
+                .map_err(|source| Error::qmp("register", source))?;
+        }
+        self.qmp = Some(conn);
+        Ok(())
+    }
+
+    /// Accepts QEMU's connection when a listener waits for it, then reads what arrived and
+    /// checks the handshake: `Ok(None)` once QMP is ready (or there is no monitor),
+    /// `Ok(Some(deadline))` while it runs.
+    fn handshake_step(&mut self, config: &qmp_client::Config) -> Result<Option<Instant>> {
+        if let Some((listener, deadline)) = &self.listener {
+            let accepted = listener
+                .accept_step(*deadline, config.greeting_timeout, config)
+                .map_err(|source| Error::qmp("handshake", source))?;
+            let Some(conn) = accepted else {
+                return Ok(Some(*deadline));
+            };
+            let raw = listener.as_fd().as_raw_fd();
+            let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
+            if let Some((registry, _)) = &self.owner {
+                let _ = registry.deregister(&mut SourceFd(&raw));
+            }
+            // Dropping the listener removes its socket file: later peers are refused.
+            self.listener = None;
+            self.attach_qmp(conn)?;
+        }
+        match self.qmp.as_mut() {
+            Some(conn) => {
+                // A failure found here is what the handshake step reports.
+                let _ = conn.process_io();
+                conn.handshake_step()
+                    .map_err(|source| Error::qmp("handshake", source))
+            }
+            None => Ok(None),
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 //! The blocking shutdown ([`Machine::shutdown`], [`Machine::wait`], [`Machine::kill`]) is a
 //! loop over the same ladder walk; see [`Machine::step`] for the owner's side.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
@@ -13,7 +13,7 @@ use qmp_client::RequestId;
 use qmp_proto::{Command, Event, EventFilter, ServerMessage};
 use serde_json::Value;
 
-use super::{Args, Machine, QMP};
+use super::{Args, Machine, ABORT, QMP};
 use crate::error::{Error, Result};
 use crate::ladder::{LadderOps, RequestError, ShutdownLadder, Walk};
 use crate::output::OutputDrain;
@@ -152,6 +152,21 @@ impl Machine {
             conn.register(registry, tokens.qmp)
                 .map_err(|source| Error::qmp("register", source))?;
         }
+        if let Some((listener, _)) = run.listener.as_ref() {
+            // QEMU has not connected yet: the listener stands in for the connection, which
+            // takes its place in `registry` once accepted.
+            registry
+                .register(
+                    &mut SourceFd(&listener.as_fd().as_raw_fd()),
+                    tokens.qmp,
+                    Interest::READABLE,
+                )
+                .map_err(Error::os("epoll_ctl"))?;
+            run.owner = Some((
+                registry.try_clone().map_err(Error::os("epoll fd dup"))?,
+                tokens.qmp,
+            ));
+        }
         if let Some(pipe) = run.output.as_ref().and_then(OutputDrain::stepped_fd) {
             registry
                 .register(
@@ -175,6 +190,12 @@ impl Machine {
             conn.deregister(registry)
                 .map_err(|source| Error::qmp("deregister", source))?;
         }
+        if let Some((listener, _)) = run.listener.as_ref() {
+            registry
+                .deregister(&mut SourceFd(&listener.as_fd().as_raw_fd()))
+                .map_err(Error::os("epoll_ctl"))?;
+        }
+        run.owner = None;
         if let Some(pipe) = run.output.as_ref().and_then(OutputDrain::stepped_fd) {
             registry
                 .deregister(&mut SourceFd(&pipe.as_raw_fd()))
@@ -372,11 +393,12 @@ impl Machine {
         self.end_walk(&ladder, walk.finish())
     }
 
-    /// Waits on the run's own poll until `deadline` or an event (QEMU's pidfd, QMP input),
-    /// reading what QMP has: the blocking calls' wait between two steps.
-    pub(super) fn wait_run(&mut self, deadline: Instant) {
+    /// Waits on the run's own poll until `deadline` or an event (QEMU's pidfd, QMP input, a
+    /// blocking launch's abort fd), reading what QMP has: the blocking calls' wait between
+    /// two steps. True when the abort fd turned readable.
+    pub(super) fn wait_run(&mut self, deadline: Instant) -> bool {
         let Some(run) = self.run.as_mut() else {
-            return;
+            return false;
         };
         // process_io stops after a budget under a flood; what it left may never be announced
         // by another readiness event, so only look at the pidfd (no sleep) before reading on.
@@ -389,14 +411,17 @@ impl Machine {
         } else {
             deadline.saturating_duration_since(Instant::now())
         };
-        let ready = match run.poll.poll(&mut run.events, Some(timeout)) {
-            Ok(()) => more || run.events.iter().any(|e| e.token() == QMP),
-            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => false,
+        let (ready, aborted) = match run.poll.poll(&mut run.events, Some(timeout)) {
+            Ok(()) => (
+                more || run.events.iter().any(|e| e.token() == QMP),
+                run.events.iter().any(|e| e.token() == ABORT),
+            ),
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => (false, false),
             Err(err) => {
                 // Cannot wait on the poll: wait on the pidfd alone.
                 log::warn!("waiting for qemu's exit: poll failed: {err}");
                 let _ = crate::process::poll_readable(run.child.pidfd(), timeout);
-                false
+                (false, false)
             }
         };
         if let Some(output) = run.output.as_mut() {
@@ -410,22 +435,6 @@ impl Machine {
                 let _ = conn.process_io();
             }
         }
-    }
-
-    /// A stepped launch's handshake: read what arrived, then one launch step (which checks
-    /// the pidfd and the deadline, and rolls a failed launch back).
-    fn launch_advance(&mut self) -> Result<()> {
-        if let Some(conn) = self.run.as_mut().and_then(|run| run.qmp.as_mut()) {
-            // The handshake step reports a failure found here.
-            let _ = conn.process_io();
-        }
-        let step = self.launch_step();
-        self.launch_deadline = step.as_ref().ok().copied().flatten();
-        if matches!(step, Ok(None)) {
-            if let Some(run) = &self.run {
-                log::info!("qemu pid {} ready ({})", run.child.pid(), self.config.name);
-            }
-        }
-        step.map(drop)
+        aborted
     }
 }

@@ -242,3 +242,130 @@ fn a_mux_server_shares_a_stepped_machine_on_the_same_poll() {
     m.shutdown().expect("shutdown");
     assert_eq!(stub.leftovers(), 0);
 }
+
+/// A stub QEMU that runs until SIGTERM (exit 0), leaving nothing behind.
+fn until_sigterm() -> Stub {
+    Stub::new(
+        "trap 'kill $nap 2>/dev/null; exit 0' TERM\nsleep 300 >/dev/null 2>&1 &\nnap=$!\nwait $nap\nexit 9",
+    )
+}
+
+/// A machine on `stub` with a unix monitor (we listen, QEMU connects), launched with
+/// `launch_begin` and registered on a fresh poll; the monitor's socket path.
+fn listening(stub: &Stub, greeting_timeout: Duration) -> (Machine, std::path::PathBuf, Poll) {
+    let socket = stub.base().join("mon.sock");
+    let mut b = stub.builder();
+    b.monitor(machine_core::Monitor::Unix(socket.clone()))
+        .greeting_timeout(greeting_timeout);
+    let mut m = b.build();
+    let poll = Poll::new().expect("poll");
+    m.launch_begin().expect("launch_begin");
+    m.register(poll.registry(), tokens(0)).expect("register");
+    (m, socket, poll)
+}
+
+/// With a unix monitor (QEMU connects to us), `launch_begin` returns before QEMU has
+/// connected: accepting QEMU's connection, the handshake and the commands all run through
+/// `step` on the owner's poll, and the listening socket's file goes once QEMU is in.
+#[test]
+fn a_stepped_launch_with_a_listening_monitor_accepts_in_step() {
+    use machine_core::qmp_client::testing::{Action, Script};
+    use machine_core::Step;
+    use std::os::unix::net::UnixStream;
+    let _g = shared();
+    let stub = until_sigterm();
+    let (m, socket, mut poll) = listening(&stub, Duration::from_secs(20));
+    let mut machines = vec![m];
+    // Nobody has connected: the launch is waiting in the owner's poll, not in launch_begin.
+    assert_eq!(machines[0].state(), MachineState::Launching);
+    assert!(socket.exists(), "the listener's socket file exists");
+    let script = Script::new().on(
+        "query-status",
+        vec![Action::reply(
+            serde_json::json!({"status": "running", "running": true}),
+        )],
+    );
+    let server = script
+        .start_on(UnixStream::connect(&socket).expect("connect as QEMU"))
+        .expect("fake server");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    drive(&mut poll, &mut machines, deadline, |_, m| {
+        m.state() == MachineState::Running
+    });
+    assert!(!socket.exists(), "the listener's socket file is gone");
+    let id = machines[0].submit("query-status", ()).expect("submit");
+    let mut reply = None;
+    drive(&mut poll, &mut machines, deadline, |_, m| {
+        reply = reply.take().or_else(|| m.take_reply(id));
+        reply.is_some()
+    });
+    let reply = reply.expect("reply").expect("no transport error");
+    assert_eq!(reply["return"]["status"], "running");
+    machines[0]
+        .shutdown_begin(&ShutdownLadder::new([Step::Signal {
+            signal: machine_core::Signal::SIGTERM,
+            timeout: Duration::from_secs(10),
+        }]))
+        .expect("shutdown_begin");
+    drive(&mut poll, &mut machines, deadline, |_, m| {
+        m.state() == MachineState::Exited
+    });
+    let report = machines[0].exit_report().expect("report");
+    assert_eq!(
+        report.ended_by,
+        EndedBy::OurSignal {
+            signal: libc::SIGTERM
+        },
+        "{report}"
+    );
+    assert_eq!(
+        server
+            .commands()
+            .iter()
+            .filter(|c| c.execute == "query-status")
+            .count(),
+        1
+    );
+    assert_eq!(stub.leftovers(), 0);
+}
+
+/// A stepped launch whose QEMU never connects to the listening monitor fails through `step`
+/// at the greeting deadline with the accept timeout, rolled back: QEMU killed, socket file
+/// removed.
+#[test]
+fn a_stepped_launch_nobody_connects_to_times_out_in_step() {
+    let _g = shared();
+    let stub = until_sigterm();
+    let (mut m, socket, mut poll) = listening(&stub, Duration::from_millis(300));
+    let mut events = Events::with_capacity(8);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let err = loop {
+        assert!(Instant::now() < deadline, "no failure in time");
+        let wait = m
+            .next_deadline()
+            .map(|d| d.saturating_duration_since(Instant::now()));
+        poll.poll(&mut events, wait).expect("poll");
+        match m.step() {
+            Ok(MachineState::Launching) => {}
+            Ok(other) => panic!("unexpected state {other:?}"),
+            Err(err) => break err,
+        }
+    };
+    let machine_core::Error::LaunchFailed { cause, killed, .. } = &err else {
+        panic!("{err:?}");
+    };
+    assert!(*killed, "{err}");
+    assert!(
+        matches!(
+            &**cause,
+            machine_core::Error::Qmp {
+                source: machine_core::qmp_client::Error::AcceptTimeout { .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(m.state(), MachineState::Idle);
+    assert!(!socket.exists(), "the socket file is removed");
+    assert_eq!(stub.leftovers(), 0);
+}
