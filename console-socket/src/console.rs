@@ -6,6 +6,7 @@ use std::net::Shutdown;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -23,7 +24,10 @@ use crate::pattern::{AnyMatch, Match, Outcome, Pattern};
 /// Output is read continuously (by a background thread for consoles made with
 /// [`from_unix_stream`](Console::from_unix_stream), [`from_fd`](Console::from_fd) or
 /// [`connect`](Console::connect); by the owner's poll loop for a [`Drainer`]'s console) into the
-/// optional log file and a bounded in-memory buffer. The reading methods work on that buffer:
+/// optional log file and a bounded in-memory buffer. The drainer can move between the two at
+/// any time without losing a byte: [`take_drainer`](Console::take_drainer) stops the thread and
+/// hands it to the owner's poll, [`drain_on_thread`](Console::drain_on_thread) gives it a thread
+/// again. The reading methods work on that buffer:
 ///
 /// - Output is **consumed** by [`read_available`](Console::read_available),
 ///   [`read_line`](Console::read_line) and by successful waits, which consume everything up to
@@ -52,9 +56,13 @@ pub struct Console {
 
 /// The background drain of a thread-mode console.
 struct DrainThread {
-    handle: JoinHandle<()>,
+    /// Gives the drainer (and its poll) back when it ends.
+    handle: JoinHandle<(Drainer, Poll)>,
     /// Wakes the thread's poll so it stops even if the socket shutdown did not reach it.
     waker: mio::Waker,
+    /// Set before a wake that asks for the drainer ([`Console::take_drainer`]) rather than
+    /// for the end of the drain ([`Console::close`]).
+    handover: Arc<AtomicBool>,
 }
 
 const DRAIN_TOKEN: Token = Token(0);
@@ -79,7 +87,68 @@ impl Console {
     /// This is the default for QEMU: machine-core creates a socketpair, hands one end to QEMU
     /// (`-chardev socket,id=con,fd=N`) and gives the other end here.
     pub fn from_unix_stream(stream: UnixStream, config: Config) -> Result<Console> {
-        let (mut drainer, mut console) = Drainer::from_unix_stream(stream, config)?;
+        let (drainer, mut console) = Drainer::from_unix_stream(stream, config)?;
+        console.drain_on_thread(drainer)?;
+        Ok(console)
+    }
+
+    /// Stops the background drain thread and hands its [`Drainer`] over, for the caller's own
+    /// poll to drive (see [`Drainer`] for the contract: register it, call
+    /// [`Drainer::drain`] on readiness and once right away). Nothing is lost: output the
+    /// thread read is in the buffer, output it did not read is still in the socket. From now
+    /// on waits on this console block until the caller's poll delivers output, so the thread
+    /// driving that poll must wait with a zero timeout.
+    ///
+    /// Fails with [`Error::DrainerHandover`] when there is no thread to take it from (the
+    /// console is closed, or its drainer is already with a poll).
+    pub fn take_drainer(&mut self) -> Result<Drainer> {
+        if self.closed {
+            return Err(Error::DrainerHandover {
+                reason: "the console is closed",
+            });
+        }
+        let Some(thread) = self.thread.take() else {
+            return Err(Error::DrainerHandover {
+                reason: "no drain thread runs (the drainer is already driven by a poll)",
+            });
+        };
+        thread.handover.store(true, Ordering::SeqCst);
+        if let Err(e) = thread.waker.wake() {
+            log::warn!("console drain waker: {e}");
+        }
+        let (drainer, poll) = thread
+            .handle
+            .join()
+            .map_err(|_| Error::DrainThreadPanicked)?;
+        // The thread's poll goes; the drainer's socket leaves it first.
+        let mut drainer = drainer;
+        if let Err(e) = poll.registry().deregister(&mut drainer) {
+            log::debug!("console drain poll deregister: {e}");
+        }
+        Ok(drainer)
+    }
+
+    /// Starts a background thread that drives `drainer` (this console's own, as made with it
+    /// by [`Drainer::from_unix_stream`] or given back by [`Console::take_drainer`]), so waits
+    /// work from any thread again. Deregister it from any poll of yours first.
+    ///
+    /// Fails with [`Error::DrainerHandover`] when `drainer` belongs to another console, a
+    /// thread already drains this one or the console is closed, and with [`Error::Setup`] when
+    /// the thread cannot start; the drainer is dropped then (this console's waits end with
+    /// [`Error::Closed`]).
+    pub fn drain_on_thread(&mut self, mut drainer: Drainer) -> Result<()> {
+        let reason = if !drainer.feeds(&self.shared) {
+            Some("the drainer belongs to another console")
+        } else if self.thread.is_some() {
+            Some("a drain thread already runs")
+        } else if self.closed {
+            Some("the console is closed")
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            return Err(Error::DrainerHandover { reason });
+        }
         let poll = Poll::new().map_err(|source| Error::Setup {
             what: "create the drain poller",
             source,
@@ -95,15 +164,21 @@ impl Console {
                 what: "create the drain thread's waker",
                 source,
             })?;
+        let handover = Arc::new(AtomicBool::new(false));
+        let asked = Arc::clone(&handover);
         let handle = std::thread::Builder::new()
             .name("console-drain".into())
-            .spawn(move || run_drain_thread(drainer, poll))
+            .spawn(move || run_drain_thread(drainer, poll, &asked))
             .map_err(|source| Error::Setup {
                 what: "spawn the drain thread",
                 source,
             })?;
-        console.thread = Some(DrainThread { handle, waker });
-        Ok(console)
+        self.thread = Some(DrainThread {
+            handle,
+            waker,
+            handover,
+        });
+        Ok(())
     }
 
     /// Attaches to a connected stream socket given as an owned fd (see
@@ -374,7 +449,12 @@ impl Console {
                     // The shutdown above still ends the drain with an EOF.
                     log::debug!("console drain waker: {e}");
                 }
-                thread.handle.join().map_err(|_| Error::DrainThreadPanicked)
+                // Dropping the drainer ends the drain for good (and flushes the log).
+                thread
+                    .handle
+                    .join()
+                    .map(drop)
+                    .map_err(|_| Error::DrainThreadPanicked)
             }
         };
         let logged = self.shared.close_log(self.nobody_else_drains());
@@ -484,11 +564,21 @@ fn deadline_after(timeout: Duration) -> Instant {
 }
 
 /// The drain thread: a [`Drainer`] on a private poll, woken by readiness, a due log flush, or
-/// [`Console::close`] (which also shuts the socket down, so queued output is still drained).
-fn run_drain_thread(mut drainer: Drainer, mut poll: Poll) {
+/// [`Console::close`] (which also shuts the socket down, so queued output is still drained)
+/// or [`Console::take_drainer`] (`handover` set). Returns the drainer and its poll: ended
+/// (closed, or failed) unless handed over.
+fn run_drain_thread(
+    mut drainer: Drainer,
+    mut poll: Poll,
+    handover: &AtomicBool,
+) -> (Drainer, Poll) {
     let mut events = Events::with_capacity(4);
     // Drain first: output may have arrived before registration.
     loop {
+        if events.iter().any(|e| e.token() == STOP_TOKEN) && handover.load(Ordering::SeqCst) {
+            // The caller's poll drains from here on; nothing read is lost.
+            break;
+        }
         match drainer.drain() {
             DrainStatus::Closed => break,
             // Input is left that no event may announce, and this thread drains nothing else.
@@ -511,6 +601,7 @@ fn run_drain_thread(mut drainer: Drainer, mut poll: Poll) {
             }
         }
     }
+    (drainer, poll)
 }
 
 /// Connects to `path`, retrying while it is missing, refuses connections or has a full

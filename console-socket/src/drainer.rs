@@ -234,6 +234,11 @@ impl Drainer {
         self.finished
     }
 
+    /// Whether this drainer feeds the console sharing `shared`.
+    pub(crate) fn feeds(&self, shared: &Arc<Shared>) -> bool {
+        Arc::ptr_eq(&self.shared, shared)
+    }
+
     /// Ends the drain for a reason found outside `drain` (the thread's poll failing).
     pub(crate) fn fail(&mut self, reason: CloseReason) {
         self.finish(reason);

@@ -169,6 +169,14 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The drainer could not be moved between the drain thread and an owner's poll
+    /// ([`Console::take_drainer`](crate::Console::take_drainer),
+    /// [`Console::drain_on_thread`](crate::Console::drain_on_thread)).
+    #[error("cannot move the console's drainer: {reason}")]
+    DrainerHandover {
+        /// Why not.
+        reason: &'static str,
+    },
     /// The background drain thread panicked (a bug in this crate).
     #[error("console drain thread panicked")]
     DrainThreadPanicked,

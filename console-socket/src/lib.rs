@@ -46,7 +46,9 @@
 //! - [`Drainer::from_unix_stream`]: returns a [`Drainer`] for the owner's `mio::Poll` (many
 //!   consoles on one thread) together with the [`Console`] handle.
 //!
-//! Both run the same core (buffer, log writer, wait engine).
+//! Both run the same core (buffer, log writer, wait engine), and a console moves between
+//! them without losing a byte: [`Console::take_drainer`] stops its thread and hands the
+//! drainer to the owner's poll, [`Console::drain_on_thread`] starts a thread for it again.
 //!
 //! # QEMU's functional-test console helpers
 //!

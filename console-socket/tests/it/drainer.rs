@@ -344,3 +344,103 @@ fn input_left_at_the_budget_is_read_by_calling_drain_again_without_an_event() {
     assert_eq!(console.bytes_total(), TOTAL as u64);
     assert!(calls >= 4, "{calls} calls");
 }
+
+/// A thread-drained console hands its drainer to an owner's poll and takes it back, over and
+/// over, while the peer keeps writing: every byte arrives once, in order, and waits work in
+/// both modes (zero timeout on the polling thread, blocking on the thread's).
+#[test]
+fn the_drainer_moves_between_thread_and_poll_without_losing_a_byte() {
+    let (mut console, peer) = crate::pair(Config::default().with_buffer_capacity(8 << 20));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writing = Arc::clone(&stop);
+    // How many bytes the test has taken: the writer stays at most 1 MiB ahead, so the
+    // buffer never has to drop anything however the threads are scheduled.
+    let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let progress = Arc::clone(&taken);
+    let writer = std::thread::spawn(move || {
+        let mut peer = peer;
+        let mut sent: u64 = 0;
+        while !writing.load(Ordering::SeqCst) {
+            if sent as usize * 9 > progress.load(Ordering::SeqCst) + (1 << 20) {
+                std::thread::yield_now();
+                continue;
+            }
+            let line = format!("{sent:08}\n");
+            peer.write_all(line.as_bytes()).unwrap();
+            sent += 1;
+        }
+        peer.write_all(b"END\n").unwrap();
+        sent
+    });
+    let mut poll = Poll::new().unwrap();
+    let mut events = Events::with_capacity(8);
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        let mut drainer = console.take_drainer().unwrap();
+        assert!(matches!(
+            console.take_drainer(),
+            Err(Error::DrainerHandover { .. })
+        ));
+        poll.registry()
+            .register(&mut drainer, Token(1), Interest::READABLE)
+            .unwrap();
+        let deadline = Instant::now() + LONG;
+        let before = seen.len();
+        // On the polling thread: drain, then look without waiting.
+        while seen.len() < before + 64 {
+            assert!(Instant::now() < deadline, "the poll delivered nothing");
+            if drainer.drain() == DrainStatus::Open {
+                poll.poll(&mut events, Some(Duration::from_millis(50)))
+                    .unwrap();
+            }
+            seen.extend(console.read_available());
+            taken.store(seen.len(), Ordering::SeqCst);
+        }
+        poll.registry().deregister(&mut drainer).unwrap();
+        console.drain_on_thread(drainer).unwrap();
+        // Back on the thread: a blocking wait works.
+        seen.extend(console.read_line(LONG).unwrap());
+        seen.push(b'\n');
+        taken.store(seen.len(), Ordering::SeqCst);
+    }
+    stop.store(true, Ordering::SeqCst);
+    let sent = writer.join().unwrap();
+    let rest = console
+        .wait_for(&Pattern::substring("END\n"), LONG)
+        .unwrap();
+    seen.extend_from_slice(rest.text());
+    let expected: Vec<u8> = (0..sent)
+        .flat_map(|n| format!("{n:08}\n").into_bytes())
+        .chain(b"END\n".iter().copied())
+        .collect();
+    assert_eq!(console.bytes_dropped(), 0);
+    assert_eq!(seen.len(), expected.len());
+    assert!(seen == expected, "bytes lost, duplicated or reordered");
+}
+
+/// Handover mistakes are typed errors, and a drainer given to another console is refused.
+#[test]
+fn handover_mistakes_are_typed_errors() {
+    let (mut a, _peer_a) = crate::pair(Config::default());
+    let (mut b, _peer_b) = crate::pair(Config::default());
+    let drainer = a.take_drainer().unwrap();
+    let err = b.drain_on_thread(drainer).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "cannot move the console's drainer: the drainer belongs to another console"
+    );
+    // The refused drainer was dropped: a's waits end at once.
+    assert!(matches!(a.read_line(LONG), Err(Error::Closed { .. })));
+    let err = a.take_drainer().unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "cannot move the console's drainer: no drain thread runs (the drainer is already driven by a poll)"
+    );
+    b.close().unwrap();
+    assert!(matches!(
+        b.take_drainer(),
+        Err(Error::DrainerHandover {
+            reason: "the console is closed"
+        })
+    ));
+}
