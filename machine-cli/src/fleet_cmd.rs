@@ -25,7 +25,7 @@ use crate::signals::{self, Received};
 pub fn run(args: FleetArgs) -> Result<u8> {
     let (tx, rx) = mpsc::channel::<Received>();
     // First, before anything starts a thread: every thread must inherit the signal mask.
-    let _signals = signals::install(tx, |r| r)?;
+    let _signals = signals::install(tx, |r| r, None)?;
     if find_program(&args.qemu).is_none() {
         return Err(Error::QemuNotFound {
             path: args.qemu.clone(),

@@ -11,9 +11,13 @@
 //! the console and events keep flowing while it runs: `system_powerdown` (the guest may power
 //! off), then `quit`, each step with `--shutdown-timeout`, then SIGTERM (5 s), then SIGKILL.
 //! A first Ctrl-C (or SIGTERM, SIGHUP, `--timeout`, `--exit-after-banner`) starts it; a
-//! second one, or Ctrl-\\ (SIGQUIT), kills QEMU at once. The loop wakes every [`TICK`] to
-//! move the console, typed input and the ladder along (the console is drained by its own
-//! thread, which has no fd this loop could wait on).
+//! second one, or Ctrl-\\ (SIGQUIT), kills QEMU at once.
+//!
+//! The loop waits in one `mio::Poll` and wakes only when something happened or is due: QEMU's
+//! pidfd, its QMP monitor and its console (taken off the console's drain thread with
+//! `Machine::register_console`, so `Machine::step` drains it here), a waker the signal and
+//! stdin threads poke after each message, and the deadlines (the ladder's next step,
+//! `--timeout`, a quiet console for held lines and `--send` answers). No fixed tick.
 //!
 //! With `--exit-after-banner` and `--send` lines, the ladder starts only once the guest is
 //! quiet again (the tiny guest's prompt after each line, or a short silence on the console), so
@@ -42,14 +46,16 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use machine_core::guest::{self, GuestMachine};
+use machine_core::mio::{Events, Poll, Token, Waker};
 use machine_core::{
     format_duration, EndedBy, ExitReport, Machine, MachineBuilder, MachineState, ShutdownLadder,
-    Step,
+    Step, Tokens,
 };
 use serde_json::{json, Value};
 
@@ -61,8 +67,14 @@ use crate::output;
 use crate::signals::{self, Received};
 use crate::tty;
 
-/// How often the loop moves the console, events and shutdown ladder along.
-pub const TICK: Duration = Duration::from_millis(5);
+/// The loop's poll: the signal and stdin threads' waker, and the machine's sources.
+const WAKE: Token = Token(0);
+const TOKENS: Tokens = Tokens {
+    exit: Token(1),
+    qmp: Token(2),
+    output: Token(3),
+};
+const CONSOLE: Token = Token(4);
 
 /// How long the SIGTERM step of the stop ladder waits before SIGKILL.
 const SIGTERM_TIMEOUT: Duration = Duration::from_secs(5);
@@ -176,6 +188,13 @@ impl Reporter {
         }
     }
 
+    /// When held lines are due to be printed although the console stays mid-line (it has
+    /// gone quiet): the loop must wake by then.
+    fn release_due(&self) -> Option<Instant> {
+        (!self.held.borrow().is_empty() && self.mid_line.get())
+            .then(|| self.console_at.get() + QUIET)
+    }
+
     /// Ends a console line left open, so that a human line does not start mid-line.
     fn new_line(&self) {
         if self.mid_line.replace(false) {
@@ -282,8 +301,18 @@ impl Watch {
 pub fn run(args: RunArgs) -> Result<u8> {
     let reporter = Reporter::new(args.json);
     let (tx, rx) = mpsc::channel::<Msg>();
+    let mut poll = Poll::new().map_err(|source| Error::Io {
+        what: "creating the event loop's poll",
+        source,
+    })?;
+    let waker = Arc::new(
+        Waker::new(poll.registry(), WAKE).map_err(|source| Error::Io {
+            what: "creating the event loop's waker",
+            source,
+        })?,
+    );
     // First, before machine-core starts any thread: every thread must inherit the mask.
-    let signals = signals::install(tx.clone(), Msg::Signal)?;
+    let signals = signals::install(tx.clone(), Msg::Signal, Some(Arc::clone(&waker)))?;
 
     if find_program(&args.qemu).is_none() {
         return Err(Error::QemuNotFound {
@@ -387,10 +416,21 @@ pub fn run(args: RunArgs) -> Result<u8> {
             json!({"shared_qmp": shared.path, "shared_qmp_tcp": shared.tcp.map(|a| a.to_string())}),
         )?;
     }
+    // QEMU's pidfd, monitor and console on our poll. A QEMU that already exited has nothing
+    // to register: the loop's first step collects it.
+    if machine.is_running() {
+        machine
+            .register(poll.registry(), TOKENS)
+            .and_then(|()| machine.register_console(poll.registry(), CONSOLE))
+            .map_err(|source| Error::Machine {
+                what: "putting qemu on the event loop",
+                source,
+            })?;
+    }
     // On a terminal, keys go to the guest as typed (the guest echoes them); restored on return.
     let keys = tty::KeysToGuest::enable()?;
     if keys.is_some() {
-        forward_stdin(tx)?;
+        forward_stdin(tx, waker)?;
     } else {
         drop(tx);
     }
@@ -409,7 +449,7 @@ pub fn run(args: RunArgs) -> Result<u8> {
         &mut machine,
         &args,
         &reporter,
-        &rx,
+        (&mut poll, &rx),
         banner.as_deref(),
         prompt,
     );
@@ -585,8 +625,8 @@ fn remove_stale_socket(path: &Path) {
 }
 
 /// Forwards what is typed on the terminal to the loop, a read at a time (whole lines, as the
-/// terminal stays in its normal line mode so Ctrl-C still raises SIGINT).
-fn forward_stdin(tx: mpsc::Sender<Msg>) -> Result<()> {
+/// terminal stays in its normal line mode so Ctrl-C still raises SIGINT), waking its poll.
+fn forward_stdin(tx: mpsc::Sender<Msg>, waker: Arc<Waker>) -> Result<()> {
     thread::Builder::new()
         .name("stdin".to_string())
         .spawn(move || {
@@ -598,6 +638,9 @@ fn forward_stdin(tx: mpsc::Sender<Msg>) -> Result<()> {
                     Ok(n) => {
                         if tx.send(Msg::Stdin(buf[..n].to_vec())).is_err() {
                             return;
+                        }
+                        if let Err(error) = waker.wake() {
+                            debug!("waking the loop for typed input: {error}");
                         }
                     }
                 }
@@ -624,10 +667,11 @@ fn attach(
     machine: &mut Machine,
     args: &RunArgs,
     reporter: &Reporter,
-    rx: &mpsc::Receiver<Msg>,
+    (poll, rx): (&mut Poll, &mpsc::Receiver<Msg>),
     banner: Option<&str>,
     prompt: Option<&str>,
 ) -> Result<Ended> {
+    let mut events = Events::with_capacity(16);
     let step = args.shutdown_timeout;
     let stop_at = args.timeout.map(|t| Instant::now() + t);
     let mut banner_seen = banner.is_none();
@@ -641,6 +685,12 @@ fn attach(
     let mut stopping = Stopping::No;
     let mut events_open = true;
     loop {
+        // The machine: its console, QMP, exit and the ladder. An error here is the ladder
+        // ending badly or QEMU gone; the exit check and `finish` report it.
+        if let Err(error) = machine.step() {
+            debug!("stepping qemu: {error}");
+        }
+
         // Console output.
         let bytes = machine
             .console()
@@ -722,38 +772,68 @@ fn attach(
                 stopping = begin_stop(machine, reporter, "--timeout elapsed", None, step)?;
             }
             Stopping::Step(announced) => {
-                stopping = walk_ladder(machine, reporter, announced, step)?;
+                stopping = announce_steps(machine.state(), reporter, announced, step)?;
             }
             _ => {}
         }
 
-        // Wait for a signal or typed input, at most one tick.
-        match rx.recv_timeout(TICK) {
-            Ok(Msg::Signal(signal)) => {
-                let what = signal_text(signal);
-                if stopping == Stopping::No && signal != Received::Quit {
-                    stopping = begin_stop(machine, reporter, what, Some(what), step)?;
-                } else {
-                    reporter.line(
-                        "stopping",
-                        &if stopping == Stopping::No {
-                            format!("{what}: killing qemu")
-                        } else {
-                            format!("{what} again: killing qemu")
-                        },
-                        json!({"step": "kill", "reason": what}),
-                    )?;
-                    return Ok(Ended::Kill);
+        // Signals and typed input.
+        while let Ok(msg) = rx.try_recv() {
+            match msg {
+                Msg::Signal(signal) => {
+                    let what = signal_text(signal);
+                    if stopping == Stopping::No && signal != Received::Quit {
+                        stopping = begin_stop(machine, reporter, what, Some(what), step)?;
+                    } else {
+                        reporter.line(
+                            "stopping",
+                            &if stopping == Stopping::No {
+                                format!("{what}: killing qemu")
+                            } else {
+                                format!("{what} again: killing qemu")
+                            },
+                            json!({"step": "kill", "reason": what}),
+                        )?;
+                        return Ok(Ended::Kill);
+                    }
                 }
-            }
-            Ok(Msg::Stdin(bytes)) => {
-                if let Ok(console) = machine.console() {
-                    if let Err(error) = console.send(&bytes) {
-                        warn!("typed input not sent to the console: {error}");
+                Msg::Stdin(bytes) => {
+                    if let Ok(console) = machine.console() {
+                        if let Err(error) = console.send(&bytes) {
+                            warn!("typed input not sent to the console: {error}");
+                        }
                     }
                 }
             }
-            Err(mpsc::RecvTimeoutError::Timeout) | Err(mpsc::RecvTimeoutError::Disconnected) => {}
+        }
+
+        // Wait for the next event or deadline: QEMU (exit, QMP, console), a signal or typed
+        // input (the waker), the ladder's next step, --timeout, a quiet console.
+        let quiet = answering
+            .filter(|_| stopping == Stopping::No)
+            .map(|sent| reporter.console_at.get().max(sent) + QUIET);
+        let timed = stop_at.filter(|_| stopping == Stopping::No);
+        let wake_at = [
+            machine.next_deadline(),
+            timed,
+            quiet,
+            reporter.release_due(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let timeout = if machine.wants_step() {
+            Some(Duration::ZERO)
+        } else {
+            wake_at.map(|at| at.saturating_duration_since(Instant::now()))
+        };
+        if let Err(source) = poll.poll(&mut events, timeout) {
+            if source.kind() != std::io::ErrorKind::Interrupted {
+                return Err(Error::Io {
+                    what: "waiting in the event loop",
+                    source,
+                });
+            }
         }
     }
 }
@@ -812,21 +892,14 @@ fn stop_ladder(step: Duration) -> ShutdownLadder {
     ])
 }
 
-/// Moves the ladder along (without blocking) and announces each step it enters.
-fn walk_ladder(
-    machine: &mut Machine,
+/// Announces each ladder step machine-core entered since the last one announced (the loop's
+/// `Machine::step` walks the ladder).
+fn announce_steps(
+    state: MachineState,
     reporter: &Reporter,
     announced: usize,
     step: Duration,
 ) -> Result<Stopping> {
-    let state = match machine.step() {
-        Ok(state) => state,
-        // QEMU had to be killed, or is gone: the exit check and `finish` report it.
-        Err(error) => {
-            debug!("shutdown ladder: {error}");
-            return Ok(Stopping::Step(announced));
-        }
-    };
     let MachineState::Stopping { step: now, .. } = state else {
         return Ok(Stopping::Step(announced));
     };

@@ -14,8 +14,10 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::mpsc::Sender;
+use std::sync::Arc;
 use std::thread;
 
+use machine_core::mio::Waker;
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::error::{Error, Result};
@@ -49,7 +51,14 @@ impl Signals {
 /// after it), and starts the thread that sends each one as `wrap(Received)` on `sender` until
 /// the receiver is gone, and writes a byte to the wake-up pipe. Call it first thing, before
 /// anything spawns a thread.
-pub fn install<T: Send + 'static>(sender: Sender<T>, wrap: fn(Received) -> T) -> Result<Signals> {
+///
+/// With `waker`, each message is followed by a wake-up of that poll, so a loop waiting in
+/// its `mio::Poll` (not on the channel) sees the signal at once.
+pub fn install<T: Send + 'static>(
+    sender: Sender<T>,
+    wrap: fn(Received) -> T,
+    waker: Option<Arc<Waker>>,
+) -> Result<Signals> {
     use nix::fcntl::OFlag;
     // Nonblocking: a full pipe (thousands of signals nobody waits for) must not stop the
     // thread; one byte is enough to make it readable.
@@ -84,6 +93,11 @@ pub fn install<T: Send + 'static>(sender: Sender<T>, wrap: fn(Received) -> T) ->
             let _ = poke.write(b"!");
             if sender.send(wrap(received)).is_err() {
                 return;
+            }
+            if let Some(waker) = &waker {
+                if let Err(error) = waker.wake() {
+                    log::debug!("waking the loop for a signal: {error}");
+                }
             }
         })
         .map_err(|source| Error::Io {

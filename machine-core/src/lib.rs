@@ -102,9 +102,12 @@
 //! # }
 //! ```
 //!
-//! No thread is started for QMP, exit supervision or QEMU's output of a stepped machine;
-//! only a [`console_socket::Console`] (when the machine has a console) keeps its drain
-//! thread, as the console's source is not handed to the owner's poll. (The blocking
+//! No thread is started for QMP, exit supervision or QEMU's output of a stepped machine. A
+//! [`console_socket::Console`] (when the machine has one) keeps its drain thread unless the
+//! owner takes its source onto the poll with [`Machine::register_console`]: then `step`
+//! drains it too and no thread of the machine's runs (waits on that console from the
+//! polling thread must use a zero timeout); [`Machine::deregister`] gives it its thread
+//! back. [`Fleet`] leaves its members' consoles on their threads. (The blocking
 //! [`Machine::launch`] drains the output on a thread of its own, `{name}-output`.) Every
 //! monitor kind is stepped: with a unix or TCP monitor (QEMU connects to us) the listener
 //! stands in for the connection under the `qmp` token until QEMU connects, and `step` accepts
@@ -174,6 +177,8 @@ pub mod linux;
 pub mod qtest;
 
 pub use console_socket;
+/// The `mio` whose `Registry` and `Token` the stepping API takes ([`Machine::register`]).
+pub use mio;
 pub use qmp_client;
 pub use qmp_proto;
 

@@ -178,6 +178,11 @@ pub struct Machine {
     launch_deadline: Option<Instant>,
     /// The last step left QEMU's output unread at its budget.
     output_more: bool,
+    /// The console's drainer while the owner's poll drives it ([`Machine::register_console`]),
+    /// with that poll's registry.
+    console_drainer: Option<(console_socket::Drainer, mio::Registry)>,
+    /// The last step left console output unread at its budget.
+    console_more: bool,
     /// The shutdown ladder being walked.
     stopping: Option<stepping::Stopping>,
 }
@@ -211,6 +216,8 @@ impl Machine {
             report: None,
             launch_deadline: None,
             output_more: false,
+            console_drainer: None,
+            console_more: false,
             stopping: None,
         }
     }

@@ -164,6 +164,7 @@ impl Machine {
                 tail.dropped()
             );
         }
+        self.release_console_drainer(false);
         let console_tail = match self.console.as_mut() {
             Some(console) => {
                 if let Err(err) = console.close() {

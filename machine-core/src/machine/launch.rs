@@ -169,6 +169,7 @@ impl Machine {
     fn launch_rollback(&mut self) {
         self.launching = false;
         self.launch_deadline = None;
+        self.release_console_drainer(false);
         self.remove_temp_dir();
         if let Some(mut console) = self.console.take() {
             let _ = console.close();

@@ -7,6 +7,7 @@
 use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
+use console_socket::DrainStatus;
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 use qmp_client::RequestId;
@@ -179,8 +180,10 @@ impl Machine {
         Ok(())
     }
 
-    /// Removes what [`Machine::register`] added.
+    /// Removes what [`Machine::register`] and [`Machine::register_console`] added (the
+    /// console gets a drain thread again).
     pub fn deregister(&mut self, registry: &Registry) -> Result<()> {
+        self.release_console_drainer(true);
         let run = self.run.as_mut().ok_or(Error::NotRunning)?;
         let pidfd = run.child.pidfd().as_raw_fd();
         registry
@@ -204,6 +207,76 @@ impl Machine {
         Ok(())
     }
 
+    /// Takes the console's drain onto the owner's poll: its socket is registered in
+    /// `registry` under `token` (readable, edge-triggered) and [`Machine::step`] reads it
+    /// (call `step` on events for `token` too), so no thread of the machine's is left
+    /// running. Call it after [`Machine::launch_begin`] or [`Machine::launch`], for a machine
+    /// with a console. Until [`Machine::deregister`] (which gives the console a drain thread
+    /// again) or QEMU's exit, the console only gets output when `step` runs: on the thread
+    /// that drives the poll, wait on it with a zero timeout
+    /// (`console.read_available()`, `wait_for(.., Duration::ZERO)`).
+    ///
+    /// Without this call the console keeps its own drain thread, and blocking waits on it
+    /// work from any thread.
+    pub fn register_console(&mut self, registry: &Registry, token: Token) -> Result<()> {
+        if self.run.is_none() {
+            return Err(Error::NotRunning);
+        }
+        let console = self.console()?;
+        let mut drainer = console
+            .take_drainer()
+            .map_err(|source| Error::Console { source })?;
+        let registered = registry
+            .register(&mut drainer, token, Interest::READABLE)
+            .map_err(Error::os("epoll_ctl"))
+            .and_then(|()| registry.try_clone().map_err(Error::os("epoll fd dup")));
+        match registered {
+            Ok(owner) => {
+                self.console_drainer = Some((drainer, owner));
+                // What arrived before the registration has no event of its own.
+                self.console_more = self.drain_console();
+                Ok(())
+            }
+            Err(err) => {
+                let _ = registry.deregister(&mut drainer);
+                if let Err(back) = self.console()?.drain_on_thread(drainer) {
+                    log::warn!("the console lost its drain: {back}");
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// One budgeted read of an owner-driven console; true when input may be left.
+    fn drain_console(&mut self) -> bool {
+        self.console_drainer
+            .as_mut()
+            .is_some_and(|(drainer, _)| drainer.drain() == DrainStatus::More)
+    }
+
+    /// Gives an owner-driven console's drainer up: with `to_thread` back to a drain thread
+    /// (the owner deregistered), else drained to the end of what QEMU wrote and dropped (the
+    /// run is over).
+    pub(super) fn release_console_drainer(&mut self, to_thread: bool) {
+        let Some((mut drainer, registry)) = self.console_drainer.take() else {
+            return;
+        };
+        self.console_more = false;
+        if let Err(err) = registry.deregister(&mut drainer) {
+            log::debug!("deregistering the console: {err}");
+        }
+        if to_thread {
+            if let Some(console) = self.console.as_mut() {
+                if let Err(err) = console.drain_on_thread(drainer) {
+                    log::warn!("the console lost its drain: {err}");
+                }
+            }
+            return;
+        }
+        // QEMU is gone: what it wrote is in the socket, up to its end.
+        while drainer.drain() == DrainStatus::More {}
+    }
+
     /// Moves the machine along without blocking: reads what QMP has (within a budget, see
     /// [`Machine::wants_step`]), advances the handshake of a stepped launch, notices QEMU's
     /// exit, and walks the shutdown ladder. Call it on every readiness event for the
@@ -216,8 +289,9 @@ impl Machine {
     /// [`MachineState::Idle`] again), [`Error::AbnormalShutdown`] / [`Error::ReapTimeout`]
     /// when the ladder ends that way.
     pub fn step(&mut self) -> Result<MachineState> {
-        // QEMU's output first: it must never block on a full pipe.
+        // QEMU's output and console first: it must never block on a full pipe or socket.
         self.output_more = self.pump_output();
+        self.console_more = self.drain_console();
         if self.launching {
             self.launch_advance()?;
         }
@@ -261,14 +335,22 @@ impl Machine {
     }
 
     /// The latest time [`Machine::step`] must be called by, whatever the poll says: the
-    /// handshake's or the current ladder step's deadline. None when only readiness matters.
+    /// handshake's or the current ladder step's deadline, or when an owner-driven console's
+    /// log is due for a flush. None when only readiness matters.
     pub fn next_deadline(&self) -> Option<Instant> {
-        if let Some(stopping) = &self.stopping {
-            return stopping.walk.deadline();
-        }
-        // Before the first step of a launch, its deadline is not known yet: step now.
-        self.launching
-            .then(|| self.launch_deadline.unwrap_or_else(Instant::now))
+        let walk = match &self.stopping {
+            Some(stopping) => stopping.walk.deadline(),
+            // Before the first step of a launch, its deadline is not known yet: step now.
+            None => self
+                .launching
+                .then(|| self.launch_deadline.unwrap_or_else(Instant::now)),
+        };
+        // An owner-driven console's log is flushed by `step` too.
+        let flush = self
+            .console_drainer
+            .as_ref()
+            .and_then(|(drainer, _)| drainer.next_flush());
+        walk.into_iter().chain(flush).min()
     }
 
     /// True when the last [`Machine::step`] stopped reading QMP or QEMU's output at its budget
@@ -276,6 +358,7 @@ impl Machine {
     /// that input).
     pub fn wants_step(&mut self) -> bool {
         self.output_more
+            || self.console_more
             || self
                 .run
                 .as_mut()

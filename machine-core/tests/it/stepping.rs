@@ -369,3 +369,116 @@ fn a_stepped_launch_nobody_connects_to_times_out_in_step() {
     assert!(!socket.exists(), "the socket file is removed");
     assert_eq!(stub.leftovers(), 0);
 }
+
+/// A stub whose console says `boot N` before the greeting and `bye` when it quits.
+fn with_console() -> Stub {
+    Stub::new(
+        r#"for a in "$@"; do case "$a" in socket,id=console,fd=*) CON=${a#socket,id=console,fd=};; esac; done
+printf 'boot %s\r\n' "$$" >&$CON
+greet
+while true; do
+  IFS= read -r -d '}' -u $MON cmd || exit 0
+  id=null
+  [[ $cmd =~ \"id\":([0-9]+) ]] && id=${BASH_REMATCH[1]}
+  case "$cmd" in
+    *'"quit"'*)
+      printf 'bye\r\n' >&$CON
+      printf '{"event": "SHUTDOWN", "data": {"guest": false, "reason": "host-qmp-quit"}, "timestamp": {"seconds": 1, "microseconds": 2}}\r\n' >&$MON
+      printf '{"return": {}, "id": %s}\r\n' "$id" >&$MON
+      exit 0 ;;
+    *) printf '{"return": {}, "id": %s}\r\n' "$id" >&$MON ;;
+  esac
+done"#,
+    )
+}
+
+/// With `register_console`, the consoles of three machines are drained by `step` on the
+/// owner's poll: no drain thread, what the guest wrote before the handshake is there once the
+/// machine runs, and what it wrote while quitting is there after the exit.
+#[test]
+fn consoles_on_the_owners_poll_are_drained_by_step() {
+    use machine_core::console_socket::Pattern;
+    let _g = shared();
+    let stub = with_console();
+    let mut poll = Poll::new().expect("poll");
+    let mut machines: Vec<Machine> = (0..3)
+        .map(|_| {
+            let mut b = stub.builder();
+            b.console();
+            b.build()
+        })
+        .collect();
+    for (i, m) in machines.iter_mut().enumerate() {
+        m.launch_begin().expect("launch_begin");
+        m.register(poll.registry(), tokens(i)).expect("register");
+        // `drive` finds the machine by `token / 3`: the console shares i's output token.
+        m.register_console(poll.registry(), Token(3 * i + 2))
+            .expect("register_console");
+        let console = format!("{:?}", m.console().expect("console"));
+        assert!(console.contains("drain_thread: false"), "{console}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let boot = Pattern::regex(r"boot \d+\r\n").expect("pattern");
+    let mut booted = [false; 3];
+    drive(&mut poll, &mut machines, deadline, |i, m| {
+        if !booted[i] {
+            // On the polling thread: look, never wait.
+            booted[i] = m
+                .console()
+                .expect("console")
+                .wait_for(&boot, Duration::ZERO)
+                .is_ok();
+        }
+        booted[i] && m.state() == MachineState::Running
+    });
+    for m in machines.iter_mut() {
+        m.shutdown_begin(&ShutdownLadder::graceful(Duration::from_secs(10)))
+            .expect("shutdown_begin");
+    }
+    drive(&mut poll, &mut machines, deadline, |_, m| {
+        m.state() == MachineState::Exited
+    });
+    for m in machines.iter_mut() {
+        let rest = m.console().expect("console").read_available();
+        assert_eq!(rest, b"bye\r\n", "{}", String::from_utf8_lossy(&rest));
+        let report = m.exit_report().expect("report");
+        assert_eq!(report.ended_by, EndedBy::Quit, "{report}");
+        assert_eq!(report.console_tail.last().map(String::as_str), Some("bye"));
+    }
+    assert_eq!(stub.leftovers(), 0);
+}
+
+/// `deregister` gives an owner-driven console its drain thread back: blocking waits work
+/// again, and nothing the guest wrote in between is lost.
+#[test]
+fn deregister_gives_the_console_its_thread_back() {
+    use machine_core::console_socket::Pattern;
+    let _g = shared();
+    let stub = with_console();
+    let mut b = stub.builder();
+    b.console();
+    let mut m = b.build();
+    m.launch().expect("launch");
+    let poll = Poll::new().expect("poll");
+    m.register(poll.registry(), tokens(0)).expect("register");
+    m.register_console(poll.registry(), Token(2))
+        .expect("register_console");
+    assert!(matches!(
+        m.register_console(poll.registry(), Token(2)),
+        Err(machine_core::Error::Console { .. })
+    ));
+    m.deregister(poll.registry()).expect("deregister");
+    let console = format!("{:?}", m.console().expect("console"));
+    assert!(console.contains("drain_thread: true"), "{console}");
+    // Blocking, from the thread that owned the poll: the drain thread delivers.
+    m.console()
+        .expect("console")
+        .wait_for(
+            &Pattern::regex(r"boot \d+").expect("pattern"),
+            Duration::from_secs(10),
+        )
+        .expect("boot line");
+    let report = m.shutdown().expect("shutdown");
+    assert_eq!(report.console_tail.last().map(String::as_str), Some("bye"));
+    assert_eq!(stub.leftovers(), 0);
+}

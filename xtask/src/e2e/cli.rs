@@ -498,6 +498,22 @@ fn run_guest_exit_status(ctx: &Ctx) -> Result<(), String> {
 fn run_sigint(ctx: &Ctx) -> Result<(), String> {
     let mut proc = Proc::spawn(ctx, &["run", "--accel", accel(ctx)], None)?;
     proc.wait_stdout(ctx, |l| l.contains(guest::BANNER))?;
+    // The guest sits at its prompt: the loop must sleep in its poll, not wake on a tick (a
+    // 5 ms tick would be ~100 wake-ups in this window).
+    let pid = proc.pid().as_raw();
+    let window = Duration::from_millis(500);
+    let before = voluntary_switches(pid)?;
+    thread::sleep(window);
+    let wakeups = voluntary_switches(pid)? - before;
+    if wakeups > 10 {
+        return Err(format!(
+            "the idle run loop woke {wakeups} times in {window:?}: a fixed tick?"
+        ));
+    }
+    ctx.note(format!(
+        "idle run loop: {wakeups} wake-ups of the main thread in {} ms",
+        window.as_millis()
+    ));
     let sent = Instant::now();
     nix::sys::signal::kill(proc.pid(), nix::sys::signal::Signal::SIGINT)
         .map_err(|e| format!("kill -INT: {e}"))?;
@@ -521,6 +537,18 @@ fn run_sigint(ctx: &Ctx) -> Result<(), String> {
         sent.elapsed().as_secs_f64() * 1000.0
     ));
     Ok(())
+}
+
+/// How often the main thread of process `pid` has gone to sleep voluntarily (each time it
+/// waited and was woken again), from `/proc/PID/task/PID/status`.
+fn voluntary_switches(pid: i32) -> Result<u64, String> {
+    let path = format!("/proc/{pid}/task/{pid}/status");
+    let status = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| format!("{path}: no voluntary_ctxt_switches"))
 }
 
 /// `qemu-machine` running with a pseudo-terminal as its controlling terminal (started through
