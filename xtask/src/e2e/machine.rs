@@ -481,13 +481,13 @@ fn stepped_three_from_one_poll(ctx: &Ctx) -> Result<(), String> {
     let deadline = ctx.deadline.min(Instant::now() + Duration::from_secs(50));
     let before = thread_names();
     let mut poll = mio::Poll::new().map_err(|e| format!("poll: {e}"))?;
-    let mut machines: Vec<Machine> = (0..3)
-        .map(|i| {
-            let mut b = none_builder(ctx, base.path());
-            b.name(format!("step{i}"));
-            b.build()
-        })
-        .collect();
+    // Machine 0 is the tiny guest, its console on the poll too; 1 and 2 are `-M none`.
+    let mut machines: Vec<Machine> = vec![guest_machine(ctx, base.path(), &[])?];
+    for i in 1..3 {
+        let mut b = none_builder(ctx, base.path());
+        b.name(format!("step{i}"));
+        machines.push(b.build());
+    }
     for (i, m) in machines.iter_mut().enumerate() {
         m.launch_begin().map_err(err("launch_begin"))?;
         m.register(
@@ -500,8 +500,20 @@ fn stepped_three_from_one_poll(ctx: &Ctx) -> Result<(), String> {
         )
         .map_err(err("register"))?;
     }
-    drive_stepped(&mut poll, &mut machines, deadline, "launch", |_, m| {
-        m.state() == MachineState::Running
+    // `drive_stepped` finds the machine by `token / 3`: the console shares the output's.
+    machines[0]
+        .register_console(poll.registry(), mio::Token(2))
+        .map_err(err("register_console"))?;
+    let banner = Pattern::substring(guest::BANNER);
+    let mut booted = false;
+    drive_stepped(&mut poll, &mut machines, deadline, "launch", |i, m| {
+        if i == 0 && !booted {
+            // On the polling thread: look, never wait.
+            booted = m
+                .console()
+                .is_ok_and(|c| c.wait_for(&banner, Duration::ZERO).is_ok());
+        }
+        (i != 0 || booted) && m.state() == MachineState::Running
     })?;
     let mut added: Vec<String> = thread_names();
     for name in &before {
@@ -556,32 +568,72 @@ fn stepped_three_from_one_poll(ctx: &Ctx) -> Result<(), String> {
         stopped[i]
     })?;
 
-    // The ladder: system_powerdown (ignored by -M none), then quit.
-    let ladder = ShutdownLadder::new([
-        Step::Powerdown {
-            timeout: Duration::from_millis(300),
-        },
-        Step::Quit {
-            timeout: Duration::from_secs(10),
-        },
-    ]);
+    // Running again (the guest must see the power button), each RESUME taken as it comes.
     for m in machines.iter_mut() {
-        m.shutdown_begin(&ladder).map_err(err("shutdown_begin"))?;
+        m.submit("cont", ()).map_err(err("cont"))?;
+    }
+    let mut resumed = [false; 3];
+    drive_stepped(
+        &mut poll,
+        &mut machines,
+        deadline,
+        "RESUME event",
+        |i, m| {
+            resumed[i] |= m.take_event(&[EventFilter::new("RESUME")]).is_some();
+            resumed[i]
+        },
+    )?;
+
+    // The ladder: system_powerdown (the guest powers off; -M none ignores it), then quit.
+    let ladder = |powerdown: Duration| {
+        ShutdownLadder::new([
+            Step::Powerdown { timeout: powerdown },
+            Step::Quit {
+                timeout: Duration::from_secs(10),
+            },
+        ])
+    };
+    for (i, m) in machines.iter_mut().enumerate() {
+        let powerdown = match i {
+            0 => Duration::from_secs(10),
+            _ => Duration::from_millis(300),
+        };
+        m.shutdown_begin(&ladder(powerdown))
+            .map_err(err("shutdown_begin"))?;
     }
     drive_stepped(&mut poll, &mut machines, deadline, "ladder", |_, m| {
         m.state() == MachineState::Exited
     })?;
-    for m in &machines {
-        let report = m.exit_report().ok_or("no exit report")?;
+    for (i, m) in machines.iter_mut().enumerate() {
+        let report = m.exit_report().ok_or("no exit report")?.clone();
+        let (ended, steps) = match i {
+            0 => (
+                matches!(report.ended_by, EndedBy::Powerdown { .. }),
+                report.steps.len() == 1,
+            ),
+            _ => (
+                report.ended_by == EndedBy::Quit,
+                report.steps.len() == 2 && report.steps[0].outcome == StepOutcome::TimedOut,
+            ),
+        };
         check(
-            report.ended_by == EndedBy::Quit && report.status == ExitStatus::Code(0),
-            format!("report: {report}"),
+            ended && report.status == ExitStatus::Code(0),
+            format!("machine {i} report: {report}"),
         )?;
-        check(
-            report.steps.len() == 2 && report.steps[0].outcome == StepOutcome::TimedOut,
-            format!("steps: {:?}", report.steps),
-        )?;
+        check(steps, format!("machine {i} steps: {:?}", report.steps))?;
     }
+    // The guest's power-off lines, drained from the poll up to QEMU's end.
+    let rest = machines[0]
+        .console()
+        .map_err(err("console"))?
+        .read_available();
+    check(
+        String::from_utf8_lossy(&rest).contains(guest::POWEROFF_LINE),
+        format!(
+            "console after the exit: {:?}",
+            String::from_utf8_lossy(&rest)
+        ),
+    )?;
     check(entries(base.path()) == 0, "cleaned up")?;
     Ok(())
 }
