@@ -122,10 +122,15 @@ pub enum DropReason {
     TooManyClients,
 }
 
-/// Counters of a [`Mux`].
+/// Counters of a [`Mux`], and two gauges of what it holds now.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct MuxStats {
+    /// Clients attached now (a gauge: refused and closing clients count until they are gone).
+    pub clients: u64,
+    /// Bytes held for the clients now (a gauge): output queues and input buffers, as
+    /// allocated capacity ([`Mux::client_memory`] summed over the clients).
+    pub buffered_bytes: u64,
     /// Clients ever added.
     pub clients_accepted: u64,
     /// Clients dropped because they stopped reading.
@@ -156,6 +161,10 @@ struct Client {
     out_start: usize,
     /// In-band commands waiting for an upstream slot or for their reply.
     inband: usize,
+    /// The multiplexer's own answers (to bad input, a refused `quit`) that must wait for the
+    /// replies of in-band commands the client sent before: each with how many of those
+    /// replies are still due (at least 1, never decreasing along the queue).
+    deferred: VecDeque<(usize, Vec<u8>)>,
     /// Out-of-band commands waiting for an upstream slot or for their reply.
     oob: usize,
     /// The decoder may hold complete messages not taken yet (the client was at its limit).
@@ -170,9 +179,10 @@ impl Client {
     }
 
     /// Whether the next command may be taken: QEMU itself stops reading a monitor whose queue
-    /// holds 8 in-band commands, and so do we, per client.
+    /// holds 8 in-band requests (bad ones included, as they are answered in turn), and so do
+    /// we, per client.
     fn can_take(&self) -> bool {
-        self.inband < MAX_IN_FLIGHT && self.oob < MAX_OOB_PER_CLIENT
+        self.inband + self.deferred.len() < MAX_IN_FLIGHT && self.oob < MAX_OOB_PER_CLIENT
     }
 }
 
@@ -209,9 +219,10 @@ struct Route {
 /// - **Ids.** Commands are forwarded under fresh upstream ids, so clients can never collide with
 ///   each other or with the owner; a client's id, any JSON value or none, comes back exactly as
 ///   it sent it (a command without an id gets a reply without one, as from QEMU).
-/// - **Order.** A client's in-band replies come in the order of its commands; events and replies
-///   reach each client in the order QEMU sent them. At most 8 in-band commands per client are
-///   taken at once (QEMU's own limit); further input waits in the client's socket.
+/// - **Order.** A client's in-band replies come in the order of its commands, the
+///   multiplexer's own answers (to bad input, a refused `quit`) included, as from QEMU; events
+///   and replies reach each client in the order QEMU sent them. At most 8 in-band requests per
+///   client are taken at once (QEMU's own limit); further input waits in the client's socket.
 /// - **The owner comes first.** The multiplexer leaves one in-band and one out-of-band slot of
 ///   the upstream session free for the session's owner, so clients can delay but never starve
 ///   its commands. Events still reach the owner's own event queue.
@@ -312,6 +323,7 @@ impl Mux {
             out: Vec::new(),
             out_start: 0,
             inband: 0,
+            deferred: VecDeque::new(),
             oob: 0,
             stalled: false,
             eof: false,
@@ -435,17 +447,27 @@ impl Mux {
         self.upstream_closed
     }
 
-    /// The counters.
+    /// The counters, with the gauges as they are now.
     pub fn stats(&self) -> MuxStats {
-        self.stats
+        MuxStats {
+            clients: self.clients.len() as u64,
+            buffered_bytes: self
+                .clients
+                .keys()
+                .map(|id| self.client_memory(*id) as u64)
+                .sum(),
+            ..self.stats
+        }
     }
 
     /// Bytes held for `client`: its output queue and its decoder's buffer (allocated
     /// capacity), for memory accounting.
     pub fn client_memory(&self, client: ClientId) -> usize {
-        self.clients
-            .get(&client)
-            .map_or(0, |c| c.out.capacity() + c.decoder.buffer_capacity())
+        self.clients.get(&client).map_or(0, |c| {
+            c.out.capacity()
+                + c.decoder.buffer_capacity()
+                + c.deferred.iter().map(|(_, b)| b.capacity()).sum::<usize>()
+        })
     }
 
     /// Moves messages between the clients and `upstream`: relays QEMU's events and replies (in
@@ -533,12 +555,12 @@ impl Mux {
                         // Only a failed session refuses a command that has a slot: the next
                         // pump closes every client.
                         debug!("cannot forward `{name}`: {e}");
-                        if let Some(c) = self.clients.get_mut(&w.client) {
-                            if oob {
+                        if oob {
+                            if let Some(c) = self.clients.get_mut(&w.client) {
                                 c.oob = c.oob.saturating_sub(1);
-                            } else {
-                                c.inband = c.inband.saturating_sub(1);
                             }
+                        } else {
+                            self.inband_done(w.client);
                         }
                         return any;
                     }
@@ -563,13 +585,34 @@ impl Mux {
         };
         if route.oob {
             client.oob = client.oob.saturating_sub(1);
-        } else {
-            client.inband = client.inband.saturating_sub(1);
         }
         let message = with_id(message, route.id);
         let mut bytes = Vec::with_capacity(128);
         message.encode_into(&mut bytes);
-        self.queue_to(route.client, &bytes);
+        if self.queue_to(route.client, &bytes) && !route.oob {
+            self.inband_done(route.client);
+        }
+    }
+
+    /// One in-band command of `client` is answered (or will never be): its answers that were
+    /// waiting only for that one go out now.
+    fn inband_done(&mut self, client: ClientId) {
+        let Some(c) = self.clients.get_mut(&client) else {
+            return;
+        };
+        c.inband = c.inband.saturating_sub(1);
+        for (due, _) in c.deferred.iter_mut() {
+            *due = due.saturating_sub(1);
+        }
+        let mut ready = Vec::new();
+        while c.deferred.front().is_some_and(|(due, _)| *due == 0) {
+            ready.extend(c.deferred.pop_front().map(|(_, bytes)| bytes));
+        }
+        for bytes in ready {
+            if !self.queue_to(client, &bytes) {
+                return;
+            }
+        }
     }
 
     fn fan_out(&mut self, bytes: &[u8]) {
@@ -698,6 +741,13 @@ impl Mux {
         self.stats.commands_answered += 1;
         let mut bytes = Vec::with_capacity(96);
         encode_refusal(&mut bytes, refusal);
+        if let Some(c) = self.clients.get_mut(&client) {
+            // QEMU answers requests in turn: after the replies to earlier in-band commands.
+            if c.inband > 0 {
+                c.deferred.push_back((c.inband, bytes));
+                return;
+            }
+        }
         self.queue_to(client, &bytes);
     }
 
@@ -710,6 +760,10 @@ impl Mux {
         self.waiting_oob.clear();
         self.routes.clear();
         for c in self.clients.values_mut() {
+            // The replies they waited for will never come: what the client is owed goes now.
+            for (_, bytes) in c.deferred.drain(..) {
+                c.out.extend_from_slice(&bytes);
+            }
             c.eof = true;
             self.dropped
                 .push((c.info.clone(), DropReason::UpstreamClosed));
@@ -1104,6 +1158,69 @@ mod tests {
     }
 
     #[test]
+    fn own_answers_wait_for_the_replies_to_earlier_commands_as_from_qemu() {
+        let (mut s, mut mux) = setup(MuxConfig::default());
+        let a = negotiated(&mut mux, false);
+        mux.feed(
+            a,
+            b"{\"execute\":\"slow\",\"id\":1}garbage\n{\"execute\":\"quit\",\"id\":\"q\"}{\"execute\":\"next\",\"id\":2}[1]\n",
+        );
+        mux.pump(&mut s);
+        let sent = upstream_output(&mut s);
+        assert_eq!(sent.len(), 2);
+        // Nothing may overtake the reply to `slow`.
+        assert!(client_output(&mut mux, a).is_empty());
+        reply_empty(&mut s, &sent[0]);
+        mux.pump(&mut s);
+        let out = client_output(&mut mux, a);
+        assert_eq!(out.len(), 3, "{out:?}");
+        assert_eq!(out[0], ret(json!({}), Some(json!(1))));
+        assert_eq!(
+            error_desc(&out[1]),
+            (
+                "GenericError",
+                "JSON parse error, invalid keyword 'garbage'",
+                None
+            )
+        );
+        assert_eq!(
+            error_desc(&out[2]),
+            ("GenericError", QUIT_REFUSED, Some(&json!("q")))
+        );
+        reply_empty(&mut s, &sent[1]);
+        mux.pump(&mut s);
+        let out = client_output(&mut mux, a);
+        assert_eq!(out[0], ret(json!({}), Some(json!(2))));
+        assert_eq!(
+            error_desc(&out[1]),
+            ("GenericError", "QMP input must be a JSON object", None)
+        );
+        // With nothing outstanding, an answer goes at once.
+        mux.feed(a, b"42\n");
+        assert_eq!(client_output(&mut mux, a).len(), 1);
+    }
+
+    #[test]
+    fn bad_input_waiting_for_an_earlier_reply_counts_towards_qemus_limit_of_8() {
+        let (mut s, mut mux) = setup(MuxConfig::default());
+        let a = negotiated(&mut mux, false);
+        mux.feed(a, br#"{"execute":"slow","id":1}"#);
+        for _ in 0..6 {
+            mux.feed(a, b"garbage\n");
+        }
+        assert!(mux.wants_input(a), "7 of 8 taken");
+        mux.feed(a, b"garbage\ngarbage\ngarbage\n");
+        assert!(!mux.wants_input(a), "8 taken: stop reading, as QEMU does");
+        mux.pump(&mut s);
+        let sent = upstream_output(&mut s);
+        reply_empty(&mut s, &sent[0]);
+        mux.pump(&mut s);
+        // The reply, the 7 answers held back, then the rest taken once there was room.
+        assert_eq!(client_output(&mut mux, a).len(), 1 + 7 + 2);
+        assert!(mux.wants_input(a));
+    }
+
+    #[test]
     fn a_gone_clients_late_reply_is_dropped_and_its_waiting_commands_never_sent() {
         let (mut s, mut mux) = setup(MuxConfig::default());
         let a = negotiated(&mut mux, false);
@@ -1189,6 +1306,13 @@ mod tests {
         assert_eq!(mux.client_count(), 1);
         assert_eq!(mux.stats().clients_overflowed, 1);
         assert!(mux.output(slow).is_empty());
+        // The gauges count only what is still held: the fast client and its buffers.
+        let stats = mux.stats();
+        assert_eq!(stats.clients, 1);
+        assert_eq!(stats.buffered_bytes, mux.client_memory(fast) as u64);
+        assert!(stats.buffered_bytes > 0);
+        mux.remove_client(fast);
+        assert_eq!((mux.stats().clients, mux.stats().buffered_bytes), (0, 0));
     }
 
     #[test]
