@@ -233,9 +233,8 @@ impl RawQmp {
     pub fn execute(&mut self, name: &str, deadline: Instant) -> Result<Value, String> {
         let command = json!({ "execute": name }).to_string();
         // One write, no trailing newline (QEMU resets the socket otherwise after `quit`).
-        self.stream
-            .write_all(command.as_bytes())
-            .map_err(|e| format!("qmp send {name}: {e}"))?;
+        self.send(command.as_bytes())
+            .map_err(|e| format!("{name}: {e}"))?;
         loop {
             let message = self.read_message(deadline)?;
             if message.get("event").is_some() {
@@ -273,7 +272,15 @@ impl RawQmp {
         }
     }
 
-    fn read_message(&mut self, deadline: Instant) -> Result<Value, String> {
+    /// Writes `bytes` as they are, in one write: commands, several at once, or anything else.
+    pub fn send(&mut self, bytes: &[u8]) -> Result<(), String> {
+        self.stream
+            .write_all(bytes)
+            .map_err(|e| format!("qmp send: {e}"))
+    }
+
+    /// The next message, whatever it is (events are not queued here), before `deadline`.
+    pub fn read_message(&mut self, deadline: Instant) -> Result<Value, String> {
         loop {
             if let Some(end) = self.buffer.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = self.buffer.drain(..=end).collect();

@@ -37,6 +37,7 @@ mod cli;
 mod client;
 mod console;
 mod guest;
+pub(crate) use guest::RawQmp;
 pub(crate) mod linux;
 mod machine;
 mod mux;

@@ -19,6 +19,7 @@ mod console;
 mod fleet;
 mod flood;
 mod greeting;
+mod mux;
 mod security;
 
 pub use security::connect_probe;
@@ -33,7 +34,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 /// The figures, in the order they run, with the name `--only` takes.
-pub const FIGURES: [&str; 10] = [
+pub const FIGURES: [&str; 11] = [
     "soak",
     "bad-launch",
     "greeting-timeout",
@@ -41,6 +42,7 @@ pub const FIGURES: [&str; 10] = [
     "max-message",
     "chaos-kill",
     "fleet-chaos",
+    "mux-chaos",
     "console-flood",
     "security",
     "self-check",
@@ -48,7 +50,7 @@ pub const FIGURES: [&str; 10] = [
 
 const USAGE: &str = "usage: cargo xtask reliability [--quick] [--only NAME,...] [--cycles N] \
 [--chaos N] [--console-runs R] [--seed N] [--json FILE]\n  figures: soak, bad-launch, \
-greeting-timeout, event-flood, max-message, chaos-kill, fleet-chaos, console-flood, security";
+greeting-timeout, event-flood, max-message, chaos-kill, fleet-chaos, mux-chaos, console-flood, security";
 
 /// What a run measures: sizes and repetitions of each figure.
 #[derive(Debug, Clone)]
@@ -477,6 +479,7 @@ fn run_figure(name: &'static str, settings: &Settings) -> Figure {
         "max-message" => flood::run_max_message(settings),
         "chaos-kill" => chaos::run(settings),
         "fleet-chaos" => fleet::run(settings),
+        "mux-chaos" => mux::run(settings),
         "console-flood" => console::run(settings),
         "security" => security::run(settings),
         _ => Figure::new("unknown"),
@@ -513,6 +516,7 @@ fn figure_deadline(name: &str, s: &Settings) -> Duration {
         "max-message" => 60,
         "chaos-kill" => 60 + s.chaos as u64 / 2,
         "fleet-chaos" => 120,
+        "mux-chaos" => return mux::deadline(s),
         "console-flood" => 60 + (s.flood_time.as_secs() + 25) * s.console_runs as u64,
         "security" => 120,
         _ => 60,
