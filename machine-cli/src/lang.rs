@@ -34,6 +34,7 @@
 //! `cpu N` selects the CPU that later lines run on (sent as `cpu-index`); until then no
 //! `cpu-index` is sent, so machines without CPUs work.
 
+use machine_core::qmp_proto;
 use serde_json::{Map, Value};
 use std::collections::HashSet;
 
@@ -204,19 +205,15 @@ fn parse_raw_command(line: &str) -> Result<Request> {
     Ok(Request { execute, arguments })
 }
 
-/// QEMU's JSON parser refuses input nested deeper than this (`MAX_NESTING` in QEMU's
-/// `json-streamer.c`) with an error that carries no id, after which its parser is out of step
-/// and our session ends: measured on QEMU 7.2, 1024 levels pass and 1100 do not.
-const QEMU_MAX_NESTING: usize = 1024;
-
 /// Deepest an arguments object may nest (the object itself counts as one level): QEMU's limit
-/// less the levels around it in the deepest command we build, a transaction (command object,
-/// its `arguments`, the `actions` array, one action object, then this as its `data`).
-pub const MAX_ARGUMENT_NESTING: usize = QEMU_MAX_NESTING - 4;
+/// ([`qmp_proto::MAX_NESTING`], which the QMP client enforces on every command it sends) less
+/// the levels around it in the deepest command we build, a transaction (command object, its
+/// `arguments`, the `actions` array, one action object, then this as its `data`).
+pub const MAX_ARGUMENT_NESTING: usize = qmp_proto::MAX_NESTING - 4;
 
 /// Builds an arguments object from `key=value` tokens (dotted keys nest). Arguments nested
-/// deeper than [`MAX_ARGUMENT_NESTING`] (a dotted key of a thousand parts) are refused here:
-/// QEMU would answer with an id-less error that ends the session.
+/// deeper than [`MAX_ARGUMENT_NESTING`] (a dotted key of a thousand parts) are refused here,
+/// while the line is parsed: QEMU would answer with an id-less error that ends the session.
 pub fn build_arguments(tokens: &[String]) -> Result<Map<String, Value>> {
     let root = build_nested(tokens)?;
     let depth = nesting(&root);
@@ -229,20 +226,9 @@ pub fn build_arguments(tokens: &[String]) -> Result<Map<String, Value>> {
     Ok(root)
 }
 
-/// Levels of objects and arrays in `map`, itself included, counted without recursion.
+/// Levels of objects and arrays in `map`, itself included, counted as QMP's encoder does.
 fn nesting(map: &Map<String, Value>) -> usize {
-    let mut deepest = 1;
-    let mut stack: Vec<(&Value, usize)> = map.values().map(|v| (v, 2)).collect();
-    while let Some((value, level)) = stack.pop() {
-        let children: Box<dyn Iterator<Item = &Value>> = match value {
-            Value::Object(m) => Box::new(m.values()),
-            Value::Array(a) => Box::new(a.iter()),
-            _ => continue,
-        };
-        deepest = deepest.max(level);
-        stack.extend(children.map(|c| (c, level + 1)));
-    }
-    deepest
+    1 + map.values().map(qmp_proto::nesting).max().unwrap_or(0)
 }
 
 fn build_nested(tokens: &[String]) -> Result<Map<String, Value>> {

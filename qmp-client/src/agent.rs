@@ -366,9 +366,6 @@ impl Agent {
         if self.closed {
             return Err(Error::Closed);
         }
-        if !self.synced {
-            self.sync_until(deadline, start)?;
-        }
         // Small ids are enough (and each byte costs time on a serial line): a sync discards
         // every reply the agent wrote before it, and any timeout forces a sync, so an id only
         // has to be unique among the requests since the last sync.
@@ -377,6 +374,11 @@ impl Agent {
         let mut cmd = Command::new(command).with_id(id);
         if let Some(args) = args {
             cmd = cmd.with_arguments(args);
+        }
+        // Refused before any I/O: QEMU's agent parses with the same limit as its monitor.
+        crate::session::check_nesting(&cmd)?;
+        if !self.synced {
+            self.sync_until(deadline, start)?;
         }
         let mut bytes = Vec::new();
         cmd.encode_into(&mut bytes);
@@ -922,6 +924,29 @@ mod tests {
                 .count()
                 >= 3
         );
+    }
+
+    #[test]
+    fn commands_deeper_than_the_agent_accepts_are_refused_before_any_io() {
+        let (mut agent, seen) = fake_agent(Box::new(|command| answer(command, json!({}))));
+        let mut value = json!([]);
+        for _ in 0..1022 {
+            value = Value::Array(vec![value]);
+        }
+        let mut args = Map::new();
+        args.insert("a".into(), value);
+        match agent.execute("guest-deep", Some(args)) {
+            Err(Error::CommandTooDeep {
+                command,
+                depth: 1025,
+                limit: 1024,
+            }) => assert_eq!(command, "guest-deep"),
+            other => panic!("{other:?}"),
+        }
+        assert!(!agent.is_synced(), "not even a sync was sent");
+        agent.ping().expect("ping");
+        assert_eq!(seen.recv().ok().as_deref(), Some("guest-sync-delimited"));
+        assert_eq!(seen.recv().ok().as_deref(), Some("guest-ping"));
     }
 
     #[test]

@@ -226,6 +226,18 @@ pub enum Error {
         /// The limit that was reached (8 for in-band commands).
         limit: usize,
     },
+    /// A command nests objects and arrays deeper than QEMU's JSON parser accepts
+    /// ([`qmp_proto::MAX_NESTING`]); it was not sent (QEMU's refusal would carry no id, and
+    /// its parser would read what follows out of step).
+    #[error("`{command}` nests {depth} levels deep; QEMU's JSON parser accepts at most {limit}")]
+    CommandTooDeep {
+        /// The command's name.
+        command: String,
+        /// Its levels of objects and arrays, the command object included.
+        depth: usize,
+        /// The most QEMU accepts.
+        limit: usize,
+    },
     /// An id-less command is already waiting for its reply, or timed out with its reply still
     /// due (at most one may be outstanding: id-less replies cannot be told apart).
     #[error("an id-less command is already in flight")]

@@ -337,7 +337,8 @@ impl Session {
     ///
     /// Fails with [`Error::Disconnected`] after a failure, [`Error::NotReady`] during the
     /// handshake, [`Error::TooManyInFlight`] when 8 in-band commands (or, for an out-of-band
-    /// one, [`Config::max_oob_in_flight`] out-of-band commands) are in flight.
+    /// one, [`Config::max_oob_in_flight`] out-of-band commands) are in flight, and with
+    /// [`Error::CommandTooDeep`] when it nests deeper than QEMU accepts (nothing is sent).
     pub fn send(&mut self, command: Command) -> Result<RequestId> {
         self.check_can_send(&command)?;
         let id = RequestId(self.next_id);
@@ -421,6 +422,7 @@ impl Session {
     }
 
     fn check_can_send(&self, command: &Command) -> Result<()> {
+        check_nesting(command)?;
         if self.failure.is_some() {
             return Err(self.disconnected());
         }
@@ -927,6 +929,21 @@ impl Session {
 /// Classifies an object received while waiting for the greeting. A `QMP` member whose
 /// `version` is not an object or whose `capabilities` is not an array is kept as
 /// [`ServerMessage::Unknown`], which the greeting phase rejects.
+/// Refuses a command nested deeper than QEMU's JSON parser accepts, before it is sent: QEMU
+/// would answer with an error without an id and read what follows out of step. Every command
+/// of this crate (QMP sessions and the guest agent) passes here.
+pub(crate) fn check_nesting(command: &Command) -> Result<()> {
+    let depth = command.nesting();
+    if depth > qmp_proto::MAX_NESTING {
+        return Err(Error::CommandTooDeep {
+            command: command.execute.clone(),
+            depth,
+            limit: qmp_proto::MAX_NESTING,
+        });
+    }
+    Ok(())
+}
+
 fn check_greeting_shape(
     object: serde_json::Map<String, Value>,
 ) -> std::result::Result<ServerMessage, qmp_proto::Error> {
@@ -991,6 +1008,45 @@ mod tests {
 
     fn event(name: &str, i: u64) -> Vec<u8> {
         format!("{{\"event\": \"{name}\", \"data\": {{\"i\": {i}}}, \"timestamp\": {{\"seconds\": 1, \"microseconds\": 0}}}}\r\n").into_bytes()
+    }
+
+    #[test]
+    fn commands_deeper_than_qemu_accepts_are_refused_and_nothing_is_queued() {
+        let mut s = ready();
+        // `a` is level 3 of the command: 1023 arrays make it 1025 levels deep.
+        let mut value = Value::Array(Vec::new());
+        for _ in 0..1022 {
+            value = Value::Array(vec![value]);
+        }
+        let mut arguments = serde_json::Map::new();
+        arguments.insert("a".into(), value);
+        let command = Command::new("deep").with_arguments(arguments);
+        for result in [
+            s.send(command.clone()),
+            s.send_without_id(command.clone()),
+            s.send_relayed(command.clone().with_oob(true)),
+        ] {
+            match result {
+                Err(Error::CommandTooDeep {
+                    command,
+                    depth: 1025,
+                    limit: 1024,
+                }) => assert_eq!(command, "deep"),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(s.pending_output().is_empty());
+        assert_eq!((s.in_flight(), s.oob_in_flight()), (0, 0));
+        // One level less goes out.
+        let Some(Value::Array(inner)) = command.arguments.as_ref().and_then(|a| a.get("a")) else {
+            panic!("no array");
+        };
+        let mut shallower = serde_json::Map::new();
+        shallower.insert("a".into(), inner[0].clone());
+        assert!(s
+            .send(Command::new("deep").with_arguments(shallower))
+            .is_ok());
+        assert!(!s.pending_output().is_empty());
     }
 
     #[test]

@@ -31,8 +31,8 @@ pub struct DecoderConfig {
 impl DecoderConfig {
     /// The default maximum message size: 10 MiB.
     pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 10 * 1024 * 1024;
-    /// The default, and largest, maximum depth: 1024 (QEMU's `MAX_NESTING`).
-    pub const MAX_DEPTH_CEILING: usize = 1024;
+    /// The default, and largest, maximum depth: 1024 (QEMU's own, [`crate::MAX_NESTING`]).
+    pub const MAX_DEPTH_CEILING: usize = crate::MAX_NESTING;
 
     /// Sets the maximum message size in bytes.
     pub fn with_max_message_size(mut self, bytes: usize) -> DecoderConfig {

@@ -43,6 +43,6 @@ pub use decoder::{Decoder, DecoderConfig};
 pub use error::{Error, Result, MAX_RAW_LEN};
 pub use filter::{conv_keys, event_match, EventFilter};
 pub use message::{
-    Command, ErrorClass, ErrorInfo, ErrorReply, Event, Greeting, QemuVersion, ReturnReply,
-    ServerMessage, Timestamp, Version,
+    nesting, Command, ErrorClass, ErrorInfo, ErrorReply, Event, Greeting, QemuVersion, ReturnReply,
+    ServerMessage, Timestamp, Version, MAX_NESTING,
 };

@@ -7,7 +7,7 @@ use qmp_client::Error;
 use qmp_proto::Command;
 use serde_json::json;
 
-use crate::util::{config, connect, connect_with};
+use crate::util::{args, config, connect, connect_with};
 
 /// Sends `bytes` in reply to `go` and returns the error `go` got.
 fn go_error(bytes: Vec<u8>) -> Error {
@@ -240,6 +240,45 @@ fn odd_values() {
     assert_eq!(ret["k"], 2, "duplicate keys: the last wins");
     assert!(ret["big"].is_f64());
     assert_eq!(conn.unknown_replies(), 1);
+}
+
+/// A command nested deeper than QEMU's parser accepts is refused before it is sent, with a
+/// typed error, and the session carries on; at 1024 levels (QEMU's maximum) it goes out.
+#[test]
+fn commands_deeper_than_qemu_accepts_are_refused_before_sending() {
+    // The command object is level 1, its arguments level 2, and `a` the rest.
+    let arguments = |depth: usize| {
+        let mut value = json!([]);
+        for _ in 0..depth - 3 {
+            value = serde_json::Value::Array(vec![value]);
+        }
+        args(json!({ "a": value }))
+    };
+    let script = Script::new()
+        .on("deep", vec![Action::reply(json!({}))])
+        .on("after", vec![Action::reply(json!("fine"))]);
+    let (server, mut conn) = connect(script);
+    conn.execute("deep", Some(arguments(1024)))
+        .expect("1024 levels");
+    let err = conn
+        .execute("deep", Some(arguments(1025)))
+        .expect_err("1025 levels");
+    assert!(
+        matches!(&err, Error::CommandTooDeep { command, depth: 1025, limit: 1024 } if command == "deep"),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "`deep` nests 1025 levels deep; QEMU's JSON parser accepts at most 1024"
+    );
+    assert_eq!(conn.execute("after", None).expect("after"), json!("fine"));
+    let sent: Vec<String> = server
+        .commands()
+        .into_iter()
+        .map(|c| c.execute)
+        .filter(|name| name != "qmp_capabilities")
+        .collect();
+    assert_eq!(sent, ["deep", "after"]);
 }
 
 /// #21: nesting of 1024 levels (QEMU's maximum) parses; 1025 ends the session with TooDeep.
