@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use crate::args::FleetArgs;
 use crate::error::{Error, Result, EXIT_COMMAND, EXIT_LAUNCH};
 use crate::run_cmd::{exit_code, find_program};
-use crate::signals::{self, Received};
+use crate::sys::signals::{self, Received};
 
 /// Runs the command; the exit status of the worst member.
 pub fn run(args: FleetArgs) -> Result<u8> {

@@ -33,8 +33,7 @@ mod qmp_cmd;
 mod qom_cmd;
 mod run_cmd;
 mod shell;
-mod signals;
-mod tty;
+mod sys;
 mod wrap_cmd;
 
 // The language and its errors live in the library target (so fuzz targets reach them).

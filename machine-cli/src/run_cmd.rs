@@ -64,8 +64,8 @@ use crate::args::{Accel, ReportMode, RunArgs};
 use crate::error::{Error, Result};
 use crate::events_cmd;
 use crate::output;
-use crate::signals::{self, Received};
-use crate::tty;
+use crate::sys::signals::{self, Received};
+use crate::sys::tty;
 
 /// The loop's poll: the signal and stdin threads' waker, and the machine's sources.
 const WAKE: Token = Token(0);
@@ -886,7 +886,7 @@ fn stop_ladder(step: Duration) -> ShutdownLadder {
         Step::Powerdown { timeout: step },
         Step::Quit { timeout: step },
         Step::Signal {
-            signal: nix::sys::signal::Signal::SIGTERM,
+            signal: machine_core::Signal::SIGTERM,
             timeout: SIGTERM_TIMEOUT,
         },
     ])

@@ -447,17 +447,7 @@ impl Config {
     }
 
     pub(crate) fn pass_fd(&mut self, fd: OwnedFd) -> RawFd {
-        let fd = off_stdio(fd);
-        // Ours from now on: no other child spawned by this process may inherit it.
-        if let Err(err) = nix::fcntl::fcntl(
-            &fd,
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-        ) {
-            log::warn!(
-                "cannot set close-on-exec on passed fd {}: {err}",
-                fd.as_raw_fd()
-            );
-        }
+        let fd = take_passed_fd(fd);
         let raw = fd.as_raw_fd();
         self.passed.push(PassedFd { fd });
         raw
@@ -483,6 +473,20 @@ impl Config {
         });
         Ok(raw)
     }
+}
+
+/// A caller's fd made ours to pass to QEMU: off the stdio numbers ([`off_stdio`]) and
+/// close-on-exec, so no other child spawned by this process inherits it (the spawn's
+/// allow-list hands it to QEMU alone).
+pub(crate) fn take_passed_fd(fd: OwnedFd) -> OwnedFd {
+    let fd = off_stdio(fd);
+    if let Err(err) = crate::sys::set_cloexec(fd.as_fd()) {
+        log::warn!(
+            "cannot set close-on-exec on passed fd {}: {err}",
+            fd.as_raw_fd()
+        );
+    }
+    fd
 }
 
 /// `fd` moved to a number from 3 up if it sits on 0-2 (QEMU's stdio would clobber it there),

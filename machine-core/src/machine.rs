@@ -306,13 +306,7 @@ impl Machine {
     /// spawned (a per-launch channel, such as qtest's socketpair end). Returns its number in
     /// QEMU.
     pub fn pass_fd_once(&mut self, fd: OwnedFd) -> RawFd {
-        let fd = crate::config::off_stdio(fd);
-        if let Err(err) = nix::fcntl::fcntl(
-            &fd,
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-        ) {
-            log::warn!("cannot set close-on-exec on fd {}: {err}", fd.as_raw_fd());
-        }
+        let fd = crate::config::take_passed_fd(fd);
         let raw = fd.as_raw_fd();
         self.once_fds.push(fd);
         raw

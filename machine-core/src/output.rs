@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
@@ -155,7 +155,7 @@ impl OutputDrain {
         name: &str,
     ) -> io::Result<OutputDrain> {
         let pipe = File::from(pipe);
-        set_nonblocking(&pipe)?;
+        crate::sys::set_nonblocking(pipe.as_fd())?;
         let poll = Poll::new()?;
         poll.registry().register(
             &mut SourceFd(&std::os::fd::AsRawFd::as_raw_fd(&pipe)),
@@ -195,7 +195,7 @@ impl OutputDrain {
         capacity: usize,
     ) -> io::Result<OutputDrain> {
         let file = File::from(pipe);
-        set_nonblocking(&file)?;
+        crate::sys::set_nonblocking(file.as_fd())?;
         Ok(OutputDrain {
             tail: Arc::new(Mutex::new(Tail::new(capacity))),
             mode: Mode::Stepped(Pipe {
@@ -279,14 +279,6 @@ impl Drop for OutputDrain {
             }
         }
     }
-}
-
-fn set_nonblocking(file: &File) -> io::Result<()> {
-    use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    let flags = fcntl(file, FcntlArg::F_GETFL).map_err(io::Error::from)?;
-    let flags = OFlag::from_bits_retain(flags) | OFlag::O_NONBLOCK;
-    fcntl(file, FcntlArg::F_SETFL(flags)).map_err(io::Error::from)?;
-    Ok(())
 }
 
 fn drain_loop(mut poll: Poll, pipe: &mut Pipe, tail: &Mutex<Tail>) {

@@ -123,6 +123,8 @@ pub(crate) struct SpawnSpec<'a> {
 
 /// Finds `program` like `execvp` would: a path with a slash is taken as is, a bare name is
 /// looked up on `PATH`. It must be an executable regular file.
+/// Finds `program` like `execvp` would: a path with a slash is taken as is, a bare name is
+/// looked up on `PATH`. It must be an executable regular file.
 pub(crate) fn resolve_program(program: &Path) -> io::Result<PathBuf> {
     let candidates: Vec<PathBuf> = if program.as_os_str().as_bytes().contains(&b'/') {
         vec![program.to_owned()]
@@ -219,32 +221,25 @@ impl ChildGuard {
     /// no longer ours to wait for (ECHILD: SIGCHLD is ignored and the kernel reaped it, or
     /// someone else did), it has exited with [`ExitStatus::UNKNOWN`].
     pub(crate) fn try_reap(&mut self) -> io::Result<Option<ExitStatus>> {
-        use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
         if let Some(status) = self.status {
             return Ok(Some(status));
         }
-        let status = loop {
-            match waitid(
-                Id::PIDFd(self.pidfd.as_fd()),
-                WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG,
-            ) {
-                Ok(WaitStatus::Exited(_, code)) => break Some(ExitStatus::Code(code)),
-                Ok(WaitStatus::Signaled(_, signal, core_dumped)) => {
-                    break Some(ExitStatus::Signal {
-                        signal: signal as i32,
-                        core_dumped,
-                    })
-                }
-                Ok(_) => break None,
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(nix::errno::Errno::ECHILD) => {
-                    log::debug!(
-                        "qemu pid {} was reaped elsewhere (SIGCHLD ignored?): exit status unknown",
-                        self.pid
-                    );
-                    break Some(ExitStatus::UNKNOWN);
-                }
-                Err(errno) => return Err(io::Error::from(errno)),
+        let status = match sys::reap_pidfd(self.pidfd.as_fd())? {
+            sys::Waited::Running => None,
+            sys::Waited::Code(code) => Some(ExitStatus::Code(code)),
+            sys::Waited::Signal {
+                signal,
+                core_dumped,
+            } => Some(ExitStatus::Signal {
+                signal,
+                core_dumped,
+            }),
+            sys::Waited::NotOurs => {
+                log::debug!(
+                    "qemu pid {} was reaped elsewhere (SIGCHLD ignored?): exit status unknown",
+                    self.pid
+                );
+                Some(ExitStatus::UNKNOWN)
             }
         };
         if let Some(status) = status {
@@ -308,15 +303,10 @@ impl Drop for ChildGuard {
 
 /// poll(2) one fd for readability for at most `timeout`; EINTR counts as a wake-up.
 pub(crate) fn poll_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-    // Round up so a sub-millisecond remainder does not turn into a busy loop of 0 ms polls.
-    let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
-    let timeout = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
-    match poll(&mut fds, timeout) {
-        Ok(n) => Ok(n > 0),
-        Err(nix::errno::Errno::EINTR) => Ok(false),
-        Err(errno) => Err(io::Error::from(errno)),
+    match sys::poll_one(fd, false, timeout) {
+        Ok(ready) => Ok(ready.readable),
+        Err(err) if err.kind() == io::ErrorKind::Interrupted => Ok(false),
+        Err(err) => Err(err),
     }
 }
 

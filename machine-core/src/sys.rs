@@ -1,5 +1,6 @@
-//! The only place with `unsafe`: spawning QEMU (vfork-style `clone` with a pidfd), the child's
-//! fd allow-list and parent-death signal, and signalling through the pidfd.
+//! The only place with `unsafe` or nix calls: spawning QEMU (vfork-style `clone` with a pidfd),
+//! the child's fd allow-list and parent-death signal, signalling and reaping through the
+//! pidfd, poll(2) on one fd, pipes and fd flags.
 //!
 //! Everything here is a thin, documented wrapper over Linux system calls; the types above it
 //! are safe. The child half of [`spawn`] runs on its own small stack in our address space
@@ -11,6 +12,96 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
+
+/// What a non-blocking `waitid(P_PIDFD)` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Waited {
+    /// Still running (or stopped).
+    Running,
+    /// Exited with this code.
+    Code(i32),
+    /// Killed by this signal.
+    Signal { signal: i32, core_dumped: bool },
+    /// Not ours to wait for (ECHILD: SIGCHLD is ignored and the kernel reaped it, or someone
+    /// else did).
+    NotOurs,
+}
+
+/// Reaps the process behind `pidfd` if it has exited, without blocking (`waitid(P_PIDFD,
+/// WEXITED | WNOHANG)`, retried on EINTR): no other child, and no reused pid, can be
+/// collected by mistake.
+pub(crate) fn reap_pidfd(pidfd: BorrowedFd<'_>) -> io::Result<Waited> {
+    use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+    loop {
+        return match waitid(
+            Id::PIDFd(pidfd),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG,
+        ) {
+            Ok(WaitStatus::Exited(_, code)) => Ok(Waited::Code(code)),
+            Ok(WaitStatus::Signaled(_, signal, core_dumped)) => Ok(Waited::Signal {
+                signal: signal as i32,
+                core_dumped,
+            }),
+            Ok(_) => Ok(Waited::Running),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::ECHILD) => Ok(Waited::NotOurs),
+            Err(errno) => Err(io::Error::from(errno)),
+        };
+    }
+}
+
+/// What [`poll_one`] found ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Ready {
+    /// Input, end-of-file, a hang-up or an error is waiting (a read reports which).
+    pub(crate) readable: bool,
+    /// A write would not block.
+    pub(crate) writable: bool,
+}
+
+/// poll(2) on one fd, for reading and, with `write`, writing, for at most `timeout` (rounded
+/// up to whole milliseconds, so a sub-millisecond remainder waits instead of spinning).
+/// Nothing ready within the timeout is `Ready::default()`; EINTR is an
+/// [`io::ErrorKind::Interrupted`] error.
+pub(crate) fn poll_one(fd: BorrowedFd<'_>, write: bool, timeout: Duration) -> io::Result<Ready> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut events = PollFlags::POLLIN;
+    if write {
+        events |= PollFlags::POLLOUT;
+    }
+    let ms = i32::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
+    let timeout = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
+    let mut fds = [PollFd::new(fd, events)];
+    poll(&mut fds, timeout).map_err(io::Error::from)?;
+    let got = fds[0].revents().unwrap_or(PollFlags::empty());
+    Ok(Ready {
+        readable: got.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR),
+        writable: got.contains(PollFlags::POLLOUT),
+    })
+}
+
+/// A pipe whose both ends are close-on-exec.
+pub(crate) fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)
+}
+
+/// Sets `O_NONBLOCK` on `fd`, keeping its other status flags.
+pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(io::Error::from)?;
+    let flags = OFlag::from_bits_retain(flags) | OFlag::O_NONBLOCK;
+    fcntl(fd, FcntlArg::F_SETFL(flags)).map_err(io::Error::from)?;
+    Ok(())
+}
+
+/// Sets close-on-exec on `fd`: no child spawned by this process inherits it unless asked to.
+pub(crate) fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
+        .map(drop)
+        .map_err(io::Error::from)
+}
 
 /// Sends `signal` to the process behind `pidfd` (`pidfd_send_signal(2)`): no PID-reuse race,
 /// the signal can only reach the process the pidfd was opened for.

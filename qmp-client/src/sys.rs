@@ -7,6 +7,7 @@ use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::Path;
+use std::time::Duration;
 
 use nix::sys::socket::{
     self, AddressFamily, Backlog, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
@@ -83,6 +84,37 @@ pub fn send_fds(stream: &mio::net::UnixStream, fds: &[BorrowedFd<'_>]) -> io::Re
             Err(e) => return Err(e),
         }
     }
+}
+
+/// poll(2) on `fds`, each for writing (`true`) or reading (`false`), for at most `timeout`
+/// (`None`: no limit; whole milliseconds, 60 s at most). Says which are ready (any event,
+/// hang-ups and errors included); EINTR is an [`io::ErrorKind::Interrupted`] error. Used by
+/// the fake server.
+#[cfg_attr(not(feature = "testing"), allow(dead_code))]
+pub fn poll_ready(
+    fds: &[(BorrowedFd<'_>, bool)],
+    timeout: Option<Duration>,
+) -> io::Result<Vec<bool>> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let timeout = match timeout {
+        None => PollTimeout::NONE,
+        Some(t) => {
+            PollTimeout::try_from(t.as_millis().min(60_000) as u32).unwrap_or(PollTimeout::MAX)
+        }
+    };
+    let mut polled: Vec<PollFd<'_>> = fds
+        .iter()
+        .map(|(fd, write)| {
+            let flags = if *write {
+                PollFlags::POLLOUT
+            } else {
+                PollFlags::POLLIN
+            };
+            PollFd::new(*fd, flags)
+        })
+        .collect();
+    poll(&mut polled, timeout).map_err(io::Error::from)?;
+    Ok(polled.iter().map(|p| p.any().unwrap_or(false)).collect())
 }
 
 /// Reads from a (blocking or nonblocking) unix socket, appending any fds received with

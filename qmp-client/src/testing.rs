@@ -34,7 +34,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::debug;
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use qmp_proto::{Command, Decoder};
 use serde_json::{json, Value};
 
@@ -425,7 +424,7 @@ impl Worker {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e.into()),
             }
-            if let Ready::Control = self.wait(listener.as_fd(), PollFlags::POLLIN, None)? {
+            if let Ready::Control = self.wait(listener.as_fd(), false, None)? {
                 self.control()?;
             }
         }
@@ -435,34 +434,25 @@ impl Worker {
         self.sock.as_ref().ok_or(Stop::Closed)
     }
 
-    /// Waits for `flags` on `fd` or for the control socket, up to `timeout`.
+    /// Waits for `fd` to be writable (`write`) or readable, or for the control socket, up to
+    /// `timeout`.
     fn wait(
         &self,
         fd: std::os::fd::BorrowedFd<'_>,
-        flags: PollFlags,
+        write: bool,
         timeout: Option<Duration>,
     ) -> Result<Ready, Stop> {
-        let timeout = match timeout {
-            None => PollTimeout::NONE,
-            Some(t) => {
-                PollTimeout::try_from(t.as_millis().min(60_000) as u32).unwrap_or(PollTimeout::MAX)
+        let ready = loop {
+            match crate::sys::poll_ready(&[(fd, write), (self.ctl.as_fd(), false)], timeout) {
+                Ok(ready) => break ready,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Stop::Io(e)),
             }
         };
-        let mut fds = [
-            PollFd::new(fd, flags),
-            PollFd::new(self.ctl.as_fd(), PollFlags::POLLIN),
-        ];
-        loop {
-            match poll(&mut fds, timeout) {
-                Ok(_) => break,
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(Stop::Io(e.into())),
-            }
-        }
-        if fds[1].any().unwrap_or(false) {
+        if ready.get(1) == Some(&true) {
             return Ok(Ready::Control);
         }
-        if fds[0].any().unwrap_or(false) {
+        if ready.first() == Some(&true) {
             return Ok(Ready::Socket);
         }
         Ok(Ready::Timeout)
@@ -489,7 +479,7 @@ impl Worker {
         loop {
             let ready = {
                 let sock = self.sock()?;
-                self.wait(sock.as_fd(), PollFlags::POLLIN, None)?
+                self.wait(sock.as_fd(), false, None)?
             };
             match ready {
                 Ready::Control => self.control()?,
@@ -614,11 +604,10 @@ impl Worker {
             if left.is_zero() {
                 return Ok(());
             }
-            let mut fds = [PollFd::new(self.ctl.as_fd(), PollFlags::POLLIN)];
-            let timeout = PollTimeout::try_from(left.as_millis().clamp(1, 60_000) as u32)
-                .unwrap_or(PollTimeout::MAX);
-            match poll(&mut fds, timeout) {
-                Ok(0) | Err(nix::errno::Errno::EINTR) => {}
+            let wait = left.max(Duration::from_millis(1));
+            match crate::sys::poll_ready(&[(self.ctl.as_fd(), false)], Some(wait)) {
+                Ok(ready) if ready.first() != Some(&true) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Ok(_) => {
                     // Injected actions wait until the delay is over; EOF means stop.
                     let mut byte = [0u8; 64];
@@ -626,7 +615,7 @@ impl Worker {
                         return Err(Stop::Stopped);
                     }
                 }
-                Err(e) => return Err(Stop::Io(e.into())),
+                Err(e) => return Err(Stop::Io(e)),
             }
         }
     }
@@ -650,7 +639,7 @@ impl Worker {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let ready = {
                         let sock = self.sock()?;
-                        self.wait(sock.as_fd(), PollFlags::POLLOUT, None)?
+                        self.wait(sock.as_fd(), true, None)?
                     };
                     if let Ready::Control = ready {
                         let mut byte = [0u8; 64];

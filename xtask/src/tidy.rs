@@ -4,6 +4,9 @@
 //!   and dev dependencies alike; a crate may depend on itself, for test features).
 //! - `unsafe` code only in a private `sys` module (`src/sys.rs` or `src/**/sys/`) of a library
 //!   or the CLI; xtask, tests and benches are tools and may use it where they need it.
+//! - nix (system calls) likewise only in `sys` modules, outside unit tests (`#[cfg(test)]`
+//!   and below); re-exporting one of its types (`pub use nix::...`, the typed `Signal`) is
+//!   allowed.
 //! - No `println!`/`print!`/`eprintln!`/`eprint!` in a library's `src/` (libraries log).
 //! - Every `.rs` file opens with a `//!` line saying why it exists.
 //! - Sources are written for a reader without our notes: no "the seed" and no weak-point
@@ -205,9 +208,16 @@ fn check_file(rel: &Path, text: &str) -> Vec<String> {
             }
         }
     }
+    let mut in_tests = false;
     for (number, line) in code_lines(text) {
+        in_tests |= line.trim() == "#[cfg(test)]";
         if in_src && UNSAFE_CHECKED.contains(&krate) && !in_sys && has_unsafe(&line) {
             problems.push(format!("{shown}:{number}: `unsafe` outside a `sys` module"));
+        }
+        if in_src && UNSAFE_CHECKED.contains(&krate) && !in_sys && !in_tests && calls_nix(&line) {
+            problems.push(format!(
+                "{shown}:{number}: nix outside a `sys` module (wrap the call in the crate's `sys`)"
+            ));
         }
         if in_src && LIBRARIES.contains(&krate) && prints(&line) {
             problems.push(format!("{shown}:{number}: prints in a library (use `log`)"));
@@ -268,6 +278,16 @@ fn code_lines(text: &str) -> impl Iterator<Item = (usize, String)> + '_ {
         }
         (i + 1, out)
     })
+}
+
+/// Whether `line` uses the nix crate (a path through `nix::`), other than re-exporting it.
+fn calls_nix(line: &str) -> bool {
+    if line.trim_start().starts_with("pub use nix::") {
+        return false;
+    }
+    let bytes = line.as_bytes();
+    line.match_indices("nix::")
+        .any(|(at, _)| at == 0 || !(bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_'))
 }
 
 /// Whether `line` holds the `unsafe` keyword (a block, fn, impl, trait or extern).
@@ -367,6 +387,20 @@ mod tests {
         assert!(check_file(Path::new("xtask/src/e2e/mod.rs"), code).is_empty());
         let harmless = "//! x\n#![forbid(unsafe_code)]\n// unsafe { }\nlet s = \"unsafe {\";\n";
         assert!(check_file(Path::new("qmp-proto/src/lib.rs"), harmless).is_empty());
+    }
+
+    #[test]
+    fn nix_outside_sys_is_reported_but_not_in_tests_or_re_exports() {
+        let code = "//! x\nuse nix::poll::poll;\npub use nix::sys::signal::Signal;\nfn f() { unix::x(); }\n#[cfg(test)]\nmod tests { fn t() { nix::unistd::pipe(); } }\n";
+        assert_eq!(
+            check_file(Path::new("machine-core/src/process.rs"), code),
+            vec![
+                "machine-core/src/process.rs:2: nix outside a `sys` module (wrap the call in the crate's `sys`)"
+            ]
+        );
+        assert!(check_file(Path::new("machine-core/src/sys.rs"), code).is_empty());
+        assert!(check_file(Path::new("machine-cli/src/sys/tty.rs"), code).is_empty());
+        assert!(check_file(Path::new("xtask/src/e2e/cli.rs"), code).is_empty());
     }
 
     #[test]

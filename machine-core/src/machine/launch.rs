@@ -310,11 +310,7 @@ impl Machine {
             }
             None => None,
         };
-        let (out_read, out_write) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::Os {
-                what: "pipe",
-                source: io::Error::from(e),
-            })?;
+        let (out_read, out_write) = crate::sys::pipe_cloexec().map_err(Error::os("pipe"))?;
 
         // The command line.
         let tcp_addr = listener.as_ref().and_then(Listener::local_addr);

@@ -9,7 +9,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use log::{debug, trace, warn};
-use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use super::error::{Error, Result};
 use super::wire::{self, Framed, Incoming, IrqEdge, IrqEvent, LineBuffer};
@@ -763,40 +762,17 @@ impl QtestProtocol {
         writable: bool,
         deadline: Instant,
         command: Option<&str>,
-    ) -> Result<Ready> {
-        let mut events = PollFlags::POLLIN;
-        if writable {
-            events |= PollFlags::POLLOUT;
-        }
+    ) -> Result<crate::sys::Ready> {
         loop {
-            let now = Instant::now();
-            let left = deadline.saturating_duration_since(now);
-            // Round up so that a sub-millisecond remainder waits instead of spinning.
-            let ms = i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
-            let timeout = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
-            let mut fds = [PollFd::new(self.stream.as_fd(), events)];
-            match nix::poll::poll(&mut fds, timeout) {
-                Ok(0) => {
-                    return Ok(Ready {
-                        readable: false,
-                        writable: false,
-                    })
-                }
-                Ok(_) => {
-                    let got = fds[0].revents().unwrap_or(PollFlags::empty());
-                    // HUP/ERR show up as readable: the read reports EOF or the error.
-                    let readable =
-                        got.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR);
-                    return Ok(Ready {
-                        readable,
-                        writable: got.contains(PollFlags::POLLOUT),
-                    });
-                }
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(errno) => {
+            let left = deadline.saturating_duration_since(Instant::now());
+            // HUP/ERR show up as readable: the read reports EOF or the error.
+            match crate::sys::poll_one(self.stream.as_fd(), writable, left) {
+                Ok(ready) => return Ok(ready),
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => {
                     return Err(Error::Io {
                         command: command.map(str::to_owned),
-                        source: io::Error::from(errno),
+                        source,
                     })
                 }
             }
@@ -808,11 +784,6 @@ impl AsFd for QtestProtocol {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.stream.as_fd()
     }
-}
-
-struct Ready {
-    readable: bool,
-    writable: bool,
 }
 
 const QOM_PATH_WORD: &str = "a qom path must be one word without spaces";
