@@ -401,8 +401,8 @@ fn compare_error_replies(
     let (mut same, mut positioned) = (0, 0);
     for (negotiate, input) in ERROR_CASES {
         let what = |e: String| format!("{input:?} (negotiated: {negotiate:?}): {e}");
-        let ours = ask(&shared, *negotiate, input).map_err(what)?;
-        let qemus = ask(direct, *negotiate, input).map_err(what)?;
+        let ours = ask(&shared, *negotiate, input, 1).map_err(what)?.remove(0);
+        let qemus = ask(direct, *negotiate, input, 1).map_err(what)?.remove(0);
         if ours == qemus {
             same += 1;
         } else if without_position(&qemus) == ours {
@@ -420,6 +420,36 @@ fn compare_error_replies(
         "{same} of {} bad or odd inputs: the multiplexer's replies equal QEMU {}'s",
         ERROR_CASES.len(),
         ctx.qemu_version
+    ));
+    // Pipelined behind a slow command, bad input is answered in turn, after that command's
+    // reply: by QEMU, and so by the multiplexer.
+    let ours = ask(&shared, Some(false), PIPELINED, 4)?;
+    let qemus: Vec<Value> = ask(direct, Some(false), PIPELINED, 4)?
+        .iter()
+        .map(without_position)
+        .collect();
+    let shape = |replies: &[Value]| -> Vec<String> {
+        replies
+            .iter()
+            .map(|r| {
+                let id = r.get("id").map_or("none".to_owned(), Value::to_string);
+                match r["error"]["desc"].as_str() {
+                    Some(desc) => format!("error `{desc}`, id {id}"),
+                    None => format!("return, id {id}"),
+                }
+            })
+            .collect()
+    };
+    if shape(&ours) != shape(&qemus) || ours != qemus {
+        return Err(format!(
+            "pipelined input: the multiplexer answered {:?}, QEMU {:?}",
+            shape(&ours),
+            shape(&qemus)
+        ));
+    }
+    ctx.note(format!(
+        "pipelined behind a schema request, garbage is answered in turn by both: {:?}",
+        shape(&ours)
     ));
     if positioned > 0 {
         ctx.note(format!(
@@ -446,8 +476,18 @@ fn without_position(reply: &Value) -> Value {
     reply
 }
 
-/// One fresh connection: the greeting, negotiation if asked, `input`, and the first reply.
-fn ask(path: &std::path::Path, negotiate: Option<bool>, input: &str) -> Result<Value, String> {
+/// A slow command, garbage, a quick command and a non-object, sent at once.
+const PIPELINED: &str =
+    "{\"execute\":\"query-qmp-schema\",\"id\":1}garbage\n{\"execute\":\"query-name\",\"id\":2}[1]\n";
+
+/// One fresh connection: the greeting, negotiation if asked, `input`, and the first `n`
+/// replies.
+fn ask(
+    path: &std::path::Path,
+    negotiate: Option<bool>,
+    input: &str,
+    n: usize,
+) -> Result<Vec<Value>, String> {
     use std::io::{BufRead, BufReader, Write};
     let stream = std::os::unix::net::UnixStream::connect(path)
         .map_err(|e| format!("connect {}: {e}", path.display()))?;
@@ -478,5 +518,5 @@ fn ask(path: &std::path::Path, negotiate: Option<bool>, input: &str) -> Result<V
     writer
         .write_all(input.as_bytes())
         .map_err(|e| e.to_string())?;
-    read(&mut reader)
+    (0..n).map(|_| read(&mut reader)).collect()
 }
