@@ -6,10 +6,12 @@
 //! banner (tiny guest) or failure, each `--exec` reply, and after Ctrl-C (or at once with
 //! `--exit-after-ready`) one summary line per member. The exit status is the worst member's,
 //! as `run` computes it for one machine; a member that failed to launch counts as a launch
-//! failure.
+//! failure. Ctrl-C while they launch ends the launch at once (members still starting are
+//! killed and shown as `aborted`, status 130) and shuts the others down; while the tiny
+//! guests boot it is seen within 0.1 s.
 
 use std::sync::mpsc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use machine_core::console_socket::Pattern;
 use machine_core::guest::{self, GuestMachine};
@@ -17,7 +19,7 @@ use machine_core::{Args, Fleet, MachineBuilder, MemberId};
 use serde_json::{json, Value};
 
 use crate::args::FleetArgs;
-use crate::error::{Error, Result, EXIT_COMMAND, EXIT_LAUNCH};
+use crate::error::{Error, Result, EXIT_COMMAND, EXIT_INTERRUPTED, EXIT_LAUNCH};
 use crate::run_cmd::{exit_code, find_program};
 use crate::sys::signals::{self, Received};
 
@@ -25,7 +27,7 @@ use crate::sys::signals::{self, Received};
 pub fn run(args: FleetArgs) -> Result<u8> {
     let (tx, rx) = mpsc::channel::<Received>();
     // First, before anything starts a thread: every thread must inherit the signal mask.
-    let _signals = signals::install(tx, |r| r, None)?;
+    let signals = signals::install(tx, |r| r, None)?;
     if find_program(&args.qemu).is_none() {
         return Err(Error::QemuNotFound {
             path: args.qemu.clone(),
@@ -58,16 +60,30 @@ pub fn run(args: FleetArgs) -> Result<u8> {
     let count = args.count;
     let (mut launched, mut failed) = (0usize, 0usize);
     out.progress(&format!("launching {count} machines"));
-    let launches = fleet.launch_all_with(|_, result| {
+    // Ctrl-C (or any terminating signal) during the launch ends it at once: the members
+    // still starting are killed, the others are shut down below.
+    let launches = fleet.launch_all_with_abort(signals.wakeup(), |_, result| {
         match result {
             Ok(()) => launched += 1,
             Err(_) => failed += 1,
         }
         out.progress(&format!("launched {launched}, failed {failed} of {count}"));
     });
+    let mut stop = rx.try_recv().ok();
     let mut worst = 0u8;
     for (id, result) in &launches {
         if let Err(err) = result {
+            if stop.is_some() && is_aborted(err) {
+                // Stopped on request, not failed; `run` says 130 for a launch a signal ended.
+                worst = worst.max(EXIT_INTERRUPTED);
+                out.line(
+                    *id,
+                    "aborted",
+                    "launch stopped by the signal",
+                    json!({"aborted": true}),
+                );
+                continue;
+            }
             worst = worst.max(EXIT_LAUNCH);
             out.line(
                 *id,
@@ -81,15 +97,17 @@ pub fn run(args: FleetArgs) -> Result<u8> {
 
     // The banner of each tiny guest, all booting at once: one deadline for all.
     let mut ready = Vec::new();
-    if tiny {
+    if tiny && stop.is_none() {
         let deadline = Instant::now() + args.launch_timeout;
         let banner = Pattern::from(guest::BANNER);
         for &id in &running {
-            let left = deadline.saturating_duration_since(Instant::now());
             let seen = match fleet.machine(id).console() {
-                Ok(console) => console.wait_for(&banner, left).map_err(|e| chain(&e)),
+                Ok(console) => wait_or_signal(console, &banner, deadline, &rx, &mut stop),
                 Err(err) => Err(chain(&err)),
             };
+            if stop.is_some() {
+                break;
+            }
             match seen {
                 Ok(_) => {
                     ready.push(id);
@@ -111,12 +129,14 @@ pub fn run(args: FleetArgs) -> Result<u8> {
                 }
             }
         }
-    } else {
+    } else if stop.is_none() {
         ready = running.clone();
     }
-    out.progress(&format!("{} of {count} ready", ready.len()));
+    if stop.is_none() {
+        out.progress(&format!("{} of {count} ready", ready.len()));
+    }
 
-    if let Some((command, arguments)) = exec {
+    if let (Some((command, arguments)), None) = (exec, stop) {
         let timeout = args.shutdown_timeout;
         let replies = match arguments {
             Value::Null => fleet.qmp_all(&ready, &command, (), timeout),
@@ -144,7 +164,7 @@ pub fn run(args: FleetArgs) -> Result<u8> {
         }
     }
 
-    if !args.exit_after_ready {
+    if !args.exit_after_ready && stop.is_none() {
         out.progress("running; Ctrl-C shuts all down");
         // Any terminating signal (or the signal thread ending) starts the shutdown.
         let _ = rx.recv();
@@ -181,6 +201,59 @@ pub fn run(args: FleetArgs) -> Result<u8> {
         out.line(id, "exit", &text, object);
     }
     Ok(worst)
+}
+
+/// How often a banner wait looks for a signal: Ctrl-C while the guests boot is seen within
+/// this (a console wait has no fd to watch beside the signal).
+const SIGNAL_CHECK: Duration = Duration::from_millis(100);
+
+/// Waits for `pattern` on `console` until `deadline`, in slices of [`SIGNAL_CHECK`], ending
+/// early (with `stop` set) when a signal arrives.
+fn wait_or_signal(
+    console: &mut machine_core::console_socket::Console,
+    pattern: &Pattern,
+    deadline: Instant,
+    rx: &mpsc::Receiver<Received>,
+    stop: &mut Option<Received>,
+) -> std::result::Result<(), String> {
+    use machine_core::console_socket::Error as ConsoleError;
+    let started = Instant::now();
+    loop {
+        if let Ok(signal) = rx.try_recv() {
+            *stop = Some(signal);
+            return Err("stopped by the signal".to_string());
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match console.wait_for(pattern, left.min(SIGNAL_CHECK)) {
+            Ok(_) => return Ok(()),
+            Err(ConsoleError::Timeout { .. }) if Instant::now() < deadline => {}
+            // Say the whole wait, not the last slice.
+            Err(ConsoleError::Timeout {
+                waiting_for,
+                recent,
+                ..
+            }) => {
+                return Err(chain(&ConsoleError::Timeout {
+                    waiting_for,
+                    timeout: started.elapsed(),
+                    recent,
+                }))
+            }
+            Err(err) => return Err(chain(&err)),
+        }
+    }
+}
+
+/// Whether a launch error is the abort of `launch_all_with_abort` (the member was stopped,
+/// not broken).
+fn is_aborted(err: &machine_core::Error) -> bool {
+    match err {
+        machine_core::Error::LaunchAborted => true,
+        machine_core::Error::LaunchFailed { cause, .. } => {
+            matches!(**cause, machine_core::Error::LaunchAborted)
+        }
+        _ => false,
+    }
 }
 
 /// `NAME` or `NAME {JSON ARGUMENTS}`.

@@ -16,9 +16,11 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
-use mio::{Events, Poll, Token};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
 use qmp_client::RequestId;
 use qmp_proto::{Event, EventFilter};
 use serde_json::Value;
@@ -50,6 +52,8 @@ pub type Replies<T> = Vec<(MemberId, Result<T>)>;
 
 /// Tokens per member in the fleet's poll: its pidfd, its QMP socket, its output pipe.
 const TOKENS_PER_MEMBER: usize = 3;
+/// The caller's abort fd during [`Fleet::launch_all_with_abort`].
+const ABORT: Token = Token(usize::MAX);
 
 /// N machines driven from one thread (see the module docs).
 ///
@@ -86,6 +90,8 @@ pub struct Fleet {
     poll: Poll,
     events: Events,
     spawn_cap: Option<usize>,
+    /// The abort fd of a launch turned readable.
+    aborted: bool,
 }
 
 struct Member {
@@ -113,6 +119,7 @@ impl Fleet {
             poll: Poll::new().map_err(Error::os("epoll_create"))?,
             events: Events::with_capacity(256),
             spawn_cap: None,
+            aborted: false,
         })
     }
 
@@ -181,10 +188,40 @@ impl Fleet {
 
     /// [`Fleet::launch_all`] that calls `on_done` as each member's launch ends (for progress
     /// output), in the order they end.
-    pub fn launch_all_with(
+    pub fn launch_all_with(&mut self, on_done: impl FnMut(MemberId, &Result<()>)) -> Replies<()> {
+        self.launch_members(None, on_done)
+    }
+
+    /// [`Fleet::launch_all_with`] that also ends at once when `abort` turns readable (e.g.
+    /// the read end of a pipe a signal handler writes to), as [`Machine::launch_with_abort`]
+    /// does for one machine: each launch still in progress is killed and rolled back
+    /// ([`Error::LaunchFailed`] with the cause [`Error::LaunchAborted`]), members not spawned
+    /// yet get [`Error::LaunchAborted`], and members already launched stay running.
+    pub fn launch_all_with_abort(
         &mut self,
+        abort: BorrowedFd<'_>,
+        on_done: impl FnMut(MemberId, &Result<()>),
+    ) -> Replies<()> {
+        self.launch_members(Some(abort), on_done)
+    }
+
+    fn launch_members(
+        &mut self,
+        abort: Option<BorrowedFd<'_>>,
         mut on_done: impl FnMut(MemberId, &Result<()>),
     ) -> Replies<()> {
+        self.aborted = false;
+        let watched = abort.map(|fd| {
+            let registered = self.poll.registry().register(
+                &mut SourceFd(&fd.as_raw_fd()),
+                ABORT,
+                Interest::READABLE,
+            );
+            if let Err(err) = &registered {
+                log::warn!("the fleet's launch cannot watch its abort fd: {err}");
+            }
+            (fd, registered.is_ok())
+        });
         let mut waiting: VecDeque<usize> = (0..self.members.len())
             .filter(|&i| !self.members[i].registered)
             .collect();
@@ -197,6 +234,22 @@ impl Fleet {
                 results.insert(i, result);
             };
         loop {
+            // Looked at before each spawn too: no member starts once the abort fd is readable.
+            self.aborted |= abort.is_some_and(|fd| {
+                crate::process::poll_readable(fd, Duration::ZERO).unwrap_or(false)
+            });
+            if self.aborted {
+                for i in std::mem::take(&mut launching) {
+                    let err = self.members[i].machine.abort_launch();
+                    self.members[i].registered = false;
+                    self.members[i].ended = None;
+                    finish(i, Err(err), &mut results);
+                }
+                for i in waiting.drain(..) {
+                    finish(i, Err(Error::LaunchAborted), &mut results);
+                }
+                break;
+            }
             let cap = self.spawn_cap.unwrap_or(usize::MAX);
             while launching.len() < cap {
                 let Some(i) = waiting.pop_front() else { break };
@@ -232,6 +285,16 @@ impl Fleet {
                 }
             }
         }
+        if let Some((fd, true)) = watched {
+            if let Err(err) = self
+                .poll
+                .registry()
+                .deregister(&mut SourceFd(&fd.as_raw_fd()))
+            {
+                log::debug!("the fleet's launch: deregistering its abort fd: {err}");
+            }
+        }
+        self.aborted = false;
         asked
             .into_iter()
             .map(|i| {
@@ -306,7 +369,11 @@ impl Fleet {
             }
         }
         for event in self.events.iter() {
-            ready.insert(event.token().0 / TOKENS_PER_MEMBER);
+            if event.token() == ABORT {
+                self.aborted = true;
+            } else {
+                ready.insert(event.token().0 / TOKENS_PER_MEMBER);
+            }
         }
         let now = Instant::now();
         let mut stepped = Vec::new();

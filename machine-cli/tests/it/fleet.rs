@@ -5,7 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 
 use serde_json::Value;
 
-use crate::util::{run, Run};
+use crate::util::{run, Live, Run};
 
 /// Greets, then answers each command (`quit`: replies and exits 0). The first copy to start
 /// (the one that creates `$0.first`) prints an error and exits 3 instead.
@@ -17,12 +17,16 @@ if [ -n "$FAIL_FIRST" ] && mkdir "$0.first" 2>/dev/null; then
   echo 'stub: no such device' >&2
   exit 3
 fi
+if [ -n "$HANG_OTHERS" ] && ! mkdir "$0.first" 2>/dev/null; then
+  exec sleep 300
+fi
 printf '{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": "stub"}, "capabilities": []}}\r\n' >&$MON
 while IFS= read -r -d '}' -u $MON cmd; do
   id=null
   [[ $cmd =~ \"id\":([0-9]+) ]] && id=${BASH_REMATCH[1]}
   case "$cmd" in
     *'"quit"'*) printf '{"return": {}, "id": %s}\r\n' "$id" >&$MON; exit 0 ;;
+    *'"qmp_capabilities"'*) printf '{"return": {}, "id": %s}\r\n' "$id" >&$MON; [ -z "$HANG_OTHERS" ] || : > "$0.ready" ;;
     *'"query-status"'*) printf '{"return": {"status": "running", "running": true}, "id": %s}\r\n' "$id" >&$MON ;;
     *) printf '{"return": {}, "id": %s}\r\n' "$id" >&$MON ;;
   esac
@@ -105,4 +109,60 @@ fn exec_arguments_must_be_a_json_object() {
     let r = fleet(&stub, &["-n", "1", "--exec", "stop [1]"], &[]);
     assert!(r.stderr.contains("must be a JSON object"), "{}", r.stderr);
     assert_ne!(r.code, Some(0));
+}
+
+/// Ctrl-C while members are still starting ends the launch at once: the member that came up
+/// is shut down cleanly, the two that never greet are killed and shown as aborted (not as
+/// failed), and the status is 130 as for `run`. Their greeting deadline is 30 s: the signal,
+/// not the deadline, ended it.
+#[test]
+fn ctrl_c_during_the_launch_aborts_the_pending_members() {
+    let dir = tempfile::tempdir().expect("dir");
+    let stub = stub(&dir);
+    let live = Live::start(
+        &[
+            "fleet",
+            "--qemu",
+            &stub,
+            "--count",
+            "3",
+            "--json",
+            "--launch-timeout",
+            "30s",
+            "--",
+            "-M",
+            "none",
+        ],
+        &[("HANG_OTHERS", "1")],
+    );
+    let ready = std::path::PathBuf::from(format!("{stub}.ready"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !ready.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first member never negotiated"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // Its handshake reply is on the way to the fleet: give it a moment to be read.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    nix::sys::signal::kill(live.pid(), nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    let r = live.finish();
+    r.expect_code(130);
+    assert!(
+        r.elapsed < std::time::Duration::from_secs(15),
+        "took {:?}",
+        r.elapsed
+    );
+    let lines: Vec<Value> = r
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    let of = |kind: &str| lines.iter().filter(|l| l["type"] == kind).count();
+    assert_eq!(of("aborted"), 2, "{}", r.stdout);
+    assert_eq!(of("failed"), 0, "{}", r.stdout);
+    let exits: Vec<&Value> = lines.iter().filter(|l| l["type"] == "exit").collect();
+    assert_eq!(exits.len(), 1, "{}", r.stdout);
+    assert_eq!(exits[0]["clean"], true, "{}", r.stdout);
 }

@@ -187,6 +187,11 @@ impl Live {
         }
     }
 
+    /// The process id, for sending it signals.
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+
     /// The next stdout line, waiting up to 10 s for it.
     pub fn next_line(&mut self) -> String {
         match self.lines.recv_timeout(Duration::from_secs(10)) {

@@ -187,6 +187,17 @@ impl Machine {
         err
     }
 
+    /// Ends a launch begun with [`Machine::launch_begin`] that is still in progress, as the
+    /// abort fd of [`Machine::launch_with_abort`] does: QEMU killed, everything rolled back;
+    /// returns the launch's error ([`Error::LaunchFailed`] with the cause
+    /// [`Error::LaunchAborted`]), or [`Error::NotRunning`] when no launch is in progress.
+    pub(crate) fn abort_launch(&mut self) -> Error {
+        if !self.launching {
+            return Error::NotRunning;
+        }
+        self.launch_failed(Error::LaunchAborted)
+    }
+
     /// Whether QEMU has exited (its pidfd is readable), without waiting.
     fn exited_now(&self) -> bool {
         self.run.as_ref().is_some_and(|run| {

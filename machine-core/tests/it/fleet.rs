@@ -296,3 +296,54 @@ fn no_member_holds_another_members_sockets_or_pipes() {
         }
     }
 }
+
+/// An abort fd that turns readable mid-launch (here written as the first member comes up)
+/// ends the launch at once: members still shaking hands are killed and rolled back with
+/// `LaunchAborted` as the cause, members not spawned yet get `LaunchAborted`, the member that
+/// launched stays running.
+#[test]
+fn an_aborted_launch_ends_the_pending_members_and_keeps_the_launched() {
+    use std::io::Write;
+    let _g = shared();
+    let good = Stub::serving();
+    let silent = Stub::new("exec sleep 300");
+    let mut fleet = Fleet::new().expect("fleet");
+    let first = fleet.add(good.machine());
+    let hung: Vec<MemberId> = (0..3).map(|_| fleet.add(silent.machine())).collect();
+    // Two at once: the first and one hung member spawn, two wait their turn.
+    fleet.set_spawn_cap(Some(2));
+    let (abort, poke) = nix::unistd::pipe().expect("pipe");
+    let mut poke = std::fs::File::from(poke);
+    let started = Instant::now();
+    let results = fleet.launch_all_with_abort(std::os::fd::AsFd::as_fd(&abort), |id, result| {
+        if id == first && result.is_ok() {
+            poke.write_all(b"!").expect("poke");
+        }
+    });
+    let took = started.elapsed();
+    // The silent members' greeting deadline is 10 s: the abort, not the deadline, ended it.
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(results[0].1.is_ok(), "{:?}", results[0].1);
+    let mut killed = 0;
+    let mut not_spawned = 0;
+    for (id, result) in &results[1..] {
+        assert!(hung.contains(id));
+        match result {
+            Err(Error::LaunchFailed {
+                cause, killed: k, ..
+            }) if matches!(**cause, Error::LaunchAborted) => {
+                assert!(*k, "{result:?}");
+                killed += 1;
+            }
+            Err(Error::LaunchAborted) => not_spawned += 1,
+            other => panic!("{id}: {other:?}"),
+        }
+    }
+    assert_eq!((killed, not_spawned), (1, 2));
+    assert_eq!(fleet.running().collect::<Vec<_>>(), vec![first]);
+    for (id, report) in fleet.shutdown_all(Duration::from_secs(10)) {
+        assert_eq!(id, first);
+        assert_eq!(report.expect("report").ended_by, EndedBy::Quit);
+    }
+    assert_eq!(good.leftovers() + silent.leftovers(), 0);
+}
