@@ -1008,11 +1008,13 @@ fn chaos(
     );
     // Through the multiplexer a command waits for the shared monitor's queue, where QEMU
     // answers one request after the other: the never-readers' schemas (about 25 ms each on
-    // QEMU 7.2) come first. The direct monitor has a queue of its own. So this checks that
-    // nobody starves, and shows the cost of sharing beside the baseline.
+    // QEMU 7.2, at most 8 per never-reader and 2 per vanishing client waiting) come first. The
+    // direct monitor has a queue of its own. So this checks that nobody starves (5 s: several
+    // times the worst queue of the full run, for a loaded machine), and shows the cost of
+    // sharing beside the baseline.
     figure.check(
         "query-status round trip under the chaos: multiplexer (direct monitor)",
-        "max < 3 s",
+        "max < 5 s",
         format!(
             "p50 {:.2} ms ({:.2}), p99 {:.2} ms ({:.2}), max {:.1} ms, n={}; owner p50 {:.2} p99 {:.2} ms",
             chaos_mux.median_ms,
@@ -1024,7 +1026,7 @@ fn chaos(
             owner.median_ms,
             owner.p99_ms
         ),
-        chaos_mux.n > 0 && owner.n > 0 && chaos_mux.max_ms.max(owner.max_ms) < 3000.0,
+        chaos_mux.n > 0 && owner.n > 0 && chaos_mux.max_ms.max(owner.max_ms) < 5000.0,
     );
     figure.check(
         "errors (timeouts, broken sockets, owner failures)",
