@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use machine_core::guest;
 use serde_json::Value;
 
-use super::{Accel, Ctx, Scenario};
+use super::{check, Accel, Ctx, Scenario};
 
 const TCG: &[Accel] = &[Accel::Tcg];
 const BOTH: &[Accel] = &[Accel::Tcg, Accel::Kvm];
@@ -72,6 +72,7 @@ pub fn scenarios() -> Vec<Scenario> {
             qmp_events_shell,
         ),
         s("cli_qom_and_shell_hmp_mode", TCG, 60, shell_hmp),
+        s("cli_fleet_tiny_guests", TCG, 120, fleet_tiny_guests),
         s("cli_wrap_shell_quit", TCG, 60, wrap_shell),
         s(
             "cli_wrap_live_events_on_a_terminal",
@@ -549,6 +550,77 @@ fn voluntary_switches(pid: i32) -> Result<u64, String> {
         .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
         .and_then(|v| v.trim().parse().ok())
         .ok_or_else(|| format!("{path}: no voluntary_ctxt_switches"))
+}
+
+/// `qemu-machine fleet` with real QEMUs: four tiny guests boot from one thread, each
+/// answers `--exec query-status` and shuts down cleanly; then a fleet left running is shut
+/// down by Ctrl-C, every member cleanly.
+fn fleet_tiny_guests(ctx: &Ctx) -> Result<(), String> {
+    const COUNT: usize = 4;
+    let json_lines = |lines: &[String]| -> Result<Vec<serde_json::Value>, String> {
+        lines
+            .iter()
+            .map(|l| serde_json::from_str(l).map_err(|e| format!("not JSON: {l:?}: {e}")))
+            .collect()
+    };
+    let of = |lines: &[serde_json::Value], kind: &str| -> Vec<serde_json::Value> {
+        lines
+            .iter()
+            .filter(|l| l["type"] == kind)
+            .cloned()
+            .collect()
+    };
+    let n = COUNT.to_string();
+    let done = one_shot(
+        ctx,
+        &[
+            "fleet",
+            "--count",
+            &n,
+            "--json",
+            "--exec",
+            "query-status",
+            "--exit-after-ready",
+        ],
+        None,
+    )?;
+    done.expect_code(0)?;
+    let lines = json_lines(&done.stdout)?;
+    let banners = of(&lines, "banner").len();
+    let running = of(&lines, "reply")
+        .iter()
+        .filter(|r| r["reply"]["return"]["status"] == "running")
+        .count();
+    let clean = of(&lines, "exit")
+        .iter()
+        .filter(|e| e["clean"] == true)
+        .count();
+    check(
+        (banners, running, clean) == (COUNT, COUNT, COUNT),
+        format!(
+            "{banners} banners, {running} running replies, {clean} clean exits of {COUNT}: {:?}",
+            done.stdout
+        ),
+    )?;
+    ctx.note(format!(
+        "fleet of {COUNT} tiny guests: launch, banners, query-status, shutdown in {:.0} ms",
+        done.elapsed.as_secs_f64() * 1000.0
+    ));
+
+    // Left running until Ctrl-C.
+    let mut proc = Proc::spawn(ctx, &["fleet", "--count", &n, "--json"], None)?;
+    proc.wait_stderr(ctx, |l| l.contains("Ctrl-C shuts all down"))?;
+    nix::sys::signal::kill(proc.pid(), nix::sys::signal::Signal::SIGINT)
+        .map_err(|e| format!("kill -INT: {e}"))?;
+    let done = proc.finish(ctx)?;
+    done.expect_code(0)?;
+    let lines = json_lines(&done.stdout)?;
+    let exits = of(&lines, "exit");
+    check(
+        exits.len() == COUNT && exits.iter().all(|e| e["clean"] == true),
+        format!("after Ctrl-C: {:?}", done.stdout),
+    )?;
+    Ok(())
 }
 
 /// `qemu-machine` running with a pseudo-terminal as its controlling terminal (started through

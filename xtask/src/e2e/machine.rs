@@ -15,7 +15,7 @@ use machine_core::{
 };
 use serde_json::json;
 
-use super::{Accel, Ctx, Scenario};
+use super::{check, Accel, Ctx, Scenario};
 
 const TCG: &[Accel] = &[Accel::Tcg];
 const BOTH: &[Accel] = &[Accel::Tcg, Accel::Kvm];
@@ -90,14 +90,6 @@ pub fn scenarios() -> Vec<Scenario> {
             console_flood_unread,
         ),
     ]
-}
-
-fn check(cond: bool, what: impl Into<String>) -> Result<(), String> {
-    if cond {
-        Ok(())
-    } else {
-        Err(what.into())
-    }
 }
 
 fn err(what: &str) -> impl FnOnce(Error) -> String + '_ {

@@ -1237,3 +1237,12 @@ mod tests {
         );
     }
 }
+
+/// `Ok` when `cond` holds, else a scenario failure saying `what`.
+pub(super) fn check(cond: bool, what: impl Into<String>) -> Result<(), String> {
+    if cond {
+        Ok(())
+    } else {
+        Err(what.into())
+    }
+}
