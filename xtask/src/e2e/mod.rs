@@ -1030,6 +1030,15 @@ mod sys {
     }
 }
 
+/// `Ok` when `cond` holds, else a scenario failure saying `what`.
+pub(super) fn check(cond: bool, what: impl Into<String>) -> Result<(), String> {
+    if cond {
+        Ok(())
+    } else {
+        Err(what.into())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! The harness checks itself: deliberately broken scenarios must fail with the right
@@ -1235,14 +1244,5 @@ mod tests {
             ["0", "1", "2", "3", "4", "5"],
             "only stdio and the passed fds"
         );
-    }
-}
-
-/// `Ok` when `cond` holds, else a scenario failure saying `what`.
-pub(super) fn check(cond: bool, what: impl Into<String>) -> Result<(), String> {
-    if cond {
-        Ok(())
-    } else {
-        Err(what.into())
     }
 }
