@@ -807,6 +807,12 @@ fn attach(
             }
         }
 
+        // A ladder begun above may already be over (a QEMU that exits at once is collected
+        // inside `shutdown_begin`): its sources are gone, nothing would wake the poll.
+        if !machine.is_running() {
+            continue;
+        }
+
         // Wait for the next event or deadline: QEMU (exit, QMP, console), a signal or typed
         // input (the waker), the ladder's next step, --timeout, a quiet console.
         let quiet = answering
