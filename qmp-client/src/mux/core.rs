@@ -167,6 +167,8 @@ struct Client {
     deferred: VecDeque<(usize, Vec<u8>)>,
     /// Out-of-band commands waiting for an upstream slot or for their reply.
     oob: usize,
+    /// Commands handed to QEMU whose replies have not come yet.
+    forwarded: usize,
     /// The decoder may hold complete messages not taken yet (the client was at its limit).
     stalled: bool,
     /// The client closed its side: no more input, flush and go.
@@ -223,6 +225,9 @@ struct Route {
 ///   multiplexer's own answers (to bad input, a refused `quit`) included, as from QEMU; events
 ///   and replies reach each client in the order QEMU sent them. At most 8 in-band requests per
 ///   client are taken at once (QEMU's own limit); further input waits in the client's socket.
+/// - **Fairness.** When QEMU has room for another command, the client with the fewest
+///   commands already with QEMU goes first (each client's own commands keep their order), so a
+///   client with a deep queue delays the others by at most what it already has in QEMU.
 /// - **The owner comes first.** The multiplexer leaves one in-band and one out-of-band slot of
 ///   the upstream session free for the session's owner, so clients can delay but never starve
 ///   its commands. Events still reach the owner's own event queue.
@@ -325,6 +330,7 @@ impl Mux {
             inband: 0,
             deferred: VecDeque::new(),
             oob: 0,
+            forwarded: 0,
             stalled: false,
             eof: false,
         };
@@ -522,20 +528,26 @@ impl Mux {
         let mut any = false;
         for oob in [true, false] {
             loop {
+                if !has_spare_slot(upstream, oob) {
+                    break;
+                }
                 let queue = if oob {
                     &mut self.waiting_oob
                 } else {
                     &mut self.waiting
                 };
-                if queue.is_empty() || !has_spare_slot(upstream, oob) {
+                let Some(next) = next_waiting(queue, &self.clients) else {
                     break;
-                }
-                let Some(w) = queue.pop_front() else { break };
+                };
+                let Some(w) = queue.remove(next) else { break };
                 let name = w.command.execute.clone();
                 match upstream.send_relayed(w.command) {
                     Ok(request) => {
                         any = true;
                         self.stats.commands_forwarded += 1;
+                        if let Some(c) = self.clients.get_mut(&w.client) {
+                            c.forwarded += 1;
+                        }
                         if name == "quit" {
                             if let Some(c) = self.clients.get(&w.client) {
                                 info!("{} sent quit: QEMU is asked to exit", c.info);
@@ -583,6 +595,7 @@ impl Mux {
             );
             return;
         };
+        client.forwarded = client.forwarded.saturating_sub(1);
         if route.oob {
             client.oob = client.oob.saturating_sub(1);
         }
@@ -782,6 +795,27 @@ pub(crate) const QUIT_REFUSED: &str =
 /// Capacity an empty output queue keeps.
 const RETAINED_OUTPUT: usize = 64 * 1024;
 
+/// Which waiting command goes to QEMU next: each client's oldest waiting command is a
+/// candidate (a client's commands go out in its order), and the one whose client has the
+/// fewest commands already with QEMU wins, the earliest on a tie. QEMU answers a monitor's
+/// requests in turn, so every command handed over makes the later ones wait: first come,
+/// first served would let one client with a deep queue keep all the others behind it.
+fn next_waiting(queue: &VecDeque<Waiting>, clients: &HashMap<ClientId, Client>) -> Option<usize> {
+    let mut seen: Vec<ClientId> = Vec::new();
+    let mut best: Option<(usize, usize)> = None;
+    for (i, w) in queue.iter().enumerate() {
+        if seen.contains(&w.client) {
+            continue;
+        }
+        seen.push(w.client);
+        let load = clients.get(&w.client).map_or(0, |c| c.forwarded);
+        if best.is_none_or(|(least, _)| load < least) {
+            best = Some((load, i));
+        }
+    }
+    best.map(|(_, i)| i)
+}
+
 /// Whether the session has a slot for the multiplexer, one being left to the owner.
 fn has_spare_slot(upstream: &Session, oob: bool) -> bool {
     if oob {
@@ -901,6 +935,51 @@ mod tests {
 
     fn ret(value: Value, id: Option<Value>) -> ServerMessage {
         ServerMessage::Return(ReturnReply { ret: value, id })
+    }
+
+    /// A client with a deep queue does not keep another behind all of it: when a slot frees,
+    /// the client with the fewest commands already with QEMU goes first, while each client's
+    /// own commands keep their order.
+    #[test]
+    fn a_freed_slot_goes_to_the_client_with_the_fewest_commands_in_qemu() {
+        let (mut s, mut mux) = setup(MuxConfig::default());
+        let a = negotiated(&mut mux, false);
+        let b = negotiated(&mut mux, false);
+        // A fills every slot the multiplexer may use (one stays the owner's), one more waits.
+        for i in 0..MAX_IN_FLIGHT {
+            mux.feed(
+                a,
+                format!(r#"{{"execute":"query-status","id":"a{i}"}}"#).as_bytes(),
+            );
+        }
+        mux.pump(&mut s);
+        let first = upstream_output(&mut s);
+        assert_eq!(first.len(), MAX_IN_FLIGHT - 1);
+        // B's one command waits behind them.
+        mux.feed(b, br#"{"execute":"query-name","id":"b"}"#);
+        mux.pump(&mut s);
+        assert!(upstream_output(&mut s).is_empty());
+        // QEMU answers A's first: the free slot goes to B (nothing in QEMU), not to A's last.
+        reply_empty(&mut s, &first[0]);
+        mux.pump(&mut s);
+        let next = upstream_output(&mut s);
+        let names: Vec<&str> = next.iter().map(|c| c.execute.as_str()).collect();
+        assert_eq!(names, ["query-name"]);
+        // Then A's last, once another slot frees.
+        reply_empty(&mut s, &first[1]);
+        mux.pump(&mut s);
+        let next = upstream_output(&mut s);
+        let names: Vec<&str> = next.iter().map(|c| c.execute.as_str()).collect();
+        assert_eq!(names, ["query-status"]);
+        // A's replies come back with its own ids, in its order.
+        let ids: Vec<Value> = client_output(&mut mux, a)
+            .into_iter()
+            .filter_map(|m| match m {
+                ServerMessage::Return(r) => r.id,
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ids, [json!("a0"), json!("a1")]);
     }
 
     fn error_desc(message: &ServerMessage) -> (&str, &str, Option<&Value>) {
