@@ -84,7 +84,7 @@ pub fn scenarios() -> Vec<Scenario> {
 }
 
 /// The `qemu-machine` binary, built on first use.
-fn binary() -> Result<PathBuf, String> {
+pub(super) fn binary() -> Result<PathBuf, String> {
     static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BINARY.get_or_init(build_binary).clone()
 }

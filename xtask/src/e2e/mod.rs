@@ -479,6 +479,9 @@ fn run_suite(qemu: &Path, filter: Option<&str>, accels: &[Accel]) -> Result<Stri
         ));
     }
     eprintln!("e2e: {} scenario runs on QEMU {version}", runs.len());
+    // Built (or found up to date) before any scenario runs: no scenario's deadline pays for
+    // compiling the CLI, whichever of them `--filter` leaves first.
+    cli::binary()?;
 
     let run_dir = RunDir::create()?;
     let target = Target {
