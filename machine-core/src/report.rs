@@ -100,6 +100,9 @@ impl fmt::Display for EndedBy {
                 f.write_str("the guest powered off")
             }
             EndedBy::Guest { reason } => write!(f, "the guest ended the run ({reason})"),
+            EndedBy::Host { reason } if reason == "host-signal" => {
+                f.write_str("qemu was stopped by a signal sent to it from outside (host-signal)")
+            }
             EndedBy::Host { reason } => write!(f, "qemu was stopped from outside ({reason})"),
             EndedBy::Exited { .. } => f.write_str("qemu exited by itself"),
             EndedBy::DebugExit { value } => write!(
@@ -301,6 +304,19 @@ pub(crate) fn classify(facts: &Facts<'_>) -> EndedBy {
         };
     }
     let killed = facts.status.signal() == Some(libc::SIGKILL);
+    // QEMU's own SHUTDOWN says it was stopped from outside (`host-signal`: someone sent it
+    // SIGINT, SIGTERM or SIGHUP) while our powerdown or quit was still waiting: that, not
+    // our request, ended it.
+    let from_outside = facts
+        .shutdown_event
+        .filter(|e| !e.guest && e.reason == "host-signal");
+    if let (Some(event), Some(Step::Powerdown { .. } | Step::Quit { .. })) =
+        (from_outside, facts.ended_during)
+    {
+        return EndedBy::Host {
+            reason: event.reason.clone(),
+        };
+    }
     match facts.ended_during {
         // QEMU may have exited by itself just before our SIGKILL landed: then the status,
         // not the step, tells.
@@ -521,8 +537,12 @@ mod tests {
                 signal: libc::SIGSEGV
             }
         );
-        // Exit during our quit step.
-        let mut f = facts(ExitStatus::Code(0), &[], Some(&host));
+        // Exit during our quit step (QEMU says `host-qmp-quit`).
+        let our_quit = ShutdownEvent {
+            guest: false,
+            reason: "host-qmp-quit".into(),
+        };
+        let mut f = facts(ExitStatus::Code(0), &[], Some(&our_quit));
         f.ended_during = Some(Step::Quit {
             timeout: Duration::from_secs(1),
         });
@@ -549,6 +569,29 @@ mod tests {
                 signal: libc::SIGTERM
             }
         );
+        // A signal from outside stops QEMU while our powerdown waits: outside, not us.
+        let outside = ShutdownEvent {
+            guest: false,
+            reason: "host-signal".into(),
+        };
+        for step in [
+            Step::Powerdown {
+                timeout: Duration::from_secs(1),
+            },
+            Step::Quit {
+                timeout: Duration::from_secs(1),
+            },
+        ] {
+            let mut f = facts(ExitStatus::Code(0), &[], Some(&outside));
+            f.ended_during = Some(step);
+            assert_eq!(
+                classify(&f),
+                EndedBy::Host {
+                    reason: "host-signal".into()
+                },
+                "{step:?}"
+            );
+        }
         // Power button: the reason comes from the event.
         let mut f = facts(ExitStatus::Code(0), &[], Some(&guest));
         f.ended_during = Some(Step::Powerdown {
@@ -657,7 +700,14 @@ mod display_tests {
                     reason: reason("host-signal"),
                 },
                 ExitStatus::Code(0),
-                "qemu was stopped from outside (host-signal): exit code 0 after 85ms",
+                "qemu was stopped by a signal sent to it from outside (host-signal): exit code 0 after 85ms",
+            ),
+            (
+                EndedBy::Host {
+                    reason: reason("host-ui"),
+                },
+                ExitStatus::Code(0),
+                "qemu was stopped from outside (host-ui): exit code 0 after 85ms",
             ),
             (
                 EndedBy::Exited { code: 1 },
