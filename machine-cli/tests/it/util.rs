@@ -142,6 +142,8 @@ pub struct Live {
     child: Child,
     lines: mpsc::Receiver<String>,
     seen: Vec<String>,
+    /// Each stderr line as it comes (the reader thread also keeps them all).
+    err_lines: mpsc::Receiver<String>,
     stderr: thread::JoinHandle<String>,
     started: Instant,
 }
@@ -173,17 +175,40 @@ impl Live {
                 }
             }
         });
+        let (err_tx, err_lines) = mpsc::channel();
         let stderr = thread::spawn(move || {
             let mut s = String::new();
-            let _ = stderr.read_to_string(&mut s);
+            for line in BufReader::new(&mut stderr).lines() {
+                let Ok(line) = line else { break };
+                s.push_str(&line);
+                s.push('\n');
+                let _ = err_tx.send(line);
+            }
             s
         });
         Live {
             child,
             lines,
             seen: Vec::new(),
+            err_lines,
             stderr,
             started,
+        }
+    }
+
+    /// Waits (10 s at most) for a stderr line containing `needle`.
+    pub fn wait_stderr(&mut self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.err_lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return,
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = self.child.kill();
+                    panic!("no stderr line with {needle:?} within 10 s ({e})");
+                }
+            }
         }
     }
 
