@@ -950,7 +950,7 @@ fn finish(
             })
         }
     };
-    // What arrived between the last tick and the exit.
+    // What arrived between the loop's last turn and the exit.
     if let Ok(console) = machine.console() {
         let rest = console.read_available();
         reporter.console(&rest)?;
